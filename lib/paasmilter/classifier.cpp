@@ -1,0 +1,143 @@
+#include "paasmilter/classifier.hpp"
+
+#include <optional>
+
+namespace paasmilter {
+
+std::string common_name_from_dn(std::string_view dn) {
+    // Sendmail writes "/C=US/O=Contoso/CN=printer-42"; the CN is the last "/CN=" component.
+    auto pos = dn.rfind("/CN=");
+    if (pos == std::string_view::npos) return {};
+    std::string_view rest = dn.substr(pos + 4);
+    return std::string(rest.substr(0, rest.find('/')));
+}
+
+std::string strip_angle_brackets(std::string_view address) {
+    auto trim = [](std::string_view s) {
+        while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+        while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+        return s;
+    };
+    address = trim(address);
+    if (address.size() >= 2 && address.front() == '<' && address.back() == '>') {
+        address = trim(address.substr(1, address.size() - 2));
+    }
+    return std::string(address);
+}
+
+namespace {
+
+constexpr std::string_view kDunno = "DUNNO";
+
+// The first source of a condition that matches `key` (DUNNO counts as not found).
+std::optional<ConditionHit> lookup(const Condition& condition, std::string_view key) {
+    for (const auto& table : condition.sources) {
+        auto match = table->lookup(key);
+        if (!match || match->value == kDunno) continue;
+        return ConditionHit{condition.field, std::string(key), table->describe(),
+                            std::move(match->where), std::move(match->value)};
+    }
+    return std::nullopt;
+}
+
+// Postfix sends a certificate's CN; Sendmail the whole DN, which we try first, then its CN.
+std::optional<ConditionHit> lookup_certificate_name(const Condition& condition,
+                                                    const std::string& name) {
+    if (name.empty()) return std::nullopt;
+    if (auto hit = lookup(condition, name)) return hit;
+    if (name.front() == '/') {
+        std::string cn = common_name_from_dn(name);
+        if (!cn.empty()) return lookup(condition, cn);
+    }
+    return std::nullopt;
+}
+
+std::string header_line(const HeaderField& header) {
+    std::string line;
+    line.reserve(header.name.size() + 2 + header.value.size());
+    line += header.name;
+    line += ": ";
+    // Unfold (RFC 5322 2.2.3) so a pattern sees the header as one line.
+    for (size_t i = 0; i < header.value.size(); ++i) {
+        char c = header.value[i];
+        if (c == '\r' || c == '\n') continue;
+        line += c;
+    }
+    return line;
+}
+
+std::optional<ConditionHit> evaluate(const Condition& condition, const Rule& rule,
+                                     const Transaction& tx) {
+    switch (condition.field) {
+        case Field::client_addr:
+            if (tx.client_addr.empty()) return std::nullopt;
+            return lookup(condition, tx.client_addr);
+        case Field::client_name:
+            if (tx.client_name.empty()) return std::nullopt;
+            return lookup(condition, tx.client_name);
+        case Field::cert_subject: return lookup_certificate_name(condition, tx.cert_subject);
+        case Field::cert_issuer: return lookup_certificate_name(condition, tx.cert_issuer);
+        case Field::cert_fingerprint:
+            if (tx.cert_fingerprint.empty()) return std::nullopt;
+            return lookup(condition, tx.cert_fingerprint);
+        case Field::auth:
+            if (tx.auth_user.empty()) return std::nullopt;
+            return lookup(condition, tx.auth_user);
+        case Field::sender: return lookup(condition, tx.sender);
+        case Field::recipient: {
+            if (tx.recipients.empty()) return std::nullopt;
+            std::optional<ConditionHit> first;
+            for (const auto& recipient : tx.recipients) {
+                auto hit = lookup(condition, recipient);
+                if (rule.recipient_match == RecipientMatch::any && hit) return hit;
+                if (rule.recipient_match == RecipientMatch::all && !hit) return std::nullopt;
+                if (!first) first = std::move(hit);
+            }
+            return first;
+        }
+        case Field::header:
+            for (const auto& header : tx.headers) {
+                if (auto hit = lookup(condition, header_line(header))) return hit;
+            }
+            return std::nullopt;
+    }
+    return std::nullopt;
+}
+
+}  // namespace
+
+Decision classify(const Config& config, const Transaction& tx) {
+    Decision decision;
+    for (const auto& rule : config.rules) {
+        std::vector<ConditionHit> hits;
+        bool all_hold = true;
+        for (const auto& condition : rule.conditions) {
+            auto hit = evaluate(condition, rule, tx);
+            if (!hit) {
+                all_hold = false;
+                break;
+            }
+            hits.push_back(std::move(*hit));
+        }
+        if (!all_hold) continue;
+        decision.rule = &rule;
+        decision.hits = std::move(hits);
+        // A table result that names a route overrides the rule's route, as an access
+        // table's action does; the load-time checks guarantee one of them exists.
+        for (const auto& hit : decision.hits) {
+            if (const Route* route = config.find_route(hit.result)) {
+                decision.route = route;
+                break;
+            }
+        }
+        if (!decision.route) decision.route = config.find_route(rule.route);
+        return decision;
+    }
+    if (!config.default_route.empty()) {
+        decision.route = config.find_route(config.default_route);
+        decision.default_route = decision.route != nullptr;
+    }
+    return decision;
+}
+
+}  // namespace paasmilter

@@ -1,0 +1,555 @@
+#include "paasmilter/config.hpp"
+
+#include <algorithm>
+#include <cctype>
+#include <filesystem>
+#include <set>
+#include <string_view>
+
+#include <fmt/format.h>
+#include <toml++/toml.h>
+
+namespace paasmilter {
+
+const char* to_string(Mode mode) { return mode == Mode::enforce ? "enforce" : "dry-run"; }
+
+const char* to_string(Action action) {
+    switch (action) {
+        case Action::relay: return "relay";
+        case Action::pass: return "pass";
+        case Action::reject: return "reject";
+        case Action::tempfail: return "tempfail";
+    }
+    return "?";
+}
+
+const char* to_string(Field field) {
+    switch (field) {
+        case Field::client_addr: return "client_addr";
+        case Field::client_name: return "client_name";
+        case Field::cert_subject: return "cert_subject";
+        case Field::cert_issuer: return "cert_issuer";
+        case Field::cert_fingerprint: return "cert_fingerprint";
+        case Field::auth: return "auth";
+        case Field::sender: return "sender";
+        case Field::recipient: return "recipient";
+        case Field::header: return "header";
+    }
+    return "?";
+}
+
+const Route* Config::find_route(std::string_view name) const {
+    auto it = routes.find(name);
+    return it == routes.end() ? nullptr : &it->second;
+}
+
+namespace {
+
+// Conditions in the order they are evaluated: cheap connection facts first, headers last.
+struct FieldSpec {
+    const char* key;
+    Field field;
+    KeyKind kind;
+};
+constexpr FieldSpec kFields[] = {
+    {"client_addr", Field::client_addr, KeyKind::ip},
+    {"client_name", Field::client_name, KeyKind::text},
+    {"cert_subject", Field::cert_subject, KeyKind::text},
+    {"cert_issuer", Field::cert_issuer, KeyKind::text},
+    {"cert_fingerprint", Field::cert_fingerprint, KeyKind::text},
+    {"auth", Field::auth, KeyKind::text},
+    {"sender", Field::sender, KeyKind::address},
+    {"recipient", Field::recipient, KeyKind::address},
+    {"header", Field::header, KeyKind::header},
+};
+
+constexpr std::string_view kDunno = "DUNNO";
+constexpr std::string_view kOk = "OK";
+
+// Everything the loader needs to report errors where they are.
+class Loader {
+public:
+    explicit Loader(std::string path) : path_(std::move(path)) {
+        base_dir_ = std::filesystem::path(path_).parent_path();
+    }
+
+    Result<std::shared_ptr<const Config>> load() {
+        toml::table root;
+        try {
+            root = toml::parse_file(path_);
+        } catch (const toml::parse_error& e) {
+            return make_error(std::string(e.description()), path_,
+                              static_cast<int>(e.source().begin.line));
+        }
+        auto config = std::make_shared<Config>();
+        config->path = path_;
+        if (auto r = check_keys(root, {"milter", "routes", "rules"}, ""); !r) return r.error();
+        if (auto r = load_milter(root, *config); !r) return r.error();
+        if (auto r = load_routes(root, *config); !r) return r.error();
+        if (auto r = load_rules(root, *config); !r) return r.error();
+        if (!config->default_route.empty() && !config->find_route(config->default_route)) {
+            return error_at(*root["milter"]["default_route"].node(),
+                            fmt::format("milter.default_route: unknown route \"{}\"",
+                                        config->default_route));
+        }
+        return std::shared_ptr<const Config>(std::move(config));
+    }
+
+private:
+    Error error_at(const toml::node& node, std::string message) const {
+        return make_error(std::move(message), path_, static_cast<int>(node.source().begin.line));
+    }
+    Error error_at(const toml::key& key, std::string message) const {
+        return make_error(std::move(message), path_, static_cast<int>(key.source().begin.line));
+    }
+    std::string where(const toml::node& node) const {
+        return fmt::format("{}:{}", path_, node.source().begin.line);
+    }
+
+    Result<void> check_keys(const toml::table& table, std::initializer_list<std::string_view> known,
+                            std::string_view context) const {
+        for (auto&& [key, node] : table) {
+            if (std::find(known.begin(), known.end(), key.str()) == known.end()) {
+                std::string name = context.empty() ? std::string(key.str())
+                                                   : fmt::format("{}.{}", context, key.str());
+                return error_at(key, fmt::format("unknown key \"{}\"", name));
+            }
+        }
+        return {};
+    }
+
+    Result<std::string> get_string(const toml::table& table, std::string_view key,
+                                   std::string_view context, bool required,
+                                   std::string fallback = {}) const {
+        const toml::node* node = table.get(key);
+        if (!node) {
+            if (required) {
+                return make_error(fmt::format("{}: missing key \"{}\"", context, key), path_,
+                                  static_cast<int>(table.source().begin.line));
+            }
+            return fallback;
+        }
+        if (!node->is_string()) {
+            return error_at(*node, fmt::format("{}.{}: expected a string", context, key));
+        }
+        return node->as_string()->get();
+    }
+
+    Result<void> load_milter(const toml::table& root, Config& config) {
+        const toml::node* node = root.get("milter");
+        if (!node) return make_error("missing table [milter]", path_);
+        const toml::table* milter = node->as_table();
+        if (!milter) return error_at(*node, "milter: expected a table");
+        if (auto r = check_keys(*milter, {"socket", "routing_header", "mode", "default_route"},
+                                "milter");
+            !r)
+            return r;
+
+        auto socket = get_string(*milter, "socket", "milter", true);
+        if (!socket) return socket.error();
+        const std::string& s = *socket;
+        if (!(s.starts_with("inet:") || s.starts_with("inet6:") || s.starts_with("unix:") ||
+              s.starts_with("local:"))) {
+            return error_at(*milter->get("socket"),
+                            fmt::format("milter.socket: \"{}\" is not \"inet:PORT@HOST\", "
+                                        "\"inet6:PORT@HOST\" or \"unix:/path\" (libmilter syntax)",
+                                        s));
+        }
+        if ((s.starts_with("inet:") || s.starts_with("inet6:")) &&
+            s.find('@') == std::string::npos && s.find(':', s.find(':') + 1) != std::string::npos) {
+            return error_at(*milter->get("socket"),
+                            fmt::format("milter.socket: \"{}\" looks like Postfix syntax; "
+                                        "libmilter wants \"inet:PORT@HOST\"",
+                                        s));
+        }
+        config.socket = s;
+
+        auto header = get_string(*milter, "routing_header", "milter", false, "X-PaaS-Route");
+        if (!header) return header.error();
+        if (!valid_header_name(*header)) {
+            return error_at(*milter->get("routing_header"),
+                            fmt::format("milter.routing_header: \"{}\" is not a valid header "
+                                        "field name",
+                                        *header));
+        }
+        config.routing_header = *header;
+
+        auto mode = get_string(*milter, "mode", "milter", false, "enforce");
+        if (!mode) return mode.error();
+        if (*mode == "enforce") {
+            config.mode = Mode::enforce;
+        } else if (*mode == "dry-run") {
+            config.mode = Mode::dry_run;
+        } else {
+            return error_at(*milter->get("mode"),
+                            fmt::format("milter.mode: \"{}\" is not \"enforce\" or \"dry-run\"",
+                                        *mode));
+        }
+
+        auto default_route = get_string(*milter, "default_route", "milter", false);
+        if (!default_route) return default_route.error();
+        config.default_route = *default_route;
+        return {};
+    }
+
+    static bool valid_header_name(std::string_view name) {
+        if (name.empty()) return false;
+        // RFC 5322 field-name: printable US-ASCII except ':'.
+        return std::all_of(name.begin(), name.end(),
+                           [](unsigned char c) { return c > 32 && c < 127 && c != ':'; });
+    }
+
+    static bool valid_route_name(std::string_view name) {
+        if (name.empty() || name == kOk || name == kDunno) return false;
+        return std::all_of(name.begin(), name.end(), [](unsigned char c) {
+            return std::isalnum(c) || c == '.' || c == '_' || c == '-';
+        });
+    }
+
+    static bool valid_header_value(std::string_view value) {
+        return !value.empty() &&
+               std::all_of(value.begin(), value.end(),
+                           [](unsigned char c) { return c >= 32 && c != 127; });
+    }
+
+    Result<void> load_routes(const toml::table& root, Config& config) {
+        const toml::node* node = root.get("routes");
+        if (!node) return make_error("missing table [routes]", path_);
+        const toml::table* routes = node->as_table();
+        if (!routes) return error_at(*node, "routes: expected a table of [routes.NAME] tables");
+        for (auto&& [key, value] : *routes) {
+            std::string name(key.str());
+            std::string context = "routes." + name;
+            if (!valid_route_name(name)) {
+                return error_at(key, fmt::format("{}: a route name is letters, digits, '.', '_' "
+                                                 "and '-', and not OK or DUNNO (table results)",
+                                                 context));
+            }
+            const toml::table* table = value.as_table();
+            if (!table) return error_at(value, context + ": expected a table");
+            if (auto r = check_keys(*table,
+                                    {"action", "dry_run", "header_value", "transport",
+                                     "reply_code", "reply_status", "reply_text"},
+                                    context);
+                !r)
+                return r;
+            Route route;
+            route.name = name;
+            route.where = where(value);
+            auto action = get_string(*table, "action", context, true);
+            if (!action) return action.error();
+            if (*action == "relay") {
+                route.action = Action::relay;
+            } else if (*action == "pass") {
+                route.action = Action::pass;
+            } else if (*action == "reject") {
+                route.action = Action::reject;
+            } else if (*action == "tempfail") {
+                route.action = Action::tempfail;
+            } else {
+                return error_at(*table->get("action"),
+                                fmt::format("{}.action: \"{}\" is not one of relay, pass, "
+                                            "reject, tempfail",
+                                            context, *action));
+            }
+            if (const toml::node* dry = table->get("dry_run")) {
+                if (!dry->is_boolean()) return error_at(*dry, context + ".dry_run: expected true or false");
+                route.dry_run = dry->as_boolean()->get();
+            }
+            if (auto r = load_route_action_keys(*table, context, route); !r) return r;
+            config.routes.emplace(name, std::move(route));
+        }
+        if (config.routes.empty()) return error_at(*node, "routes: no route is defined");
+        return {};
+    }
+
+    Result<void> load_route_action_keys(const toml::table& table, const std::string& context,
+                                        Route& route) {
+        auto only_for = [&](std::string_view key, Action action) -> Result<void> {
+            if (const toml::node* n = table.get(key); n && route.action != action) {
+                return error_at(*n, fmt::format("{}.{}: only valid with action = \"{}\"", context,
+                                                key, to_string(action)));
+            }
+            return {};
+        };
+        bool replies = route.action == Action::reject || route.action == Action::tempfail;
+        if (route.action == Action::relay) {
+            auto value = get_string(table, "header_value", context, false, route.name);
+            if (!value) return value.error();
+            if (!valid_header_value(*value)) {
+                return error_at(table.get("header_value") ? *table.get("header_value")
+                                                          : static_cast<const toml::node&>(table),
+                                fmt::format("{}.header_value: must be a non-empty single line",
+                                            context));
+            }
+            route.header_value = *value;
+            auto transport = get_string(table, "transport", context, false);
+            if (!transport) return transport.error();
+            route.transport = *transport;
+        } else {
+            if (auto r = only_for("header_value", Action::relay); !r) return r;
+            if (auto r = only_for("transport", Action::relay); !r) return r;
+        }
+        for (std::string_view key : {"reply_code", "reply_status", "reply_text"}) {
+            if (const toml::node* n = table.get(key); n && !replies) {
+                return error_at(*n, fmt::format("{}.{}: only valid with action = \"reject\" or "
+                                                "\"tempfail\"",
+                                                context, key));
+            }
+        }
+        if (!replies) return {};
+
+        bool reject = route.action == Action::reject;
+        char klass = reject ? '5' : '4';
+        route.reply_code = reject ? 550 : 451;
+        if (const toml::node* n = table.get("reply_code")) {
+            if (!n->is_integer()) return error_at(*n, context + ".reply_code: expected an integer");
+            route.reply_code = static_cast<int>(n->as_integer()->get());
+            if (route.reply_code / 100 != klass - '0' || route.reply_code > 599) {
+                return error_at(*n, fmt::format("{}.reply_code: {} is not a {}xx code", context,
+                                                route.reply_code, klass));
+            }
+        }
+        auto status = get_string(table, "reply_status", context, false, reject ? "5.7.1" : "4.7.1");
+        if (!status) return status.error();
+        if (status->size() < 5 || (*status)[0] != klass || (*status)[1] != '.' ||
+            !std::all_of(status->begin() + 2, status->end(),
+                         [](char c) { return (c >= '0' && c <= '9') || c == '.'; })) {
+            return error_at(*table.get("reply_status"),
+                            fmt::format("{}.reply_status: \"{}\" is not an enhanced status code "
+                                        "{}.X.Y",
+                                        context, *status, klass));
+        }
+        route.reply_status = *status;
+        auto text = get_string(table, "reply_text", context, false,
+                               reject ? "Message rejected by policy" : "Try again later");
+        if (!text) return text.error();
+        if (!valid_header_value(*text) || text->find('%') != std::string::npos) {
+            // libmilter treats '%' in reply text as a format escape; refuse it plainly.
+            return error_at(*table.get("reply_text"),
+                            fmt::format("{}.reply_text: must be a non-empty single line "
+                                        "without '%'",
+                                        context));
+        }
+        route.reply_text = *text;
+        return {};
+    }
+
+    Result<void> load_rules(const toml::table& root, Config& config) {
+        const toml::node* node = root.get("rules");
+        if (!node) return {};  // no rules: everything takes the default route (or is left alone)
+        const toml::array* rules = node->as_array();
+        if (!rules || !rules->is_array_of_tables()) {
+            return error_at(*node, "rules: expected [[rules]] tables");
+        }
+        std::set<std::string> names;
+        for (size_t i = 0; i < rules->size(); ++i) {
+            const toml::table& table = *(*rules)[i].as_table();
+            std::string context = fmt::format("rules[{}]", i + 1);
+            auto rule = load_rule(table, context, config);
+            if (!rule) return rule.error();
+            if (!names.insert(rule->name).second) {
+                return error_at(*table.get("name"),
+                                fmt::format("{}: duplicate rule name \"{}\"", context, rule->name));
+            }
+            config.rules.push_back(std::move(*rule));
+        }
+        return {};
+    }
+
+    Result<Rule> load_rule(const toml::table& table, const std::string& context,
+                           const Config& config) {
+        std::vector<std::string_view> known = {"name", "route", "recipient_match"};
+        for (const auto& f : kFields) known.push_back(f.key);
+        for (auto&& [key, value] : table) {
+            if (std::find(known.begin(), known.end(), key.str()) == known.end()) {
+                return error_at(key, fmt::format("{}: unknown key \"{}\"", context, key.str()));
+            }
+        }
+        Rule rule;
+        rule.where = where(table);
+        auto name = get_string(table, "name", context, false, context);
+        if (!name) return name.error();
+        rule.name = *name;
+        std::string rule_context = fmt::format("{} (\"{}\")", context, rule.name);
+
+        auto route = get_string(table, "route", rule_context, false);
+        if (!route) return route.error();
+        if (!route->empty() && !config.find_route(*route)) {
+            return error_at(*table.get("route"),
+                            fmt::format("{}.route: unknown route \"{}\"", rule_context, *route));
+        }
+        rule.route = *route;
+
+        auto match = get_string(table, "recipient_match", rule_context, false, "any");
+        if (!match) return match.error();
+        if (*match == "any") {
+            rule.recipient_match = RecipientMatch::any;
+        } else if (*match == "all") {
+            rule.recipient_match = RecipientMatch::all;
+        } else {
+            return error_at(*table.get("recipient_match"),
+                            fmt::format("{}.recipient_match: \"{}\" is not \"any\" or \"all\"",
+                                        rule_context, *match));
+        }
+
+        for (const auto& spec : kFields) {
+            const toml::node* n = table.get(spec.key);
+            if (!n) continue;
+            auto condition = load_condition(*n, spec, rule_context, rule, config);
+            if (!condition) return condition.error();
+            rule.conditions.push_back(std::move(*condition));
+        }
+        if (rule.conditions.empty()) {
+            return make_error(fmt::format("{}: a rule needs at least one condition (use "
+                                          "milter.default_route for a catch-all)",
+                                          rule_context),
+                              path_, static_cast<int>(table.source().begin.line));
+        }
+        if (rule.route.empty() &&
+            std::none_of(rule.conditions.begin(), rule.conditions.end(),
+                         [](const Condition& c) { return c.always_names_route; })) {
+            return make_error(fmt::format("{}: no \"route\", and no condition is made only of "
+                                          "tables whose results name routes",
+                                          rule_context),
+                              path_, static_cast<int>(table.source().begin.line));
+        }
+        return rule;
+    }
+
+    Result<Condition> load_condition(const toml::node& node, const FieldSpec& spec,
+                                     const std::string& context, const Rule& rule,
+                                     const Config& config) {
+        std::string key_context = fmt::format("{}.{}", context, spec.key);
+        std::vector<const toml::node*> items;
+        if (node.is_string()) {
+            items.push_back(&node);
+        } else if (const toml::array* array = node.as_array()) {
+            for (const toml::node& item : *array) items.push_back(&item);
+        } else {
+            return error_at(node, key_context + ": expected a string or a list of strings");
+        }
+        if (items.empty()) return error_at(node, key_context + ": empty list");
+
+        Condition condition;
+        condition.field = spec.field;
+        condition.always_names_route = true;
+        std::vector<InlineEntry> pending;
+        auto flush_inline = [&]() -> Result<void> {
+            if (pending.empty()) return {};
+            auto table = make_inline_table(pending, spec.kind, key_context);
+            if (!table) return table.error();
+            condition.sources.push_back(std::move(*table));
+            condition.always_names_route = false;  // inline entries carry no route
+            pending.clear();
+            return {};
+        };
+        for (const toml::node* item : items) {
+            if (!item->is_string()) {
+                return error_at(*item, key_context + ": expected a string");
+            }
+            const std::string& text = item->as_string()->get();
+            if (!is_table_reference(text)) {
+                pending.push_back({text, path_, static_cast<int>(item->source().begin.line)});
+                continue;
+            }
+            if (auto r = flush_inline(); !r) return r.error();
+            auto table = open_table(resolve(text), spec.kind);
+            if (!table) {
+                // Name the config line that refers to the table too: the table's own error
+                // already carries its file:line.
+                Error e = table.error();
+                if (e.file.empty()) {
+                    e.file = path_;
+                    e.line = static_cast<int>(item->source().begin.line);
+                    e.message = key_context + ": " + e.message;
+                }
+                return e;
+            }
+            if (auto r = check_results(**table, rule, config, condition.always_names_route); !r)
+                return r.error();
+            condition.sources.push_back(std::move(*table));
+        }
+        if (auto r = flush_inline(); !r) return r.error();
+        return condition;
+    }
+
+    // A table's right-hand sides must each name a route, be DUNNO, or be OK (the rule's
+    // own route), so that a typo is a load error rather than a silently unrouted message.
+    Result<void> check_results(const Table& table, const Rule& rule, const Config& config,
+                               bool& always_names_route) const {
+        std::optional<Error> failure;
+        table.for_each_result([&](const std::string& value, const std::string& at) {
+            if (failure) return;
+            if (value == kDunno || config.find_route(value)) return;
+            if (value == kOk && !rule.route.empty()) {
+                always_names_route = false;
+                return;
+            }
+            Error e;
+            auto colon = at.rfind(':');
+            e.file = at.substr(0, colon);
+            e.line = colon == std::string::npos ? 0 : std::atoi(at.c_str() + colon + 1);
+            e.message = value == kOk
+                            ? fmt::format("result OK needs a \"route\" in rule \"{}\"", rule.name)
+                            : fmt::format("result \"{}\" is not a route name, OK or DUNNO", value);
+            failure = std::move(e);
+        });
+        if (failure) return *failure;
+        return {};
+    }
+
+    // "cidr:tables/x.cidr" is relative to the configuration file's directory.
+    std::string resolve(const std::string& spec) const {
+        auto colon = spec.find(':');
+        std::string type = spec.substr(0, colon + 1);
+        std::filesystem::path file = spec.substr(colon + 1);
+        if (file.is_relative()) file = base_dir_ / file;
+        return type + file.lexically_normal().string();
+    }
+
+    std::string path_;
+    std::filesystem::path base_dir_;
+};
+
+// milter_header_checks patterns match the header line literally: escape PCRE specials.
+std::string escape_regex(std::string_view text) {
+    std::string out;
+    for (char c : text) {
+        if (std::string_view("\\^$.|?*+()[]{}/").find(c) != std::string_view::npos) out += '\\';
+        out += c;
+    }
+    return out;
+}
+
+}  // namespace
+
+Result<std::shared_ptr<const Config>> load_config(const std::string& path) {
+    try {
+        return Loader(path).load();
+    } catch (const std::exception& e) {
+        return make_error(fmt::format("cannot load configuration: {}", e.what()), path);
+    }
+}
+
+std::string render_header_checks(const Config& config) {
+    std::string out = fmt::format(
+        "# milter_header_checks for {} (generated by paas-milter header-checks).\n"
+        "# Postfix applies these only to headers a milter added, never to the client's.\n",
+        config.path);
+    for (const auto& [name, route] : config.routes) {
+        if (route.action != Action::relay) continue;
+        std::string pattern =
+            fmt::format("/^{}:\\s*{}$/", escape_regex(config.routing_header),
+                        escape_regex(route.header_value));
+        if (route.transport.empty()) {
+            out += fmt::format("# route {}: no transport configured\n# {} FILTER transport:nexthop\n",
+                               name, pattern);
+        } else {
+            out += fmt::format("{} FILTER {}\n", pattern, route.transport);
+        }
+    }
+    return out;
+}
+
+}  // namespace paasmilter

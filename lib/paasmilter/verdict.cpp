@@ -1,0 +1,114 @@
+#include "paasmilter/verdict.hpp"
+
+#include <fmt/format.h>
+
+#include "paasmilter/log.hpp"
+
+namespace paasmilter {
+
+Verdict decide_verdict(const Config& config, const Decision& decision, int forged_headers) {
+    Verdict verdict;
+    verdict.routing_header = config.routing_header;
+    verdict.forged_headers_to_delete = forged_headers;
+    verdict.dry_run = config.mode == Mode::dry_run;
+    const Route* route = decision.route;
+    if (!route) {
+        verdict.outcome = "none";
+        return verdict;
+    }
+    verdict.dry_run = verdict.dry_run || route->dry_run;
+    verdict.outcome = to_string(route->action);
+    switch (route->action) {
+        case Action::relay:
+            verdict.add_routing_header = true;
+            verdict.routing_value = route->header_value;
+            break;
+        case Action::pass: break;
+        case Action::reject:
+        case Action::tempfail:
+            verdict.reply =
+                route->action == Action::reject ? Verdict::Reply::reject : Verdict::Reply::tempfail;
+            verdict.reply_code = route->reply_code;
+            verdict.reply_status = route->reply_status;
+            verdict.reply_text = route->reply_text;
+            break;
+    }
+    return verdict;
+}
+
+namespace {
+
+std::string describe_hits(const Decision& decision) {
+    std::string out;
+    for (const auto& hit : decision.hits) {
+        if (!out.empty()) out += ' ';
+        out += fmt::format("{}={}@{}", to_string(hit.field), sanitize_for_log(hit.key, 120),
+                           hit.where);
+    }
+    return out;
+}
+
+}  // namespace
+
+std::string format_decision_log(const Transaction& tx, const Decision& decision,
+                                const Verdict& verdict) {
+    std::string line;
+    if (verdict.dry_run) line += "dry-run, ";
+    line += fmt::format("rule={}, route={}, action={}",
+                        decision.rule ? decision.rule->name
+                                      : (decision.default_route ? "(default)" : "(none)"),
+                        decision.route ? decision.route->name : "(none)", verdict.outcome);
+    if (verdict.add_routing_header) {
+        line += fmt::format(", header={}: {}", verdict.routing_header, verdict.routing_value);
+    }
+    if (verdict.reply != Verdict::Reply::accept) {
+        line += fmt::format(", reply={} {} {}", verdict.reply_code, verdict.reply_status,
+                            verdict.reply_text);
+    }
+    if (verdict.forged_headers_to_delete > 0) {
+        line += fmt::format(", removed_client_header={}x{}", verdict.forged_headers_to_delete,
+                            verdict.routing_header);
+    }
+    line += fmt::format(", client={}", tx.client_addr.empty() ? "unknown" : tx.client_addr);
+    if (!tx.cert_subject.empty()) {
+        line += fmt::format(", cert_subject={}", sanitize_for_log(tx.cert_subject, 120));
+    }
+    if (!tx.auth_user.empty()) line += fmt::format(", sasl={}", sanitize_for_log(tx.auth_user, 80));
+    line += fmt::format(", from=<{}>, nrcpt={}", sanitize_for_log(tx.sender, 120),
+                        tx.recipients.size());
+    if (!decision.hits.empty()) line += fmt::format(", match=[{}]", describe_hits(decision));
+    return line;
+}
+
+std::string format_query_report(const Decision& decision, const Verdict& verdict) {
+    std::string out;
+    if (!decision.route) {
+        out += "rule: (none matched)\nroute: (none)\naction: none (message left alone)\n";
+        return out;
+    }
+    if (decision.rule) {
+        out += fmt::format("rule: {} ({})\n", decision.rule->name, decision.rule->where);
+    } else {
+        out += "rule: (none matched; milter.default_route applies)\n";
+    }
+    out += fmt::format("route: {}\n", decision.route->name);
+    out += fmt::format("action: {}{}\n", verdict.outcome, verdict.dry_run ? " (dry-run: logged only)" : "");
+    if (verdict.add_routing_header) {
+        out += fmt::format("header: {}: {}\n", verdict.routing_header, verdict.routing_value);
+        if (!decision.route->transport.empty()) {
+            out += fmt::format("transport: {}\n", decision.route->transport);
+        }
+    }
+    if (verdict.reply != Verdict::Reply::accept) {
+        out += fmt::format("reply: {} {} {}\n", verdict.reply_code, verdict.reply_status,
+                           verdict.reply_text);
+    }
+    for (const auto& hit : decision.hits) {
+        out += fmt::format("matched: {} \"{}\" by {} ({}){}\n", to_string(hit.field),
+                           sanitize_for_log(hit.key, 200), hit.source, hit.where,
+                           hit.result.empty() ? "" : " -> " + hit.result);
+    }
+    return out;
+}
+
+}  // namespace paasmilter
