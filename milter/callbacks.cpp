@@ -1,0 +1,312 @@
+#include "callbacks.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "config_snapshot.hpp"
+#include "paasmilter/classifier.hpp"
+#include "paasmilter/log.hpp"
+#include "paasmilter/verdict.hpp"
+
+namespace paasmilter {
+
+ConfigSnapshot& config_snapshot() {
+    static ConfigSnapshot snapshot;
+    return snapshot;
+}
+
+namespace {
+
+// Bounds on what we keep of a message's header for classification; Postfix itself limits
+// a header to header_size_limit (100 KB). Past these, headers are still counted (so forged
+// routing headers are always removed) but no longer stored.
+constexpr size_t kMaxStoredHeaderBytes = 1024 * 1024;
+constexpr size_t kMaxStoredHeaders = 2000;
+
+struct MessageState {
+    std::shared_ptr<const Config> config;
+    Transaction tx;
+    int forged_routing_headers = 0;
+    size_t stored_header_bytes = 0;
+    bool headers_truncated = false;
+};
+
+struct ConnectionState {
+    std::string client_addr;
+    std::string client_name;
+    std::string cert_subject;
+    std::string cert_issuer;
+    std::string cert_fingerprint;
+    bool header_needs_no_reply = false;  // SMFIP_NR_HDR negotiated
+    std::optional<MessageState> message;
+};
+
+ConnectionState* state_of(SMFICTX* ctx) {
+    auto* state = static_cast<ConnectionState*>(smfi_getpriv(ctx));
+    if (state) return state;
+    // negotiate normally creates it; an MTA that skips negotiation gets one here.
+    state = new (std::nothrow) ConnectionState();
+    if (state && smfi_setpriv(ctx, state) != MI_SUCCESS) {
+        delete state;
+        return nullptr;
+    }
+    return state;
+}
+
+std::string macro(SMFICTX* ctx, const char* name) {
+    const char* value = smfi_getsymval(ctx, const_cast<char*>(name));
+    return value ? std::string(value) : std::string();
+}
+
+std::string queue_id(SMFICTX* ctx) {
+    std::string id = macro(ctx, "i");
+    return id.empty() ? std::string("NOQUEUE") : id;
+}
+
+std::string address_to_string(const sockaddr* address) {
+    if (!address) return {};
+    char text[INET6_ADDRSTRLEN] = {};
+    if (address->sa_family == AF_INET) {
+        auto* in = reinterpret_cast<const sockaddr_in*>(address);
+        if (inet_ntop(AF_INET, &in->sin_addr, text, sizeof text)) return text;
+    } else if (address->sa_family == AF_INET6) {
+        auto* in6 = reinterpret_cast<const sockaddr_in6*>(address);
+        if (inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text)) return text;
+    }
+    return {};
+}
+
+// TLS client-certificate facts. Postfix sends {cert_subject}/{cert_issuer} (CommonNames)
+// only for a verified certificate; Sendmail sends DNs for any certificate plus {verify},
+// so with Sendmail they only count when {verify} is OK.
+void capture_certificate(SMFICTX* ctx, ConnectionState& conn) {
+    std::string subject = macro(ctx, "{cert_subject}");
+    std::string issuer = macro(ctx, "{cert_issuer}");
+    std::string fingerprint = macro(ctx, "{cert_fp}");
+    if (subject.empty() && issuer.empty() && fingerprint.empty()) return;
+    std::string verify = macro(ctx, "{verify}");
+    if (!verify.empty() && verify != "OK") {
+        log_debug("client certificate not verified ({{verify}}={}): ignored",
+                  sanitize_for_log(verify));
+        conn.cert_subject.clear();
+        conn.cert_issuer.clear();
+        conn.cert_fingerprint.clear();
+        return;
+    }
+    conn.cert_subject = subject;
+    conn.cert_issuer = issuer;
+    conn.cert_fingerprint = fingerprint;
+}
+
+// Every callback body runs inside this: an exception never crosses into libmilter, and
+// the message is tempfailed rather than passed or lost.
+template <class Body>
+sfsistat guarded(SMFICTX* ctx, const char* stage, Body&& body) {
+    try {
+        return body();
+    } catch (const std::exception& e) {
+        log_error("{}: {}: internal error: {}; tempfail", queue_id(ctx), stage, e.what());
+    } catch (...) {
+        log_error("{}: {}: internal error; tempfail", queue_id(ctx), stage);
+    }
+    smfi_setreply(ctx, const_cast<char*>("451"), const_cast<char*>("4.3.0"),
+                  const_cast<char*>("Temporary failure in mail filter, try again later"));
+    return SMFIS_TEMPFAIL;
+}
+
+sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long offered_steps,
+                      unsigned long, unsigned long, unsigned long* actions, unsigned long* steps,
+                      unsigned long*, unsigned long*) {
+    return guarded(ctx, "negotiate", [&]() -> sfsistat {
+        constexpr unsigned long needed = SMFIF_ADDHDRS | SMFIF_CHGHDRS;
+        if ((offered_actions & needed) != needed) {
+            log_error("the MTA does not allow adding and changing headers; cannot filter");
+            return SMFIS_REJECT;
+        }
+        *actions = needed | (offered_actions & SMFIF_SETSYMLIST);
+        // Skip what we never look at; ask for no replies to headers when the MTA allows it
+        // (fewer round trips per message).
+        constexpr unsigned long skippable =
+            SMFIP_NOBODY | SMFIP_NOUNKNOWN | SMFIP_NODATA | SMFIP_NOEOH | SMFIP_NR_HDR;
+        *steps = offered_steps & skippable;
+
+        auto* state = new (std::nothrow) ConnectionState();
+        if (!state) return SMFIS_TEMPFAIL;
+        state->header_needs_no_reply = (*steps & SMFIP_NR_HDR) != 0;
+        if (smfi_setpriv(ctx, state) != MI_SUCCESS) {
+            delete state;
+            return SMFIS_TEMPFAIL;
+        }
+        if (offered_actions & SMFIF_SETSYMLIST) {
+            // Ask for the macros we classify on (Postfix's defaults lack some of them).
+            smfi_setsymlist(ctx, SMFIM_CONNECT, const_cast<char*>("j {client_addr} {client_name}"));
+            smfi_setsymlist(ctx, SMFIM_HELO,
+                            const_cast<char*>("{tls_version} {cipher} {cert_subject} "
+                                              "{cert_issuer} {verify} {cert_fp}"));
+            smfi_setsymlist(ctx, SMFIM_ENVFROM,
+                            const_cast<char*>("i {auth_type} {auth_authen} {cert_subject} "
+                                              "{cert_issuer} {verify} {cert_fp}"));
+            smfi_setsymlist(ctx, SMFIM_EOM, const_cast<char*>("i"));
+        }
+        return SMFIS_CONTINUE;
+    });
+}
+
+sfsistat on_connect(SMFICTX* ctx, char* hostname, _SOCK_ADDR* address) {
+    return guarded(ctx, "connect", [&]() -> sfsistat {
+        ConnectionState* conn = state_of(ctx);
+        if (!conn) return SMFIS_TEMPFAIL;
+        conn->client_addr = address_to_string(address);
+        if (conn->client_addr.empty()) conn->client_addr = macro(ctx, "{client_addr}");
+        // Postfix passes "unknown" or "[addr]" when the client has no verified name.
+        conn->client_name = hostname && hostname[0] != '[' ? hostname : "unknown";
+        return SMFIS_CONTINUE;
+    });
+}
+
+sfsistat on_helo(SMFICTX* ctx, char*) {
+    return guarded(ctx, "helo", [&]() -> sfsistat {
+        ConnectionState* conn = state_of(ctx);
+        if (!conn) return SMFIS_TEMPFAIL;
+        capture_certificate(ctx, *conn);
+        return SMFIS_CONTINUE;
+    });
+}
+
+sfsistat on_envfrom(SMFICTX* ctx, char** argv) {
+    return guarded(ctx, "mail", [&]() -> sfsistat {
+        ConnectionState* conn = state_of(ctx);
+        if (!conn) return SMFIS_TEMPFAIL;
+        capture_certificate(ctx, *conn);
+        MessageState& message = conn->message.emplace();
+        message.config = config_snapshot().get();
+        Transaction& tx = message.tx;
+        tx.client_addr = conn->client_addr;
+        tx.client_name = conn->client_name;
+        tx.cert_subject = conn->cert_subject;
+        tx.cert_issuer = conn->cert_issuer;
+        tx.cert_fingerprint = conn->cert_fingerprint;
+        tx.auth_user = macro(ctx, "{auth_authen}");
+        tx.sender = argv && argv[0] ? strip_angle_brackets(argv[0]) : std::string();
+        return SMFIS_CONTINUE;
+    });
+}
+
+sfsistat on_envrcpt(SMFICTX* ctx, char** argv) {
+    return guarded(ctx, "rcpt", [&]() -> sfsistat {
+        ConnectionState* conn = state_of(ctx);
+        if (!conn || !conn->message) return SMFIS_TEMPFAIL;
+        if (argv && argv[0]) conn->message->tx.recipients.push_back(strip_angle_brackets(argv[0]));
+        return SMFIS_CONTINUE;
+    });
+}
+
+sfsistat on_header(SMFICTX* ctx, char* name, char* value) {
+    ConnectionState* conn = static_cast<ConnectionState*>(smfi_getpriv(ctx));
+    sfsistat status = guarded(ctx, "header", [&]() -> sfsistat {
+        if (!conn || !conn->message || !name) return SMFIS_TEMPFAIL;
+        MessageState& message = *conn->message;
+        if (strcasecmp(name, message.config->routing_header.c_str()) == 0) {
+            ++message.forged_routing_headers;
+        }
+        size_t size = std::strlen(name) + (value ? std::strlen(value) : 0);
+        if (message.tx.headers.size() >= kMaxStoredHeaders ||
+            message.stored_header_bytes + size > kMaxStoredHeaderBytes) {
+            message.headers_truncated = true;
+            return SMFIS_CONTINUE;
+        }
+        message.stored_header_bytes += size;
+        message.tx.headers.push_back({name, value ? value : ""});
+        return SMFIS_CONTINUE;
+    });
+    // With SMFIP_NR_HDR the MTA expects no reply unless we refuse the message.
+    if (status == SMFIS_CONTINUE && conn && conn->header_needs_no_reply) return SMFIS_NOREPLY;
+    return status;
+}
+
+sfsistat act(SMFICTX* ctx, const std::string& id, MessageState& message) {
+    const Config& config = *message.config;
+    if (message.headers_truncated) {
+        log_warning("{}: header too large: only the first {} headers / {} bytes were classified",
+                    id, message.tx.headers.size(), message.stored_header_bytes);
+    }
+    Decision decision = classify(config, message.tx);
+    Verdict verdict = decide_verdict(config, decision, message.forged_routing_headers);
+    log_info("{}: {}", id, format_decision_log(message.tx, decision, verdict));
+    if (verdict.dry_run) return SMFIS_CONTINUE;
+
+    std::string header = config.routing_header;
+    // Delete from the last copy backwards so the indexes of the others do not shift.
+    for (int index = verdict.forged_headers_to_delete; index >= 1; --index) {
+        if (smfi_chgheader(ctx, header.data(), index, nullptr) != MI_SUCCESS) {
+            log_error("{}: cannot remove the client's {} header; tempfail", id, header);
+            return SMFIS_TEMPFAIL;
+        }
+    }
+    if (verdict.add_routing_header) {
+        std::string value = verdict.routing_value;
+        if (smfi_addheader(ctx, header.data(), value.data()) != MI_SUCCESS) {
+            // Without the header the message would take the wrong path: retry later.
+            log_error("{}: cannot add {} header; tempfail", id, header);
+            return SMFIS_TEMPFAIL;
+        }
+    }
+    if (verdict.reply != Verdict::Reply::accept) {
+        std::string code = std::to_string(verdict.reply_code);
+        smfi_setreply(ctx, code.data(), verdict.reply_status.data(), verdict.reply_text.data());
+        return verdict.reply == Verdict::Reply::reject ? SMFIS_REJECT : SMFIS_TEMPFAIL;
+    }
+    return SMFIS_CONTINUE;
+}
+
+sfsistat on_eom(SMFICTX* ctx) {
+    return guarded(ctx, "eom", [&]() -> sfsistat {
+        ConnectionState* conn = state_of(ctx);
+        if (!conn || !conn->message) return SMFIS_TEMPFAIL;
+        std::string id = queue_id(ctx);
+        sfsistat status = act(ctx, id, *conn->message);
+        conn->message.reset();
+        return status;
+    });
+}
+
+sfsistat on_abort(SMFICTX* ctx) {
+    return guarded(ctx, "abort", [&]() -> sfsistat {
+        if (auto* conn = static_cast<ConnectionState*>(smfi_getpriv(ctx))) conn->message.reset();
+        return SMFIS_CONTINUE;
+    });
+}
+
+sfsistat on_close(SMFICTX* ctx) {
+    // Take ownership back from libmilter so the state is freed however we leave.
+    std::unique_ptr<ConnectionState> conn(static_cast<ConnectionState*>(smfi_getpriv(ctx)));
+    smfi_setpriv(ctx, nullptr);
+    return SMFIS_CONTINUE;
+}
+
+}  // namespace
+
+smfiDesc milter_description() {
+    smfiDesc description{};
+    description.xxfi_name = const_cast<char*>("paas-milter");
+    description.xxfi_version = SMFI_VERSION;
+    description.xxfi_flags = SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_SETSYMLIST;
+    description.xxfi_connect = on_connect;
+    description.xxfi_helo = on_helo;
+    description.xxfi_envfrom = on_envfrom;
+    description.xxfi_envrcpt = on_envrcpt;
+    description.xxfi_header = on_header;
+    description.xxfi_eom = on_eom;
+    description.xxfi_abort = on_abort;
+    description.xxfi_close = on_close;
+    description.xxfi_negotiate = on_negotiate;
+    return description;
+}
+
+}  // namespace paasmilter

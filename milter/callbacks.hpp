@@ -1,0 +1,12 @@
+// libmilter callbacks: collect the transaction facts, classify at end of message, and tell
+// the MTA what to do. Nothing here throws into libmilter.
+#pragma once
+
+#include <libmilter/mfapi.h>
+
+namespace paasmilter {
+
+// The filter description to hand to smfi_register().
+smfiDesc milter_description();
+
+}  // namespace paasmilter

@@ -1,0 +1,172 @@
+// paas-milter command line: run the daemon, check a configuration, or ask what a
+// transaction would do (like `postmap -q`) without a running MTA.
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "daemon.hpp"
+#include "paasmilter/classifier.hpp"
+#include "paasmilter/config.hpp"
+#include "paasmilter/verdict.hpp"
+
+namespace {
+
+using namespace paasmilter;
+
+constexpr const char* kDefaultConfig = "/etc/paas-milter/paas-milter.toml";
+constexpr const char* kVersion = "0.1.0";
+
+constexpr const char* kUsage = R"(usage:
+  paas-milter run    [-c FILE] [--foreground] [--debug]
+  paas-milter check  [-c FILE]
+  paas-milter query  [-c FILE] [--client-addr IP] [--client-name NAME]
+                     [--cert-subject S] [--cert-issuer S] [--cert-fingerprint FP]
+                     [--auth USER] [--from ADDR] [--rcpt ADDR]... [--header 'Name: value']...
+  paas-milter header-checks [-c FILE]
+  paas-milter version
+
+  run            serve libmilter on milter.socket; logs to syslog (mail), or to stderr
+                 with --foreground. SIGHUP reloads the configuration, SIGTERM stops.
+  check          validate the configuration and every table it names (exit 0 or 1)
+  query          print the decision for one transaction (matched rule, route, action)
+  header-checks  print the milter_header_checks lines for the relay routes
+The default FILE is /etc/paas-milter/paas-milter.toml.
+)";
+
+int usage_error(const std::string& message) {
+    std::fprintf(stderr, "paas-milter: %s\n%s", message.c_str(), kUsage);
+    return 2;
+}
+
+struct Arguments {
+    std::string command;
+    std::string config = kDefaultConfig;
+    bool foreground = false;
+    bool debug = false;
+    Transaction tx;
+};
+
+// Returns an error message, or empty on success.
+std::string parse(int argc, char** argv, Arguments& args) {
+    if (argc < 2) return "missing command";
+    args.command = argv[1];
+    for (int i = 2; i < argc; ++i) {
+        std::string_view arg = argv[i];
+        auto value = [&](std::string& out) -> bool {
+            if (i + 1 >= argc) return false;
+            out = argv[++i];
+            return true;
+        };
+        std::string header;
+        bool ok = true;
+        if (arg == "-c" || arg == "--config") {
+            ok = value(args.config);
+        } else if (arg == "--foreground" || arg == "-f") {
+            args.foreground = true;
+        } else if (arg == "--debug") {
+            args.debug = true;
+        } else if (arg == "--client-addr") {
+            ok = value(args.tx.client_addr);
+        } else if (arg == "--client-name") {
+            ok = value(args.tx.client_name);
+        } else if (arg == "--cert-subject") {
+            ok = value(args.tx.cert_subject);
+        } else if (arg == "--cert-issuer") {
+            ok = value(args.tx.cert_issuer);
+        } else if (arg == "--cert-fingerprint") {
+            ok = value(args.tx.cert_fingerprint);
+        } else if (arg == "--auth") {
+            ok = value(args.tx.auth_user);
+        } else if (arg == "--from") {
+            std::string from;
+            ok = value(from);
+            args.tx.sender = strip_angle_brackets(from);
+        } else if (arg == "--rcpt") {
+            std::string rcpt;
+            ok = value(rcpt);
+            args.tx.recipients.push_back(strip_angle_brackets(rcpt));
+        } else if (arg == "--header") {
+            ok = value(header);
+            auto colon = header.find(':');
+            if (ok && (colon == std::string::npos || colon == 0)) {
+                return fmt::format("--header wants 'Name: value', got '{}'", header);
+            }
+            if (ok) {
+                std::string_view rest = std::string_view(header).substr(colon + 1);
+                while (!rest.empty() && (rest.front() == ' ' || rest.front() == '\t')) {
+                    rest.remove_prefix(1);
+                }
+                args.tx.headers.push_back({header.substr(0, colon), std::string(rest)});
+            }
+        } else {
+            return fmt::format("unknown option '{}'", arg);
+        }
+        if (!ok) return fmt::format("option '{}' needs a value", arg);
+    }
+    return {};
+}
+
+int command_check(const Arguments& args) {
+    auto config = load_config(args.config);
+    if (!config) {
+        std::fprintf(stderr, "%s\n", config.error().to_string().c_str());
+        return 1;
+    }
+    std::printf("%s: OK (%zu routes, %zu rules, mode %s)\n", args.config.c_str(),
+                (*config)->routes.size(), (*config)->rules.size(), to_string((*config)->mode));
+    return 0;
+}
+
+int command_query(const Arguments& args) {
+    auto config = load_config(args.config);
+    if (!config) {
+        std::fprintf(stderr, "%s\n", config.error().to_string().c_str());
+        return 1;
+    }
+    Decision decision = classify(**config, args.tx);
+    Verdict verdict = decide_verdict(**config, decision, 0);
+    std::fputs(format_query_report(decision, verdict).c_str(), stdout);
+    return 0;
+}
+
+int command_header_checks(const Arguments& args) {
+    auto config = load_config(args.config);
+    if (!config) {
+        std::fprintf(stderr, "%s\n", config.error().to_string().c_str());
+        return 1;
+    }
+    std::fputs(render_header_checks(**config).c_str(), stdout);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        Arguments args;
+        if (argc >= 2 && (std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ||
+                          std::strcmp(argv[1], "help") == 0)) {
+            std::fputs(kUsage, stdout);
+            return 0;
+        }
+        if (std::string error = parse(argc, argv, args); !error.empty()) return usage_error(error);
+        if (args.command == "run") {
+            return run_daemon({args.config, args.foreground, args.debug});
+        }
+        if (args.command == "check") return command_check(args);
+        if (args.command == "query") return command_query(args);
+        if (args.command == "header-checks") return command_header_checks(args);
+        if (args.command == "version" || args.command == "--version") {
+            std::printf("paas-milter %s\n", kVersion);
+            return 0;
+        }
+        return usage_error(fmt::format("unknown command '{}'", args.command));
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "paas-milter: %s\n", e.what());
+        return 1;
+    }
+}
