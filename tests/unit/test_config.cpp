@@ -1,0 +1,199 @@
+#include <doctest/doctest.h>
+
+#include <string>
+
+#include "paasmilter/config.hpp"
+#include "temp_dir.hpp"
+
+using namespace paasmilter;
+using paasmilter::testing::TempDir;
+
+namespace {
+
+const std::string kMinimal = R"(
+[milter]
+socket = "inet:10025@127.0.0.1"
+
+[routes.acs]
+action = "relay"
+transport = "acs-relay:[smtp.azurecomm.net]:587"
+
+[routes.block]
+action = "reject"
+
+[[rules]]
+name = "printers"
+client_addr = ["192.0.2.0/24"]
+route = "acs"
+)";
+
+// Loads `text` as paas-milter.toml and returns the error text ("" when it loaded).
+std::string load_error(const std::string& text, TempDir& dir) {
+    auto config = load_config(dir.write("paas-milter.toml", text));
+    return config ? std::string() : config.error().to_string();
+}
+
+std::string replace(std::string text, const std::string& from, const std::string& to) {
+    auto pos = text.find(from);
+    REQUIRE(pos != std::string::npos);
+    return text.replace(pos, from.size(), to);
+}
+
+}  // namespace
+
+TEST_CASE("a minimal configuration loads with defaults") {
+    TempDir dir;
+    auto config = load_config(dir.write("paas-milter.toml", kMinimal));
+    REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+    const Config& c = **config;
+    CHECK(c.socket == "inet:10025@127.0.0.1");
+    CHECK(c.routing_header == "X-PaaS-Route");
+    CHECK(c.mode == Mode::enforce);
+    CHECK(c.default_route.empty());
+    REQUIRE(c.find_route("acs"));
+    CHECK(c.find_route("acs")->action == Action::relay);
+    CHECK(c.find_route("acs")->header_value == "acs");
+    REQUIRE(c.find_route("block"));
+    CHECK(c.find_route("block")->reply_code == 550);
+    CHECK(c.find_route("block")->reply_status == "5.7.1");
+    CHECK(c.find_route("block")->reply_text == "Message rejected by policy");
+    REQUIRE(c.rules.size() == 1);
+    CHECK(c.rules[0].name == "printers");
+    CHECK(c.rules[0].conditions.size() == 1);
+}
+
+TEST_CASE("the shipped example configuration is valid") {
+    auto config = load_config(PAAS_SOURCE_DIR "/etc/paas-milter.toml");
+    REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+    CHECK((*config)->rules.size() >= 3);
+}
+
+TEST_CASE("configuration errors name the file, the line and the key") {
+    TempDir dir;
+    std::string path = (dir.path() / "paas-milter.toml").string();
+
+    SUBCASE("unknown key in [milter]") {
+        auto text = replace(kMinimal, "socket = ", "sockett = \"x\"\nsocket = ");
+        CHECK(load_error(text, dir) == path + ":3: unknown key \"milter.sockett\"");
+    }
+    SUBCASE("unknown top-level table") {
+        CHECK(load_error(kMinimal + "[extra]\nx = 1\n", dir).find(":16: unknown key \"extra\"") !=
+              std::string::npos);
+    }
+    SUBCASE("wrong type") {
+        auto text = replace(kMinimal, "\"inet:10025@127.0.0.1\"", "10025");
+        CHECK(load_error(text, dir) == path + ":3: milter.socket: expected a string");
+    }
+    SUBCASE("Postfix socket syntax is caught") {
+        auto text = replace(kMinimal, "inet:10025@127.0.0.1", "inet:127.0.0.1:10025");
+        CHECK(load_error(text, dir).find(":3: milter.socket: \"inet:127.0.0.1:10025\" looks like "
+                                         "Postfix syntax") != std::string::npos);
+    }
+    SUBCASE("missing [milter]") {
+        auto text = replace(kMinimal, "[milter]\nsocket = \"inet:10025@127.0.0.1\"\n", "");
+        CHECK(load_error(text, dir) == path + ": missing table [milter]");
+    }
+    SUBCASE("missing socket") {
+        auto text = replace(kMinimal, "socket = \"inet:10025@127.0.0.1\"\n", "");
+        CHECK(load_error(text, dir) == path + ":2: milter: missing key \"socket\"");
+    }
+    SUBCASE("bad mode") {
+        auto text = replace(kMinimal, "socket = ", "mode = \"on\"\nsocket = ");
+        CHECK(load_error(text, dir) ==
+              path + ":3: milter.mode: \"on\" is not \"enforce\" or \"dry-run\"");
+    }
+    SUBCASE("rule names an unknown route") {
+        auto text = replace(kMinimal, "route = \"acs\"", "route = \"acs2\"");
+        CHECK(load_error(text, dir) ==
+              path + ":15: rules[1] (\"printers\").route: unknown route \"acs2\"");
+    }
+    SUBCASE("unknown action") {
+        auto text = replace(kMinimal, "action = \"reject\"", "action = \"drop\"");
+        CHECK(load_error(text, dir).find(":10: routes.block.action: \"drop\" is not one of") !=
+              std::string::npos);
+    }
+    SUBCASE("reply code of the wrong class") {
+        auto text = replace(kMinimal, "action = \"reject\"", "action = \"reject\"\nreply_code = 450");
+        CHECK(load_error(text, dir) == path + ":11: routes.block.reply_code: 450 is not a 5xx code");
+    }
+    SUBCASE("reply keys on a relay route") {
+        auto text = replace(kMinimal, "action = \"relay\"", "action = \"relay\"\nreply_text = \"x\"");
+        CHECK(load_error(text, dir).find(":7: routes.acs.reply_text: only valid with action") !=
+              std::string::npos);
+    }
+    SUBCASE("unknown rule key") {
+        auto text = replace(kMinimal, "name = \"printers\"", "name = \"printers\"\nclient_ip = []");
+        CHECK(load_error(text, dir) == path + ":14: rules[1]: unknown key \"client_ip\"");
+    }
+    SUBCASE("a rule without conditions") {
+        auto text = replace(kMinimal, "client_addr = [\"192.0.2.0/24\"]\n", "");
+        CHECK(load_error(text, dir).find("a rule needs at least one condition") !=
+              std::string::npos);
+    }
+    SUBCASE("bad CIDR inline") {
+        auto text = replace(kMinimal, "192.0.2.0/24", "192.0.2.0/33");
+        auto error = load_error(text, dir);
+        CHECK(error.find(path + ":14:") == 0);
+    }
+    SUBCASE("a table that does not exist") {
+        auto text = replace(kMinimal, "192.0.2.0/24", "cidr:missing.cidr");
+        auto error = load_error(text, dir);
+        CHECK(error.find(path + ":14: rules[1] (\"printers\").client_addr: ") == 0);
+        CHECK(error.find("missing.cidr") != std::string::npos);
+    }
+    SUBCASE("a table result that is not a route is an error at the table line") {
+        std::string table = dir.write("devices.cidr", "# devices\n10.0.0.0/8 acs\n10.1.0.0/16 acz\n");
+        auto text = replace(kMinimal, "192.0.2.0/24", "cidr:devices.cidr");
+        CHECK(load_error(text, dir) ==
+              table + ":3: result \"acz\" is not a route name, OK or DUNNO");
+    }
+    SUBCASE("duplicate rule names") {
+        CHECK(load_error(kMinimal + "[[rules]]\nname = \"printers\"\nsender = [\"x\"]\nroute = "
+                                    "\"acs\"\n",
+                         dir)
+                  .find("duplicate rule name \"printers\"") != std::string::npos);
+    }
+    SUBCASE("TOML syntax error") {
+        CHECK(load_error(kMinimal + "[[rules]\n", dir).find(path + ":16:") == 0);
+    }
+    SUBCASE("invalid routing header name") {
+        auto text = replace(kMinimal, "socket = ", "routing_header = \"X Route\"\nsocket = ");
+        CHECK(load_error(text, dir).find(":3: milter.routing_header") != std::string::npos);
+    }
+    SUBCASE("default_route must exist") {
+        auto text = replace(kMinimal, "socket = ", "default_route = \"nowhere\"\nsocket = ");
+        CHECK(load_error(text, dir) ==
+              path + ":3: milter.default_route: unknown route \"nowhere\"");
+    }
+    SUBCASE("route names OK and DUNNO are reserved") {
+        auto text = replace(kMinimal, "[routes.block]", "[routes.DUNNO]");
+        CHECK(load_error(text, dir).find("routes.DUNNO: a route name is") != std::string::npos);
+    }
+}
+
+TEST_CASE("a rule may take its route from the table") {
+    TempDir dir;
+    dir.write("certs.regexp", "/^printer-/ acs\n/^blocked-/ block\n/^other/ DUNNO\n");
+    auto text = replace(kMinimal,
+                        "client_addr = [\"192.0.2.0/24\"]\nroute = \"acs\"",
+                        "cert_subject = [\"regexp:certs.regexp\"]");
+    auto config = load_config(dir.write("paas-milter.toml", text));
+    REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+    CHECK((*config)->rules[0].conditions[0].always_names_route);
+
+    SUBCASE("but not when a result is OK") {
+        dir.write("certs.regexp", "/^printer-/ OK\n");
+        auto error = load_error(text, dir);
+        CHECK(error.find("certs.regexp:1: result OK needs a \"route\"") != std::string::npos);
+    }
+}
+
+TEST_CASE("header-checks output maps each relay route to its transport") {
+    TempDir dir;
+    auto config = load_config(dir.write("paas-milter.toml", kMinimal));
+    REQUIRE(config.ok());
+    std::string out = render_header_checks(**config);
+    CHECK(out.find("/^X-PaaS-Route:\\s*acs$/ FILTER acs-relay:[smtp.azurecomm.net]:587\n") !=
+          std::string::npos);
+    CHECK(out.find("block") == std::string::npos);
+}
