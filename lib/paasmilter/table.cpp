@@ -1,0 +1,956 @@
+#include "paasmilter/table.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdint>
+#include <limits>
+#include <system_error>
+#include <unordered_map>
+#include <utility>
+
+#include "paasmilter/ip.hpp"
+#include "paasmilter/prefix_trie.hpp"
+#include "paasmilter/regex.hpp"
+
+namespace paasmilter {
+namespace {
+
+constexpr std::uint32_t kNone = std::numeric_limits<std::uint32_t>::max();
+
+constexpr std::string_view kSupportedTypes = "cidr:, pcre:, regexp:, texthash:";
+
+// Every Postfix table type, so that "hash:/x" or "ldap:/x" is recognised as a table
+// reference and gets a clear error instead of being taken as an inline pattern.
+constexpr std::array<std::string_view, 31> kPostfixTableTypes = {
+    "btree",     "cdb",    "cidr",   "dbm",      "environ",  "fail",     "hash",    "inline",
+    "internal",  "ldap",   "lmdb",   "memcache", "mongodb",  "mysql",    "netinfo", "nis",
+    "nisplus",   "pcre",   "pgsql",  "pipemap",  "proxy",    "randmap",  "regexp",  "sdbm",
+    "socketmap", "sqlite", "static", "tcp",      "texthash", "unionmap", "unix",
+};
+
+// ---------------------------------------------------------------------------------------
+// Text helpers. Postfix folds case in ASCII only; so do we for exact keys.
+
+bool is_space(char c) {
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
+}
+bool is_alnum(char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+char to_lower(char c) {
+    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+std::string_view trim_left(std::string_view text) {
+    while (!text.empty() && is_space(text.front())) text.remove_prefix(1);
+    return text;
+}
+std::string_view trim(std::string_view text) {
+    text = trim_left(text);
+    while (!text.empty() && is_space(text.back())) text.remove_suffix(1);
+    return text;
+}
+
+void lowercase_into(std::string& out, std::string_view text) {
+    out.resize(text.size());
+    std::transform(text.begin(), text.end(), out.begin(), to_lower);
+}
+std::string lowercase(std::string_view text) {
+    std::string out;
+    lowercase_into(out, text);
+    return out;
+}
+
+std::string quoted(std::string_view text) {
+    return "\"" + std::string(text) + "\"";
+}
+
+std::string location(std::string_view file, int line) {
+    return std::string(file) + ":" + std::to_string(line);
+}
+
+// "word rest of line" -> {"word", "rest of line"}.
+std::pair<std::string_view, std::string_view> split_word(std::string_view text) {
+    text = trim_left(text);
+    std::size_t end = 0;
+    while (end < text.size() && !is_space(text[end])) ++end;
+    return {text.substr(0, end), trim(text.substr(end))};
+}
+
+// Postfix's test for "if"/"endif": the word, case-insensitive, not followed by [A-Za-z0-9].
+bool starts_with_keyword(std::string_view text, std::string_view keyword) {
+    if (text.size() < keyword.size()) return false;
+    for (std::size_t i = 0; i < keyword.size(); ++i) {
+        if (to_lower(text[i]) != keyword[i]) return false;
+    }
+    return text.size() == keyword.size() || !is_alnum(text[keyword.size()]);
+}
+
+// Postfix negation prefix: any number of '!' (each one toggles), then optional blanks.
+bool take_negation(std::string_view& text) {
+    bool negated = false;
+    while (!text.empty() && text.front() == '!') {
+        negated = !negated;
+        text.remove_prefix(1);
+    }
+    text = trim_left(text);
+    return negated;
+}
+
+Error located(Error error, const std::string& file, int line) {
+    error.file = file;
+    error.line = line;
+    return error;
+}
+
+struct TransparentHash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view text) const noexcept {
+        return std::hash<std::string_view>{}(text);
+    }
+};
+// Lowercased key -> entry index. Heterogeneous lookup: no std::string per probe.
+using KeyIndex = std::unordered_map<std::string, std::uint32_t, TransparentHash, std::equal_to<>>;
+
+std::string_view kind_plural(KeyKind kind) {
+    switch (kind) {
+        case KeyKind::ip:
+            return "client addresses";
+        case KeyKind::address:
+            return "envelope addresses";
+        case KeyKind::text:
+            return "names";
+        case KeyKind::header:
+            return "headers";
+    }
+    return "keys";
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading table source files.
+
+class FileDescriptor {
+  public:
+    explicit FileDescriptor(int fd) : fd_(fd) {}
+    ~FileDescriptor() {
+        if (fd_ >= 0) ::close(fd_);
+    }
+    FileDescriptor(const FileDescriptor&) = delete;
+    FileDescriptor& operator=(const FileDescriptor&) = delete;
+    int get() const { return fd_; }
+
+  private:
+    int fd_;
+};
+
+std::string errno_text(int error) {
+    return std::error_code(error, std::generic_category()).message();
+}
+
+Result<std::string> read_whole_file(const std::string& path, std::string_view spec) {
+    FileDescriptor file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (file.get() < 0)
+        return make_error("cannot open " + std::string(spec) + ": " + errno_text(errno));
+    std::string content;
+    char chunk[65536];
+    for (;;) {
+        const ssize_t got = ::read(file.get(), chunk, sizeof chunk);
+        if (got == 0) break;
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return make_error("cannot read " + std::string(spec) + ": " + errno_text(errno));
+        }
+        content.append(chunk, static_cast<std::size_t>(got));
+    }
+    return content;
+}
+
+struct LogicalLine {
+    std::string text;  // trimmed; continuation lines appended with their leading blanks
+    int line = 0;      // first physical line
+};
+
+// The syntax shared by Postfix table sources: blank lines and lines whose first non-blank
+// character is '#' are ignored; a line starting with whitespace continues the previous
+// logical line. CRLF line ends and a missing final newline are accepted.
+Result<std::vector<LogicalLine>> logical_lines(std::string_view content, const std::string& path) {
+    constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
+    if (content.substr(0, kUtf8Bom.size()) == kUtf8Bom) content.remove_prefix(kUtf8Bom.size());
+
+    std::vector<LogicalLine> lines;
+    int line_number = 0;
+    std::size_t start = 0;
+    while (start < content.size()) {
+        std::size_t end = content.find('\n', start);
+        if (end == std::string_view::npos) end = content.size();
+        std::string_view physical = content.substr(start, end - start);
+        start = end + 1;
+        ++line_number;
+
+        if (!physical.empty() && physical.back() == '\r') physical.remove_suffix(1);
+        if (physical.find('\0') != std::string_view::npos) {
+            return make_error("line contains a NUL byte", path, line_number);
+        }
+        const std::string_view content_text = trim(physical);
+        if (content_text.empty() || content_text.front() == '#') continue;
+        if (is_space(physical.front())) {
+            if (lines.empty()) {
+                return make_error(
+                    "line starts with whitespace, but there is no previous line to continue", path,
+                    line_number);
+            }
+            lines.back().text.append(physical);
+        } else {
+            lines.push_back(LogicalLine{std::string(physical), line_number});
+        }
+    }
+    for (auto& line : lines) line.text = std::string(trim(line.text));
+    return lines;
+}
+
+// ---------------------------------------------------------------------------------------
+// regexp_table(5) / pcre_table(5) patterns: "/body/flags", any non-alphanumeric delimiter.
+
+enum class Dialect { regexp, pcre };
+
+struct PatternSpec {
+    std::string body;
+    RegexOptions options;
+    bool want_match = true;  // false for "!/pattern/"
+};
+
+// Parses an optionally negated delimited pattern with flags at the front of `text` and
+// advances `text` past it. Flags end at whitespace or at '!' (the second pattern of the
+// old "/one/!/two/" form).
+Result<PatternSpec> take_pattern(std::string_view& text, Dialect dialect) {
+    PatternSpec spec;
+    spec.want_match = !take_negation(text);
+    if (text.empty()) return make_error("missing /pattern/");
+    const char delimiter = text.front();
+    if (is_alnum(delimiter) || delimiter == '\\') {
+        return make_error("expected /pattern/, found " + quoted(text));
+    }
+    std::size_t end = 1;
+    while (end < text.size() && text[end] != delimiter) {
+        if (text[end] == '\\' && end + 1 < text.size()) ++end;  // an escaped delimiter
+        ++end;
+    }
+    if (end >= text.size()) {
+        return make_error("no closing delimiter '" + std::string(1, delimiter) + "' in " +
+                          quoted(text));
+    }
+    spec.body = std::string(text.substr(1, end - 1));
+    text.remove_prefix(end + 1);
+
+    // Postfix flags toggle; only "i" is on by default.
+    bool newline_sensitive = false;  // regexp "m": POSIX REG_NEWLINE
+    while (!text.empty() && !is_space(text.front()) && text.front() != '!') {
+        const char flag = text.front();
+        text.remove_prefix(1);
+        RegexOptions& o = spec.options;
+        if (flag == 'i') {
+            o.caseless = !o.caseless;
+        } else if (dialect == Dialect::regexp && flag == 'm') {
+            newline_sensitive = !newline_sensitive;
+        } else if (dialect == Dialect::regexp && flag == 'x') {
+            return make_error(
+                "flag 'x' (POSIX basic regular expression syntax) is not supported: regexp: "
+                "patterns are always extended regular expressions");
+        } else if (dialect == Dialect::pcre && flag == 'm') {
+            o.multiline = !o.multiline;
+        } else if (dialect == Dialect::pcre && flag == 's') {
+            o.dotall = !o.dotall;
+        } else if (dialect == Dialect::pcre && flag == 'x') {
+            o.extended = !o.extended;
+        } else if (dialect == Dialect::pcre && flag == 'A') {
+            o.anchored = !o.anchored;
+        } else if (dialect == Dialect::pcre && flag == 'E') {
+            o.dollar_end_only = !o.dollar_end_only;
+        } else if (dialect == Dialect::pcre && flag == 'U') {
+            o.ungreedy = !o.ungreedy;
+        } else if (dialect == Dialect::pcre && flag == 'X') {
+            // PCRE_EXTRA (unknown escapes are errors) is always on in PCRE2.
+        } else {
+            return make_error(
+                "unknown flag '" + std::string(1, flag) + "' after " +
+                (dialect == Dialect::regexp ? "regexp" : "pcre") + " pattern " +
+                quoted(std::string(1, delimiter) + spec.body + std::string(1, delimiter)) +
+                (dialect == Dialect::regexp ? " (valid: i, m)"
+                                            : " (valid: i, m, s, x, A, E, U, X)"));
+        }
+    }
+    if (dialect == Dialect::regexp) {
+        // POSIX semantics: without REG_NEWLINE '.' matches a newline and '$' matches only at
+        // the very end; with it, '^'/'$' match at line breaks and '.' stops at them.
+        spec.options.multiline = newline_sensitive;
+        spec.options.dotall = !newline_sensitive;
+        spec.options.dollar_end_only = !newline_sensitive;
+    }
+    return spec;
+}
+
+// A regexp/pcre right-hand side must be literal: we do not implement $1 substitution.
+// "$$" is Postfix's escape for a literal '$'.
+Result<std::string> literal_result(std::string_view text) {
+    std::string out;
+    out.reserve(text.size());
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        const char next = i + 1 < text.size() ? text[i + 1] : '\0';
+        if (text[i] == '$' && next == '$') {
+            out += '$';
+            ++i;
+        } else if (text[i] == '$' && ((next >= '0' && next <= '9') || next == '{' || next == '(')) {
+            return make_error("result " + quoted(text) +
+                              " uses $-substitution, which is not supported: results must be "
+                              "literal (write $$ for a '$')");
+        } else {
+            out += text[i];
+        }
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// access(5) search order for an envelope address.
+
+std::string_view strip_angle_brackets(std::string_view address) {
+    if (address.size() >= 2 && address.front() == '<' && address.back() == '>') {
+        address = address.substr(1, address.size() - 2);
+    }
+    return address;
+}
+
+// Calls visit(candidate) for each key to try for `address`, best first, until visit
+// returns true. Candidates are views into `buffer` (the lowercased address), so no
+// allocation happens per candidate. For "User@X.Y.Z":
+//   "user@x.y.z", ["@x.y.z"], "x.y.z", "y.z", ".y.z", "z", ".z", "user@"
+// "@domain" (that domain only) is an inline-list form, not an access(5) one. A parent
+// domain is tried bare (parent_domain_matches_subdomains) and with a leading dot. The
+// null sender is looked up as "<>" (smtpd_null_access_lookup_key).
+template <class Visit>
+void visit_address_keys(std::string& buffer, std::string_view address, bool with_at_domain,
+                        Visit&& visit) {
+    lowercase_into(buffer, strip_angle_brackets(address));
+    if (buffer.empty()) {
+        visit(std::string_view("<>"));
+        return;
+    }
+    const std::size_t at = buffer.rfind('@');
+    if (at == std::string::npos) {
+        // A bare local part ("postmaster"): itself, then "postmaster@".
+        buffer += '@';
+        const std::string_view with_at = buffer;
+        if (visit(with_at.substr(0, with_at.size() - 1))) return;
+        visit(with_at);
+        return;
+    }
+    const std::string_view full = buffer;
+    if (visit(full)) return;
+    const std::string_view domain = full.substr(at + 1);
+    if (!domain.empty()) {
+        if (with_at_domain && visit(full.substr(at))) return;
+        if (visit(domain)) return;
+        // Address literals ("[192.0.2.1]") have no parent domains.
+        if (domain.front() != '[') {
+            for (std::size_t dot = domain.find('.'); dot != std::string_view::npos;
+                 dot = domain.find('.', dot + 1)) {
+                const std::string_view parent = domain.substr(dot + 1);
+                if (parent.empty()) break;
+                if (visit(parent)) return;
+                if (visit(domain.substr(dot))) return;
+            }
+        }
+    }
+    if (at > 0) visit(full.substr(0, at + 1));
+}
+
+// ---------------------------------------------------------------------------------------
+// cidr: tables.
+//
+// Rules are kept in file order. Positive rules go into the prefix trie keyed by their rule
+// index; a lookup collects every rule whose prefix covers the address (at most one node
+// per address bit) and keeps the lowest index whose enclosing if-blocks also hold
+// (checking an if-block is one prefix comparison per nesting level). Negated rules
+// cannot live in a trie (they match everything outside a prefix), so they are kept in a
+// separate ascending list and checked linearly, but only those listed before the best
+// positive candidate. Tables are mostly positive rules, so a lookup stays O(address bits).
+
+struct CidrCondition {
+    IpNetwork network;
+    bool negated = false;
+
+    // As in Postfix, a pattern of the other address family never matches, negated or not.
+    bool holds(const IpAddress& address) const {
+        return address.family == network.address.family && network.contains(address) != negated;
+    }
+};
+
+class CidrTable final : public Table {
+  public:
+    CidrTable(std::string description, bool has_results)
+        : description_(std::move(description)), has_results_(has_results) {}
+
+    // Returns the new block's index, to pass as `enclosing_if` of the rules inside it.
+    std::uint32_t add_if(CidrCondition condition, std::uint32_t enclosing_if) {
+        if_blocks_.push_back(IfBlock{condition, enclosing_if});
+        return static_cast<std::uint32_t>(if_blocks_.size() - 1);
+    }
+
+    void add_rule(CidrCondition condition, std::uint32_t enclosing_if, std::string value,
+                  std::string where) {
+        const auto index = static_cast<std::uint32_t>(rules_.size());
+        if (condition.negated) {
+            negated_rules_.push_back(index);
+        } else {
+            trie_.insert(condition.network, index);
+        }
+        rules_.push_back(Rule{condition, enclosing_if, std::move(value), std::move(where)});
+    }
+
+    std::optional<TableMatch> lookup(std::string_view key) const override {
+        const auto address = parse_ip_address(key);
+        if (!address) return std::nullopt;
+
+        std::uint32_t best = kNone;
+        if (if_blocks_.empty()) {
+            best = trie_.lowest_match(*address);
+        } else {
+            trie_.for_each_match(*address, [&](std::uint32_t index) {
+                if (index < best && if_blocks_hold(rules_[index].enclosing_if, *address)) {
+                    best = index;
+                }
+            });
+        }
+        for (const std::uint32_t index : negated_rules_) {
+            if (index >= best) break;
+            const Rule& rule = rules_[index];
+            if (rule.condition.holds(*address) && if_blocks_hold(rule.enclosing_if, *address)) {
+                best = index;
+                break;
+            }
+        }
+        if (best == kNone) return std::nullopt;
+        return TableMatch{rules_[best].value, rules_[best].where};
+    }
+
+    std::string describe() const override { return description_; }
+
+    void for_each_result(
+        const std::function<void(const std::string&, const std::string&)>& fn) const override {
+        if (!has_results_) return;
+        for (const Rule& rule : rules_) fn(rule.value, rule.where);
+    }
+
+  private:
+    struct IfBlock {
+        CidrCondition condition;
+        std::uint32_t enclosing_if;  // kNone at top level
+    };
+    struct Rule {
+        CidrCondition condition;
+        std::uint32_t enclosing_if;
+        std::string value;
+        std::string where;
+    };
+
+    bool if_blocks_hold(std::uint32_t block, const IpAddress& address) const {
+        for (; block != kNone; block = if_blocks_[block].enclosing_if) {
+            if (!if_blocks_[block].condition.holds(address)) return false;
+        }
+        return true;
+    }
+
+    std::string description_;
+    bool has_results_;
+    std::vector<Rule> rules_;
+    std::vector<IfBlock> if_blocks_;
+    std::vector<std::uint32_t> negated_rules_;  // ascending rule indexes
+    PrefixTrie trie_;
+};
+
+Result<std::unique_ptr<Table>> build_cidr_table(const std::vector<LogicalLine>& lines,
+                                                const std::string& path, std::string spec) {
+    auto table = std::make_unique<CidrTable>(std::move(spec), true);
+    struct OpenIf {
+        std::uint32_t block;
+        int line;
+    };
+    std::vector<OpenIf> open_ifs;
+    const auto current_if = [&] { return open_ifs.empty() ? kNone : open_ifs.back().block; };
+
+    for (const LogicalLine& line : lines) {
+        std::string_view text = line.text;
+        if (starts_with_keyword(text, "endif")) {
+            if (!trim(text.substr(5)).empty()) {
+                return make_error("unexpected text after endif", path, line.line);
+            }
+            if (open_ifs.empty()) return make_error("endif without matching if", path, line.line);
+            open_ifs.pop_back();
+            continue;
+        }
+        const bool is_if = starts_with_keyword(text, "if");
+        if (is_if) text = trim_left(text.substr(2));
+        const bool negated = take_negation(text);
+        const auto [pattern, rest] = split_word(text);
+        if (pattern.empty()) return make_error("missing address pattern", path, line.line);
+        auto network = parse_ip_network(pattern);
+        if (!network) return located(network.error(), path, line.line);
+        const CidrCondition condition{*network, negated};
+
+        if (is_if) {
+            if (!rest.empty()) {
+                return make_error("unexpected text " + quoted(rest) +
+                                      " after if pattern (a line starting with whitespace "
+                                      "continues the previous line: do not indent inside if)",
+                                  path, line.line);
+            }
+            open_ifs.push_back(OpenIf{table->add_if(condition, current_if()), line.line});
+            continue;
+        }
+        if (rest.empty()) {
+            return make_error("missing result after " + quoted(pattern), path, line.line);
+        }
+        table->add_rule(condition, current_if(), std::string(rest), location(path, line.line));
+    }
+    if (!open_ifs.empty()) {
+        return make_error("if without matching endif", path, open_ifs.back().line);
+    }
+    return std::unique_ptr<Table>(std::move(table));
+}
+
+// ---------------------------------------------------------------------------------------
+// regexp: and pcre: tables: a flat list evaluated in file order. An if-block is one entry
+// that knows where its block ends, so a failed condition skips the block in one step.
+
+struct RegexCondition {
+    Regex regex;
+    bool want_match;
+
+    // nullopt when PCRE2 gave up on this key: neither the pattern nor its negation holds.
+    std::optional<bool> holds(std::string_view key) const {
+        const auto matched = regex.try_match(key);
+        if (!matched) return std::nullopt;
+        return *matched == want_match;
+    }
+};
+
+class RegexTable final : public Table {
+  public:
+    struct Entry {
+        bool is_if = false;
+        RegexCondition first;
+        std::optional<RegexCondition> second;  // legacy "/one/!/two/ result"
+        std::uint32_t block_end = kNone;       // is_if: index of the first entry after endif
+        std::string value;
+        std::string where;
+    };
+
+    explicit RegexTable(std::string description) : description_(std::move(description)) {}
+
+    std::uint32_t add(Entry entry) {
+        entries_.push_back(std::move(entry));
+        return static_cast<std::uint32_t>(entries_.size() - 1);
+    }
+    std::uint32_t size() const { return static_cast<std::uint32_t>(entries_.size()); }
+    void set_block_end(std::uint32_t if_entry, std::uint32_t end) {
+        entries_[if_entry].block_end = end;
+    }
+
+    std::optional<TableMatch> lookup(std::string_view key) const override {
+        std::string storage;
+        key = valid_utf8(key, storage);
+        std::uint32_t i = 0;
+        while (i < entries_.size()) {
+            const Entry& entry = entries_[i];
+            bool holds = entry.first.holds(key).value_or(false);
+            if (holds && entry.second) holds = entry.second->holds(key).value_or(false);
+            if (entry.is_if) {
+                i = holds ? i + 1 : entry.block_end;
+            } else if (holds) {
+                return TableMatch{entry.value, entry.where};
+            } else {
+                ++i;
+            }
+        }
+        return std::nullopt;
+    }
+
+    std::string describe() const override { return description_; }
+
+    void for_each_result(
+        const std::function<void(const std::string&, const std::string&)>& fn) const override {
+        for (const Entry& entry : entries_) {
+            if (!entry.is_if) fn(entry.value, entry.where);
+        }
+    }
+
+  private:
+    std::string description_;
+    std::vector<Entry> entries_;
+};
+
+Result<RegexCondition> compile_condition(const PatternSpec& spec) {
+    auto regex = Regex::compile(spec.body, spec.options);
+    if (!regex) return regex.error();
+    return RegexCondition{std::move(*regex), spec.want_match};
+}
+
+// Parses and compiles the pattern at the front of `text`; errors get file:line.
+Result<RegexCondition> take_condition(std::string_view& text, Dialect dialect,
+                                      const std::string& path, int line) {
+    auto spec = take_pattern(text, dialect);
+    if (!spec) return located(spec.error(), path, line);
+    auto condition = compile_condition(*spec);
+    if (!condition) return located(condition.error(), path, line);
+    return condition;
+}
+
+Result<std::unique_ptr<Table>> build_regex_table(const std::vector<LogicalLine>& lines,
+                                                 const std::string& path, std::string spec,
+                                                 Dialect dialect) {
+    auto table = std::make_unique<RegexTable>(std::move(spec));
+    struct OpenIf {
+        std::uint32_t entry;
+        int line;
+    };
+    std::vector<OpenIf> open_ifs;
+
+    for (const LogicalLine& line : lines) {
+        std::string_view text = line.text;
+        if (starts_with_keyword(text, "endif")) {
+            if (!trim(text.substr(5)).empty()) {
+                return make_error("unexpected text after endif", path, line.line);
+            }
+            if (open_ifs.empty()) return make_error("endif without matching if", path, line.line);
+            table->set_block_end(open_ifs.back().entry, table->size());
+            open_ifs.pop_back();
+            continue;
+        }
+        if (starts_with_keyword(text, "if")) {
+            text = trim_left(text.substr(2));
+            auto condition = take_condition(text, dialect, path, line.line);
+            if (!condition) return condition.error();
+            if (!trim(text).empty()) {
+                return make_error("unexpected text " + quoted(trim(text)) +
+                                      " after if pattern (a line starting with whitespace "
+                                      "continues the previous line: do not indent inside if)",
+                                  path, line.line);
+            }
+            RegexTable::Entry entry{true, std::move(*condition), std::nullopt, kNone, {}, {}};
+            open_ifs.push_back(OpenIf{table->add(std::move(entry)), line.line});
+            continue;
+        }
+        if (is_alnum(text.front())) {
+            return make_error(
+                "expected \"/pattern/ result\", \"if /pattern/\" or \"endif\", found " +
+                    quoted(text),
+                path, line.line);
+        }
+        auto first = take_condition(text, dialect, path, line.line);
+        if (!first) return first.error();
+        std::optional<RegexCondition> second;
+        if (!text.empty() && text.front() == '!') {
+            auto condition = take_condition(text, dialect, path, line.line);
+            if (!condition) return condition.error();
+            second = std::move(*condition);
+        }
+        const std::string_view result_text = trim(text);
+        if (result_text.empty()) {
+            return make_error("missing result after pattern", path, line.line);
+        }
+        if (!is_space(text.front())) {
+            return make_error("unexpected " + quoted(text) + " after the second pattern", path,
+                              line.line);
+        }
+        auto value = literal_result(result_text);
+        if (!value) return located(value.error(), path, line.line);
+        table->add(RegexTable::Entry{false, std::move(*first), std::move(second), kNone,
+                                     std::move(*value), location(path, line.line)});
+    }
+    if (!open_ifs.empty()) {
+        return make_error("if without matching endif", path, open_ifs.back().line);
+    }
+    return std::unique_ptr<Table>(std::move(table));
+}
+
+// ---------------------------------------------------------------------------------------
+// texthash: tables: "key value", keys folded to lowercase, access(5) search order.
+
+class TextHashTable final : public Table {
+  public:
+    TextHashTable(std::string description, KeyKind kind)
+        : description_(std::move(description)), kind_(kind) {}
+
+    // Returns the index of an earlier entry with the same key, or kNone when added.
+    std::uint32_t add(std::string key, std::string value, std::string where) {
+        const auto index = static_cast<std::uint32_t>(entries_.size());
+        const auto [it, inserted] = index_.emplace(key, index);
+        if (!inserted) return it->second;
+        entries_.push_back(Entry{std::move(value), std::move(where)});
+        return kNone;
+    }
+    const std::string& where(std::uint32_t index) const { return entries_[index].where; }
+
+    std::optional<TableMatch> lookup(std::string_view key) const override {
+        std::uint32_t found = kNone;
+        const auto probe = [&](std::string_view candidate) {
+            if (const auto it = index_.find(candidate); it != index_.end()) found = it->second;
+            return found != kNone;
+        };
+        std::string buffer;
+        switch (kind_) {
+            case KeyKind::ip:
+                lookup_ip(buffer, key, probe);
+                break;
+            case KeyKind::address:
+                visit_address_keys(buffer, key, false, probe);
+                break;
+            case KeyKind::text:
+            case KeyKind::header:
+                lowercase_into(buffer, key);
+                probe(buffer);
+                break;
+        }
+        if (found == kNone) return std::nullopt;
+        return TableMatch{entries_[found].value, entries_[found].where};
+    }
+
+    std::string describe() const override { return description_; }
+
+    void for_each_result(
+        const std::function<void(const std::string&, const std::string&)>& fn) const override {
+        for (const Entry& entry : entries_) fn(entry.value, entry.where);
+    }
+
+  private:
+    struct Entry {
+        std::string value;
+        std::string where;
+    };
+
+    // access(5) for client addresses: the address, then for IPv4 "1.2.3", "1.2", "1".
+    // IPv6 is looked up exactly. An IPv4-mapped address is looked up as IPv4.
+    template <class Probe>
+    static void lookup_ip(std::string& buffer, std::string_view key, Probe& probe) {
+        const auto address = parse_ip_address(key);
+        if (address && address->family == IpFamily::v4) {
+            buffer = address->to_string();
+        } else {
+            lowercase_into(buffer, key);
+        }
+        if (probe(std::string_view(buffer))) return;
+        if (!address || address->family != IpFamily::v4) return;
+        std::string_view prefix = buffer;
+        for (auto dot = prefix.rfind('.'); dot != std::string_view::npos; dot = prefix.rfind('.')) {
+            prefix = prefix.substr(0, dot);
+            if (probe(prefix)) return;
+        }
+    }
+
+    std::string description_;
+    KeyKind kind_;
+    std::vector<Entry> entries_;
+    KeyIndex index_;
+};
+
+Result<std::unique_ptr<Table>> build_texthash_table(const std::vector<LogicalLine>& lines,
+                                                    const std::string& path, std::string spec,
+                                                    KeyKind kind) {
+    auto table = std::make_unique<TextHashTable>(std::move(spec), kind);
+    for (const LogicalLine& line : lines) {
+        const auto [key, value] = split_word(line.text);
+        if (value.empty()) {
+            return make_error("missing value after key " + quoted(key), path, line.line);
+        }
+        const std::string where = location(path, line.line);
+        const std::uint32_t earlier = table->add(lowercase(key), std::string(value), where);
+        if (earlier != kNone) {
+            return make_error("duplicate key " + quoted(lowercase(key)) + " (first at " +
+                                  table->where(earlier) + ")",
+                              path, line.line);
+        }
+    }
+    return std::unique_ptr<Table>(std::move(table));
+}
+
+// ---------------------------------------------------------------------------------------
+// Inline lists from the TOML file for address/text/header keys: exact keys in a hash map
+// plus "/regex/flags" entries; the first listed entry that matches wins.
+
+class InlinePatternTable final : public Table {
+  public:
+    InlinePatternTable(std::string label, KeyKind kind)
+        : description_("inline:" + std::move(label)), kind_(kind) {}
+
+    void add_exact(std::string key, std::string where) {
+        // A repeated key keeps its first (lowest) index.
+        index_.emplace(std::move(key), static_cast<std::uint32_t>(where_.size()));
+        where_.push_back(std::move(where));
+    }
+    void add_regex(Regex regex, std::string where) {
+        regexes_.push_back(
+            IndexedRegex{static_cast<std::uint32_t>(where_.size()), std::move(regex)});
+        where_.push_back(std::move(where));
+    }
+
+    std::optional<TableMatch> lookup(std::string_view key) const override {
+        std::uint32_t best = kNone;
+        if (!index_.empty()) {
+            const auto probe = [&](std::string_view candidate) {
+                if (const auto it = index_.find(candidate); it != index_.end()) {
+                    best = std::min(best, it->second);
+                }
+                return best == 0;  // nothing can beat the first entry
+            };
+            std::string buffer;
+            if (kind_ == KeyKind::address) {
+                visit_address_keys(buffer, key, true, probe);
+            } else {
+                lowercase_into(buffer, key);
+                probe(buffer);
+            }
+        }
+        std::string storage;
+        if (!regexes_.empty() && regexes_.front().index < best) key = valid_utf8(key, storage);
+        for (const IndexedRegex& entry : regexes_) {
+            if (entry.index >= best) break;
+            if (entry.regex.matches(key)) {
+                best = entry.index;
+                break;
+            }
+        }
+        if (best == kNone) return std::nullopt;
+        return TableMatch{std::string(), where_[best]};
+    }
+
+    std::string describe() const override { return description_; }
+
+    // Inline entries have no right-hand side to check.
+    void for_each_result(
+        const std::function<void(const std::string&, const std::string&)>&) const override {}
+
+  private:
+    struct IndexedRegex {
+        std::uint32_t index;
+        Regex regex;
+    };
+
+    std::string description_;
+    KeyKind kind_;
+    KeyIndex index_;
+    std::vector<IndexedRegex> regexes_;  // ascending index
+    std::vector<std::string> where_;     // by entry index
+};
+
+// How an inline exact key is stored, matching the candidates of visit_address_keys.
+std::string inline_exact_key(std::string_view pattern, KeyKind kind) {
+    if (kind != KeyKind::address) return lowercase(pattern);
+    const std::string_view address = strip_angle_brackets(pattern);
+    return address.empty() ? std::string("<>") : lowercase(address);
+}
+
+bool is_db_type(std::string_view type) {
+    return type == "hash" || type == "btree" || type == "lmdb" || type == "cdb" || type == "dbm" ||
+           type == "sdbm";
+}
+
+std::string db_type_error(std::string_view type) {
+    std::string_view format = "DBM";
+    if (type == "hash" || type == "btree") format = "Berkeley DB";
+    if (type == "lmdb") format = "LMDB";
+    if (type == "cdb") format = "CDB";
+    return std::string(type) + ": tables are " + std::string(format) +
+           " files built by postmap; use texthash: on the source file instead";
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Table>> open_table(std::string_view spec, KeyKind kind) {
+    const auto colon = spec.find(':');
+    if (colon == std::string_view::npos || !is_table_reference(spec)) {
+        return make_error(quoted(spec) +
+                          " is not a table reference (type:path); supported types: " +
+                          std::string(kSupportedTypes));
+    }
+    const std::string_view type = spec.substr(0, colon);
+    const std::string path(spec.substr(colon + 1));
+    if (is_db_type(type)) return make_error(db_type_error(type));
+    if (type != "cidr" && type != "regexp" && type != "pcre" && type != "texthash") {
+        return make_error("unsupported table type \"" + std::string(type) + ":\" in " +
+                          quoted(spec) + "; supported types: " + std::string(kSupportedTypes));
+    }
+    if (path.empty()) return make_error("missing file name in " + quoted(spec));
+    if (type == "cidr" && kind != KeyKind::ip) {
+        return make_error(std::string(spec) + ": cidr: tables match client addresses only, not " +
+                          std::string(kind_plural(kind)));
+    }
+    if (type == "texthash" && kind == KeyKind::header) {
+        return make_error(std::string(spec) +
+                          ": header patterns need a regexp: or pcre: table, not texthash:");
+    }
+
+    auto content = read_whole_file(path, spec);
+    if (!content) return content.error();
+    auto lines = logical_lines(*content, path);
+    if (!lines) return lines.error();
+
+    if (type == "cidr") return build_cidr_table(*lines, path, std::string(spec));
+    if (type == "regexp")
+        return build_regex_table(*lines, path, std::string(spec), Dialect::regexp);
+    if (type == "pcre") return build_regex_table(*lines, path, std::string(spec), Dialect::pcre);
+    return build_texthash_table(*lines, path, std::string(spec), kind);
+}
+
+Result<std::unique_ptr<Table>> make_inline_table(const std::vector<InlineEntry>& entries,
+                                                 KeyKind kind, std::string label) {
+    const auto where_of = [&](const InlineEntry& entry) {
+        return entry.file.empty() ? "inline:" + label : location(entry.file, entry.line);
+    };
+
+    if (kind == KeyKind::ip) {
+        auto table = std::make_unique<CidrTable>("inline:" + label, false);
+        for (const InlineEntry& entry : entries) {
+            auto network = parse_ip_network(trim(entry.pattern));
+            if (!network) return located(network.error(), entry.file, entry.line);
+            table->add_rule(CidrCondition{*network, false}, kNone, std::string(), where_of(entry));
+        }
+        return std::unique_ptr<Table>(std::move(table));
+    }
+
+    auto table = std::make_unique<InlinePatternTable>(label, kind);
+    for (const InlineEntry& entry : entries) {
+        std::string_view pattern = trim(entry.pattern);
+        if (pattern.empty() || pattern.front() != '/') {
+            if (kind == KeyKind::header) {
+                return make_error("header patterns must be /regex/, found " + quoted(pattern),
+                                  entry.file, entry.line);
+            }
+            table->add_exact(inline_exact_key(pattern, kind), where_of(entry));
+            continue;
+        }
+        auto spec = take_pattern(pattern, Dialect::regexp);
+        if (!spec) return located(spec.error(), entry.file, entry.line);
+        if (!trim(pattern).empty()) {
+            return make_error("unexpected text " + quoted(trim(pattern)) + " after /pattern/flags",
+                              entry.file, entry.line);
+        }
+        auto regex = Regex::compile(spec->body, spec->options);
+        if (!regex) return located(regex.error(), entry.file, entry.line);
+        table->add_regex(std::move(*regex), where_of(entry));
+    }
+    return std::unique_ptr<Table>(std::move(table));
+}
+
+bool is_table_reference(std::string_view spec) {
+    const auto colon = spec.find(':');
+    if (colon == std::string_view::npos) return false;
+    const std::string_view type = spec.substr(0, colon);
+    return std::find(kPostfixTableTypes.begin(), kPostfixTableTypes.end(), type) !=
+           kPostfixTableTypes.end();
+}
+
+}  // namespace paasmilter
