@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -29,7 +30,20 @@ namespace {
 constexpr size_t kMaxStoredHeaderBytes = 1024 * 1024;
 constexpr size_t kMaxStoredHeaders = 2000;
 
+std::atomic<int> g_messages_in_flight{0};
+
+// Counts a message from MAIL FROM until it is finished or aborted, so shutdown can wait
+// for messages in progress instead of cutting them off.
+class InFlight {
+public:
+    InFlight() { ++g_messages_in_flight; }
+    ~InFlight() { --g_messages_in_flight; }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+};
+
 struct MessageState {
+    InFlight in_flight;
     std::shared_ptr<const Config> config;
     Transaction tx;
     int forged_routing_headers = 0;
@@ -184,6 +198,7 @@ sfsistat on_envfrom(SMFICTX* ctx, char** argv) {
         ConnectionState* conn = state_of(ctx);
         if (!conn) return SMFIS_TEMPFAIL;
         capture_certificate(ctx, *conn);
+        conn->message.reset();
         MessageState& message = conn->message.emplace();
         message.config = config_snapshot().get();
         Transaction& tx = message.tx;
@@ -291,6 +306,8 @@ sfsistat on_close(SMFICTX* ctx) {
 }
 
 }  // namespace
+
+int messages_in_flight() { return g_messages_in_flight.load(); }
 
 smfiDesc milter_description() {
     smfiDesc description{};

@@ -9,4 +9,7 @@ namespace paasmilter {
 // The filter description to hand to smfi_register().
 smfiDesc milter_description();
 
+// Messages between MAIL FROM and end of message (or abort) on all connections.
+int messages_in_flight();
+
 }  // namespace paasmilter

@@ -5,7 +5,11 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <unistd.h>
+
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -17,6 +21,10 @@
 namespace paasmilter {
 
 namespace {
+
+// How long SIGTERM waits for messages in progress (well under Postfix's 300 s content
+// timeout, and under systemd's default 90 s stop timeout).
+constexpr std::chrono::seconds kShutdownGrace{30};
 
 // libmilter starts its own signal thread that sigwait()s for SIGHUP, SIGTERM and SIGINT and
 // treats SIGHUP as "stop". We keep those signals for ourselves: the main thread sigwait()s
@@ -154,15 +162,31 @@ int run_daemon(const DaemonOptions& options) {
             break;
         }
     }
-    milter_thread.join();
     if (!stop_requested) {
+        milter_thread.join();
         log_error("libmilter's loop ended unexpectedly (result {}); exiting so the service "
                   "manager restarts us",
                   milter_result.load());
         return 1;
     }
+    // The listening socket is closed; let messages in progress finish (bounded), then go.
+    // libmilter's accept loop only notices the stop at its next poll timeout (seconds), and
+    // idle MTA connections may stay open for minutes: neither is worth waiting for. An MTA
+    // whose connection drops applies milter_default_action (tempfail) to what follows.
+    using namespace std::chrono_literals;
+    auto deadline = std::chrono::steady_clock::now() + kShutdownGrace;
+    while (messages_in_flight() > 0 && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(20ms);
+    }
+    if (int left = messages_in_flight(); left > 0) {
+        log_warning("stopping with {} message(s) still in progress; the MTA tempfails them", left);
+    }
     log_info("stopped");
-    return milter_result == MI_SUCCESS ? 0 : 1;
+    // Session threads may still be blocked in libmilter: leave without running destructors
+    // under them.
+    milter_thread.detach();
+    std::fflush(nullptr);
+    _exit(0);
 }
 
 }  // namespace paasmilter
