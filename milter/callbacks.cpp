@@ -49,6 +49,7 @@ struct MessageState {
     int forged_routing_headers = 0;
     size_t stored_header_bytes = 0;
     bool headers_truncated = false;
+    bool failed = false;  // an earlier callback failed without being able to say so
 };
 
 struct ConnectionState {
@@ -240,8 +241,12 @@ sfsistat on_header(SMFICTX* ctx, char* name, char* value) {
         message.tx.headers.push_back({name, value ? value : ""});
         return SMFIS_CONTINUE;
     });
-    // With SMFIP_NR_HDR the MTA expects no reply unless we refuse the message.
-    if (status == SMFIS_CONTINUE && conn && conn->header_needs_no_reply) return SMFIS_NOREPLY;
+    // With SMFIP_NR_HDR the MTA reads no reply to a header: a failure is remembered and
+    // answered (tempfail) at end of message instead.
+    if (conn && conn->header_needs_no_reply) {
+        if (status != SMFIS_CONTINUE && conn->message) conn->message->failed = true;
+        return SMFIS_NOREPLY;
+    }
     return status;
 }
 
@@ -285,6 +290,11 @@ sfsistat on_eom(SMFICTX* ctx) {
         ConnectionState* conn = state_of(ctx);
         if (!conn || !conn->message) return SMFIS_TEMPFAIL;
         std::string id = queue_id(ctx);
+        if (conn->message->failed) {
+            conn->message.reset();
+            log_error("{}: header processing failed earlier; tempfail", id);
+            return SMFIS_TEMPFAIL;
+        }
         sfsistat status = act(ctx, id, *conn->message);
         conn->message.reset();
         return status;
