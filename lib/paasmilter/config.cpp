@@ -349,7 +349,10 @@ private:
             auto rule = load_rule(table, context, config);
             if (!rule) return rule.error();
             if (!names.insert(rule->name).second) {
-                return error_at(*table.get("name"),
+                // An unnamed rule's default name ("rules[N]") can collide too: it has no
+                // "name" key to point at, so point at the rule.
+                const toml::node* name = table.get("name");
+                return error_at(name ? *name : static_cast<const toml::node&>(table),
                                 fmt::format("{}: duplicate rule name \"{}\"", context, rule->name));
             }
             config.rules.push_back(std::move(*rule));
