@@ -69,7 +69,8 @@ std::string format_decision_log(const Transaction& tx, const Decision& decision,
         line += fmt::format(", removed_client_header={}x{}", verdict.forged_headers_to_delete,
                             verdict.routing_header);
     }
-    line += fmt::format(", client={}", tx.client_addr.empty() ? "unknown" : tx.client_addr);
+    line += fmt::format(", client={}",
+                        tx.client_addr.empty() ? "unknown" : sanitize_for_log(tx.client_addr, 64));
     if (!tx.cert_subject.empty()) {
         line += fmt::format(", cert_subject={}", sanitize_for_log(tx.cert_subject, 120));
     }
