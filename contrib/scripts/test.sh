@@ -12,4 +12,15 @@ else
     meson setup build
 fi
 meson compile -C build
-meson test -C build --print-errorlogs "$@"
+status=0
+meson test -C build --print-errorlogs "$@" || status=$?
+
+# One closing line for humans and CI, counted from meson's own test log.
+python3 - build/meson-logs/testlog.json <<'PY'
+import json, sys
+results = [json.loads(line)["result"] for line in open(sys.argv[1]) if line.strip()]
+passed = sum(r in ("OK", "EXPECTEDFAIL") for r in results)
+skipped = sum(r == "SKIP" for r in results)
+print(f"meson: {passed} passed, {len(results) - passed - skipped} failed, {skipped} skipped")
+PY
+exit $status
