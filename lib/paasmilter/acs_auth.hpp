@@ -1,0 +1,63 @@
+// Authentication for Azure Communication Services: HMAC-SHA256 request signing with an access
+// key, or Microsoft Entra ID client credentials (secret or certificate) with a shared,
+// refreshed token cache.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+
+#include "paasmilter/http_client.hpp"
+#include "paasmilter/result.hpp"
+
+namespace paasmilter {
+
+struct AcsConnectionString {
+    std::string endpoint;    // "https://contoso.communication.azure.com" (no trailing slash)
+    std::string access_key;  // base64, as in the portal; never logged
+};
+
+// "endpoint=https://...;accesskey=..." (keys case-insensitive, order free, whitespace
+// trimmed). Errors never contain the key.
+Result<AcsConnectionString> parse_connection_string(std::string_view text);
+
+// The headers that sign one request (x-ms-date, x-ms-content-sha256, Authorization):
+//   string_to_sign = METHOD "\n" path_and_query "\n" x_ms_date ";" host ";" content_hash
+// with content_hash = base64(sha256(body)), signature = base64(HMAC-SHA256(base64decode(key))).
+// `host` is the URL's authority as sent in the Host header (with the port when not default).
+Result<HttpHeaders> sign_acs_request(std::string_view method, std::string_view url,
+                                     std::string_view body, std::string_view access_key_base64,
+                                     std::chrono::system_clock::time_point now);
+
+// RFC 1123 date in GMT: "Mon, 23 Nov 2026 16:46:52 GMT".
+std::string rfc1123_date(std::chrono::system_clock::time_point when);
+
+struct EntraCredentials {
+    std::string authority = "https://login.microsoftonline.com";  // sovereign clouds, tests
+    std::string tenant_id;
+    std::string client_id;
+    std::string client_secret;     // either this ...
+    std::string certificate_file;  // ... or a PEM with the certificate and its private key
+    std::string scope = "https://communication.azure.com//.default";
+};
+
+// Client-credentials tokens, cached and refreshed before expiry; one instance is shared by
+// all threads (one refresh at a time, others wait for it).
+class EntraTokenProvider {
+public:
+    EntraTokenProvider(EntraCredentials credentials, std::shared_ptr<HttpClient> http);
+    // A bearer token valid for at least a few more minutes, or an Error (never containing the
+    // secret) saying why none could be had.
+    Result<std::string> token(std::chrono::milliseconds timeout);
+
+private:
+    EntraCredentials credentials_;
+    std::shared_ptr<HttpClient> http_;
+    std::mutex mutex_;
+    std::string token_;
+    std::chrono::steady_clock::time_point refresh_after_{};
+};
+
+}  // namespace paasmilter

@@ -1,0 +1,59 @@
+// HTTPS client for the PaaS APIs: libcurl, connections reused across messages and threads,
+// TLS verification always on, bounded concurrency.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "paasmilter/result.hpp"
+
+namespace paasmilter {
+
+using HttpHeaders = std::vector<std::pair<std::string, std::string>>;
+
+struct HttpRequest {
+    std::string method = "POST";
+    std::string url;
+    HttpHeaders headers;
+    std::string body;
+};
+
+struct HttpResponse {
+    long status = 0;
+    HttpHeaders headers;  // names as received
+    std::string body;
+    // First header of that name, case-insensitive.
+    std::optional<std::string> header(std::string_view name) const;
+};
+
+struct HttpClientOptions {
+    std::string ca_file;  // PEM bundle; empty: the system's default
+    std::string proxy;    // "http://proxy:3128" (HTTPS is tunnelled with CONNECT); empty: none
+    std::chrono::milliseconds connect_timeout{10'000};
+    size_t max_concurrency = 8;  // requests in flight at once through this client
+    std::string user_agent = "paas-milter/0.1";
+};
+
+class HttpClient {
+public:
+    explicit HttpClient(HttpClientOptions options);
+    ~HttpClient();
+    HttpClient(const HttpClient&) = delete;
+    HttpClient& operator=(const HttpClient&) = delete;
+
+    // Performs one request; `timeout` bounds the whole exchange. Any HTTP status is a
+    // success here; an Error means no HTTP answer (DNS, connect, TLS, timeout, reset), and
+    // its message says which. Thread-safe.
+    Result<HttpResponse> send(const HttpRequest& request, std::chrono::milliseconds timeout);
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace paasmilter

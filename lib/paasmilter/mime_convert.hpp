@@ -1,0 +1,54 @@
+// MIME -> EmailMessage with GMime 3 (never a hand-written MIME parser).
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "paasmilter/email_message.hpp"
+#include "paasmilter/result.hpp"
+
+namespace paasmilter {
+
+enum class SenderSource { header, envelope };
+
+struct ConversionOptions {
+    // What the API sends from, e.g. "DoNotReply@contoso.azurecomm.net". Used when the original
+    // sender is not in a verified domain (ACS only sends from verified domains).
+    std::string sender;
+    // Domains verified at the provider: an original sender in one of them (exactly, case-
+    // insensitive) is kept as the sender.
+    std::vector<std::string> verified_domains;
+    // Which original sender is considered: the From: header (default) or the envelope sender.
+    SenderSource sender_source = SenderSource::header;
+    // When the sender is rewritten, the original From goes into replyTo (unless the message
+    // already has a Reply-To, which is then used).
+    bool reply_to_original = true;
+    // Headers passed through as custom headers: exact names (case-insensitive) or prefixes
+    // ending in '*' ("X-*"). Hop-by-hop, Received and the standard address/content headers are
+    // never passed, whatever this says.
+    std::vector<std::string> pass_headers = {"X-*", "Message-ID", "In-Reply-To", "References"};
+    // Inline parts referenced by cid: become inline attachments (contentId) when true
+    // (ACS api-version 2025-09-01), regular attachments otherwise.
+    bool inline_attachments = false;
+    bool disable_engagement_tracking = true;
+    // Header names never passed through, in addition to the built-in list (the milter's own
+    // routing header, for one).
+    std::vector<std::string> never_pass_headers;
+};
+
+struct Envelope {
+    std::string sender;                   // envelope sender, "" for the null sender
+    std::vector<std::string> recipients;  // the recipients the API must deliver to: authoritative
+};
+
+// `source` is the whole message as received (header, blank line, body; CRLF or LF).
+// Recipients: envelope recipients found in To/Cc keep their place and display name; the
+// others go to bcc; header addresses that are not envelope recipients are not sent to.
+Result<EmailMessage> convert_message(std::string_view source, const Envelope& envelope,
+                                     const ConversionOptions& options);
+// The same, reading the message from a file (large messages are spooled to disk).
+Result<EmailMessage> convert_message_file(const std::string& path, const Envelope& envelope,
+                                          const ConversionOptions& options);
+
+}  // namespace paasmilter
