@@ -4,6 +4,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -27,6 +28,9 @@ Result<AcsConnectionString> parse_connection_string(std::string_view text);
 //   string_to_sign = METHOD "\n" path_and_query "\n" x_ms_date ";" host ";" content_hash
 // with content_hash = base64(sha256(body)), signature = base64(HMAC-SHA256(base64decode(key))).
 // `host` is the URL's authority as sent in the Host header (with the port when not default).
+// path_and_query is the URL's path and query exactly as written (still percent-encoded), "/"
+// when the path is empty. libcurl sends that same Host header (it drops the port only when it
+// is the scheme's default), so the caller need not add one.
 Result<HttpHeaders> sign_acs_request(std::string_view method, std::string_view url,
                                      std::string_view body, std::string_view access_key_base64,
                                      std::chrono::system_clock::time_point now);
@@ -43,11 +47,29 @@ struct EntraCredentials {
     std::string scope = "https://communication.azure.com//.default";
 };
 
+// "{authority}/{tenant}/oauth2/v2.0/token": the token endpoint, and the audience of a client
+// assertion.
+std::string entra_token_url(const EntraCredentials& credentials);
+
+// The client assertion for certificate credentials: a JWT signed RS256 with the private key
+// in `certificate_pem`, header {alg, typ, x5t = base64url(SHA-1 of the certificate's DER)},
+// claims aud = `audience`, iss = sub = `client_id`, jti = random UUID, nbf = iat = now,
+// exp = now + 10 minutes.
+Result<std::string> make_client_assertion(std::string_view certificate_pem,
+                                          std::string_view client_id, std::string_view audience,
+                                          std::chrono::system_clock::time_point now);
+
 // Client-credentials tokens, cached and refreshed before expiry; one instance is shared by
-// all threads (one refresh at a time, others wait for it).
+// all threads (one refresh at a time, others wait for it). A token is refreshed once less
+// than 5 minutes (or 10% of its lifetime, for short-lived tokens) remain; if that refresh
+// fails while the cached token is still valid, the cached one is used and the failure logged.
 class EntraTokenProvider {
 public:
+    using Clock = std::function<std::chrono::steady_clock::time_point()>;
+
     EntraTokenProvider(EntraCredentials credentials, std::shared_ptr<HttpClient> http);
+    // With a substitute clock for the cache (tests).
+    EntraTokenProvider(EntraCredentials credentials, std::shared_ptr<HttpClient> http, Clock clock);
     // A bearer token valid for at least a few more minutes, or an Error (never containing the
     // secret) saying why none could be had.
     Result<std::string> token(std::chrono::milliseconds timeout);
@@ -58,6 +80,8 @@ private:
     std::mutex mutex_;
     std::string token_;
     std::chrono::steady_clock::time_point refresh_after_{};
+    std::chrono::steady_clock::time_point expires_at_{};
+    Clock clock_;
 };
 
 }  // namespace paasmilter

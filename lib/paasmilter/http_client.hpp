@@ -35,7 +35,8 @@ struct HttpClientOptions {
     std::string ca_file;  // PEM bundle; empty: the system's default
     std::string proxy;    // "http://proxy:3128" (HTTPS is tunnelled with CONNECT); empty: none
     std::chrono::milliseconds connect_timeout{10'000};
-    size_t max_concurrency = 8;  // requests in flight at once through this client
+    size_t max_concurrency = 8;           // requests in flight at once through this client
+    size_t max_response_bytes = 1 << 20;  // a longer response body is an Error
     std::string user_agent = "paas-milter/0.1";
 };
 

@@ -1,0 +1,577 @@
+#include <doctest/doctest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "paasmilter/acs_auth.hpp"
+#include "paasmilter/crypto.hpp"
+#include "temp_dir.hpp"
+
+extern char** environ;
+
+using namespace paasmilter;
+using namespace std::chrono_literals;
+using paasmilter::testing::TempDir;
+using std::chrono::system_clock;
+
+namespace {
+
+// 32 bytes 0x00..0x1f, base64.
+constexpr const char* kAccessKey = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+constexpr const char* kSecret = "s3cr+t/&=value~";
+
+// A token endpoint (/tenant-1/oauth2/v2.0/token) whose behaviour GET /control sets (mode,
+// expires_in, delay_ms; also resets the counters), GET /stats reports, and /emails... which checks
+// an ACS HMAC signature against the Host header and path it actually received.
+constexpr const char* kServerScript = R"PY(
+import base64, hashlib, hmac, http.server, json, ssl, sys, threading, time, urllib.parse
+KEY = base64.b64decode("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+lock = threading.Lock()
+state = {"mode": "ok", "expires_in": 3600, "delay_ms": 0, "requests": 0, "form": {}}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def reply(self, status, body):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def handle_any(self):
+        url = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if url.path == "/control":
+            with lock:
+                for k, v in urllib.parse.parse_qsl(url.query):
+                    state[k] = v if k == "mode" else int(v)
+                state["requests"] = 0
+            self.reply(200, "{}")
+        elif url.path == "/stats":
+            with lock:
+                self.reply(200, json.dumps({"requests": state["requests"], "form": state["form"]}))
+        elif url.path == "/tenant-1/oauth2/v2.0/token" and self.command == "POST":
+            form = dict(urllib.parse.parse_qsl(body.decode(), keep_blank_values=True))
+            with lock:
+                state["requests"] += 1
+                n, mode, expires, delay = state["requests"], state["mode"], state["expires_in"], state["delay_ms"]
+                state["form"] = form
+            time.sleep(delay / 1000)
+            if self.headers.get("Content-Type") != "application/x-www-form-urlencoded":
+                self.reply(415, "{}")
+            elif mode == "ok":
+                self.reply(200, json.dumps({"token_type": "Bearer", "expires_in": expires, "access_token": "token-%d" % n}))
+            elif mode == "string":
+                self.reply(200, json.dumps({"token_type": "Bearer", "expires_in": str(expires), "access_token": "token-%d" % n}))
+            elif mode == "fail":
+                self.reply(401, json.dumps({"error": "invalid_client", "error_codes": [7000215],
+                    "error_description": "AADSTS7000215: Invalid client secret provided.\r\nTrace ID: 1f2e\r\nCorrelation ID: 3d4c"}))
+            elif mode == "echo":
+                self.reply(400, json.dumps({"error": "invalid_request",
+                    "error_description": "AADSTS900144: bad value " + form.get("client_secret", "")}))
+            elif mode == "notoken":
+                self.reply(200, json.dumps({"expires_in": 3600}))
+            else:
+                self.reply(502, "<html>bad gateway</html>")
+        elif url.path.startswith("/emails"):
+            content_hash = base64.b64encode(hashlib.sha256(body).digest()).decode()
+            to_sign = "\n".join([self.command, self.path, ";".join([self.headers["x-ms-date"] or "", self.headers["Host"], content_hash])])
+            signature = base64.b64encode(hmac.new(KEY, to_sign.encode(), hashlib.sha256).digest()).decode()
+            expected = "HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=" + signature
+            ok = self.headers["x-ms-content-sha256"] == content_hash and self.headers["Authorization"] == expected
+            self.reply(202 if ok else 401, json.dumps({"signed": to_sign}))
+        else:
+            self.reply(404, "{}")
+    do_GET = do_POST = handle_any
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+server.handle_error = lambda *args: None
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+)PY";
+
+// Runs a shell command and returns its standard output; the test fails on a non-zero exit.
+std::string run(const std::string& command) {
+    std::string out;
+    FILE* pipe = ::popen(command.c_str(), "r");
+    REQUIRE(pipe != nullptr);
+    char buffer[4096];
+    while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) out.append(buffer, n);
+    const int status = ::pclose(pipe);
+    INFO(command);
+    REQUIRE(status == 0);
+    return out;
+}
+
+std::string read_all(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A python3 HTTPS server on 127.0.0.1 with a fresh self-signed certificate (an IP SAN for
+// 127.0.0.1); killed when the object goes.
+class MockHttpsServer {
+  public:
+    explicit MockHttpsServer(const char* script) {
+        ca_file_ = (dir_.path() / "cert.pem").string();
+        const std::string key = (dir_.path() / "key.pem").string();
+        run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " +
+            key + " -out " + ca_file_ +
+            " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 -days 2 2>/dev/null");
+        const std::string script_file = dir_.write("server.py", script);
+
+        int out[2];
+        REQUIRE(::pipe(out) == 0);
+        posix_spawn_file_actions_t actions;
+        posix_spawn_file_actions_init(&actions);
+        posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+        posix_spawn_file_actions_addclose(&actions, out[0]);
+        posix_spawn_file_actions_addclose(&actions, out[1]);
+        std::vector<std::string> args = {"python3", script_file, ca_file_, key};
+        std::vector<char*> argv;
+        for (auto& arg : args) argv.push_back(arg.data());
+        argv.push_back(nullptr);
+        const int spawned = posix_spawnp(&pid_, "python3", &actions, nullptr, argv.data(), environ);
+        posix_spawn_file_actions_destroy(&actions);
+        ::close(out[1]);
+        REQUIRE(spawned == 0);
+
+        // The script prints its port once it listens.
+        std::string line;
+        pollfd poller{out[0], POLLIN, 0};
+        while (line.find('\n') == std::string::npos && ::poll(&poller, 1, 10'000) == 1) {
+            char buffer[64];
+            const ssize_t n = ::read(out[0], buffer, sizeof buffer);
+            if (n <= 0) break;
+            line.append(buffer, static_cast<size_t>(n));
+        }
+        ::close(out[0]);
+        port_ = std::atoi(line.c_str());
+        if (port_ <= 0) stop();
+        REQUIRE(port_ > 0);
+    }
+    ~MockHttpsServer() { stop(); }
+    MockHttpsServer(const MockHttpsServer&) = delete;
+    MockHttpsServer& operator=(const MockHttpsServer&) = delete;
+
+    std::string url(const std::string& path) const {
+        return "https://127.0.0.1:" + std::to_string(port_) + path;
+    }
+    const std::string& ca_file() const { return ca_file_; }
+
+  private:
+    void stop() {
+        if (pid_ <= 0) return;
+        ::kill(pid_, SIGKILL);
+        ::waitpid(pid_, nullptr, 0);
+        pid_ = -1;
+    }
+
+    TempDir dir_;
+    std::string ca_file_;
+    pid_t pid_ = -1;
+    int port_ = 0;
+};
+
+MockHttpsServer& server() {
+    static MockHttpsServer instance(kServerScript);
+    return instance;
+}
+
+std::shared_ptr<HttpClient> client() {
+    HttpClientOptions options;
+    options.ca_file = server().ca_file();
+    return std::make_shared<HttpClient>(options);
+}
+
+// Sets the token endpoint's behaviour and resets its request counter.
+void control(const std::string& query) {
+    HttpRequest request{"GET", server().url("/control?" + query), {}, {}};
+    REQUIRE(client()->send(request, 5s).ok());
+}
+
+nlohmann::json stats() {
+    auto response = client()->send(HttpRequest{"GET", server().url("/stats"), {}, {}}, 5s);
+    REQUIRE(response.ok());
+    return nlohmann::json::parse(response->body);
+}
+
+EntraCredentials secret_credentials() {
+    EntraCredentials credentials;
+    credentials.authority = server().url("/");
+    credentials.tenant_id = "tenant-1";
+    credentials.client_id = "client-1";
+    credentials.client_secret = kSecret;
+    return credentials;
+}
+
+// A steady clock the test moves by hand.
+struct FakeClock {
+    std::chrono::steady_clock::time_point base = std::chrono::steady_clock::now();
+    std::atomic<int64_t> seconds{0};
+    EntraTokenProvider::Clock function() {
+        return [this] { return base + std::chrono::seconds(seconds.load()); };
+    }
+};
+
+system_clock::time_point at(int64_t unix_seconds) {
+    return system_clock::time_point(std::chrono::seconds(unix_seconds));
+}
+
+std::string header(const HttpHeaders& headers, const std::string& name) {
+    for (const auto& [key, value] : headers)
+        if (key == name) return value;
+    return {};
+}
+
+}  // namespace
+
+TEST_CASE("parse_connection_string: accepted forms") {
+    auto parsed = parse_connection_string(
+        "endpoint=https://contoso.communication.azure.com/;accesskey=" + std::string(kAccessKey));
+    REQUIRE_MESSAGE(parsed.ok(), parsed.error().message);
+    CHECK(parsed->endpoint == "https://contoso.communication.azure.com");
+    CHECK(parsed->access_key == kAccessKey);
+
+    parsed =
+        parse_connection_string("  AccessKey = " + std::string(kAccessKey) +
+                                " ;\n ENDPOINT=HTTPS://contoso.communication.azure.com:8443;; ");
+    REQUIRE_MESSAGE(parsed.ok(), parsed.error().message);
+    CHECK(parsed->endpoint == "https://contoso.communication.azure.com:8443");
+    CHECK(parsed->access_key == kAccessKey);
+
+    parsed = parse_connection_string("endpoint=https://x.communication.azure.com;accesskey=" +
+                                     std::string(kAccessKey) + ";other=ignored");
+    CHECK(parsed.ok());
+}
+
+TEST_CASE("parse_connection_string: errors never contain the key") {
+    const std::string key = kAccessKey;
+    const std::string bad_key = "c2VjcmV0LWtleQ*";
+    const std::string cases[] = {
+        "accesskey=" + key,
+        "endpoint=https://x.communication.azure.com",
+        "endpoint=http://x.communication.azure.com;accesskey=" + key,
+        "endpoint=https://x.communication.azure.com/path;accesskey=" + key,
+        "endpoint=https://;accesskey=" + key,
+        "endpoint=https://x.communication.azure.com;accesskey=" + bad_key,
+        "endpoint=https://x.communication.azure.com;accesskey=",
+        "endpoint=https://x.communication.azure.com;" + key,  // key pasted without its name
+        "endpoint=https://x.communication.azure.com;accesskey=" + key + ";accesskey=" + key,
+        "",
+    };
+    for (const auto& text : cases) {
+        INFO(text);
+        auto parsed = parse_connection_string(text);
+        REQUIRE_FALSE(parsed.ok());
+        CHECK(parsed.error().message.find("AAECAwQF") == std::string::npos);
+        CHECK(parsed.error().message.find("c2VjcmV0") == std::string::npos);
+    }
+}
+
+TEST_CASE("rfc1123_date") {
+    CHECK(rfc1123_date(at(0)) == "Thu, 01 Jan 1970 00:00:00 GMT");
+    CHECK(rfc1123_date(at(1752568200) + 999ms) == "Tue, 15 Jul 2025 08:30:00 GMT");
+    CHECK(rfc1123_date(at(1709164800)) == "Thu, 29 Feb 2024 00:00:00 GMT");
+}
+
+// Expected values computed independently with Python (as the Azure SDK's HMACCredentialsPolicy
+// does it):
+//   import base64, hashlib, hmac
+//   key = base64.b64encode(bytes(range(32))).decode()
+//   date = "Tue, 15 Jul 2025 08:30:00 GMT"
+//   body = '{"senderAddress":"noreply@contoso.com"}'
+//   content_hash = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+//   sts = ("POST\n/emails:send?api-version=2023-03-31\n" + date + ";"
+//          + "contoso.communication.azure.com" + ";" + content_hash)
+//   base64.b64encode(hmac.new(base64.b64decode(key), sts.encode(), hashlib.sha256).digest())
+//   # and for GET /emails/operations/abc%2F1?api-version=2023-03-31 on host 127.0.0.1:8443,
+//   # empty body
+TEST_CASE("sign_acs_request matches an independently computed signature") {
+    const std::string body = R"({"senderAddress":"noreply@contoso.com"})";
+    auto headers = sign_acs_request(
+        "POST", "https://contoso.communication.azure.com/emails:send?api-version=2023-03-31", body,
+        kAccessKey, at(1752568200));
+    REQUIRE_MESSAGE(headers.ok(), headers.error().message);
+    REQUIRE(headers->size() == 3);
+    CHECK(header(*headers, "x-ms-date") == "Tue, 15 Jul 2025 08:30:00 GMT");
+    CHECK(header(*headers, "x-ms-content-sha256") ==
+          "v9nEJvld4/pfDTyzNv1pkjn3hCNc1WVm6IUW6iqoj0Y=");
+    const std::string expected =
+        "HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature="
+        "Fgwa1IGYQtGZ2/QJS0EC2OHi1ryq98Es6hAbTmQjMXo=";
+    CHECK(header(*headers, "Authorization") == expected);
+
+    // The default port is not part of the host (libcurl leaves it out of Host too); the method
+    // is upper-cased.
+    auto with_port = sign_acs_request(
+        "post", "https://contoso.communication.azure.com:443/emails:send?api-version=2023-03-31",
+        body, kAccessKey, at(1752568200));
+    REQUIRE(with_port.ok());
+    CHECK(header(*with_port, "Authorization") == expected);
+
+    // Another port is; the path stays percent-encoded; the fragment is not sent.
+    auto get = sign_acs_request(
+        "GET", "https://127.0.0.1:8443/emails/operations/abc%2F1?api-version=2023-03-31#frag", "",
+        kAccessKey, at(1752568200));
+    REQUIRE(get.ok());
+    CHECK(header(*get, "Authorization") ==
+          "HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature="
+          "A+L5KggjbPg1ICOKCJi/VbMOummK5I5NTDDQJVmftEc=");
+
+    auto bad = sign_acs_request("POST", "https://x/emails:send", "", "not*base64", at(0));
+    REQUIRE_FALSE(bad.ok());
+    CHECK(bad.error().message.find("not*base64") == std::string::npos);
+    CHECK_FALSE(sign_acs_request("POST", "ftp://x/", "", kAccessKey, at(0)).ok());
+}
+
+TEST_CASE("sign_acs_request: a server checking what it received accepts the signature") {
+    auto http = client();
+    for (const std::string path : {"/emails:send?api-version=2023-03-31",
+                                   "/emails/operations/a%2Fb?api-version=2025-09-01"}) {
+        HttpRequest request;
+        request.method = path.find("send") != std::string::npos ? "POST" : "GET";
+        request.url = server().url(path);
+        request.body = request.method == "POST" ? R"({"content":{"subject":"é"}})" : "";
+        auto signature = sign_acs_request(request.method, request.url, request.body, kAccessKey,
+                                          system_clock::now());
+        REQUIRE(signature.ok());
+        request.headers = *signature;
+        request.headers.emplace_back("Content-Type", "application/json");
+        auto response = http->send(request, 5s);
+        REQUIRE_MESSAGE(response.ok(), response.error().message);
+        INFO(response->body);
+        CHECK(response->status == 202);
+    }
+}
+
+TEST_CASE("make_client_assertion: structure, claims and signature") {
+    TempDir dir;
+    const std::string key_file = (dir.path() / "key.pem").string();
+    const std::string cert_file = (dir.path() / "cert.pem").string();
+    run("openssl req -x509 -newkey rsa:2048 -nodes -keyout " + key_file + " -out " + cert_file +
+        " -subj /CN=paas-milter-app -days 2 2>/dev/null");
+    const std::string pem = read_all(cert_file) + read_all(key_file);
+    const std::string audience = "https://login.microsoftonline.com/tenant-1/oauth2/v2.0/token";
+
+    auto assertion = make_client_assertion(pem, "client-1", audience, at(1752568200));
+    REQUIRE_MESSAGE(assertion.ok(), assertion.error().message);
+    const size_t dot1 = assertion->find('.');
+    const size_t dot2 = assertion->find('.', dot1 + 1);
+    REQUIRE(dot2 != std::string::npos);
+    CHECK(assertion->find('.', dot2 + 1) == std::string::npos);
+    CHECK(assertion->find('=') == std::string::npos);
+
+    const auto header_json = nlohmann::json::parse(*base64url_decode(assertion->substr(0, dot1)));
+    const auto claims =
+        nlohmann::json::parse(*base64url_decode(assertion->substr(dot1 + 1, dot2 - dot1 - 1)));
+    CHECK(header_json["alg"] == "RS256");
+    CHECK(header_json["typ"] == "JWT");
+    // x5t against the openssl CLI's SHA-1 fingerprint.
+    std::string fingerprint = run("openssl x509 -in " + cert_file + " -noout -fingerprint -sha1");
+    std::string expected_hex;
+    for (char c : fingerprint.substr(fingerprint.find('=') + 1))
+        if (std::isxdigit(static_cast<unsigned char>(c)))
+            expected_hex += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    CHECK(hex_encode(*base64url_decode(header_json["x5t"].get<std::string>())) == expected_hex);
+
+    CHECK(claims["aud"] == audience);
+    CHECK(claims["iss"] == "client-1");
+    CHECK(claims["sub"] == "client-1");
+    CHECK(claims["nbf"] == 1752568200);
+    CHECK(claims["iat"] == 1752568200);
+    CHECK(claims["exp"] == 1752568200 + 600);
+    const std::string jti = claims["jti"];
+    CHECK(jti.size() == 36);
+    auto again = make_client_assertion(pem, "client-1", audience, at(1752568200));
+    REQUIRE(again.ok());
+    CHECK(*again != *assertion);  // a fresh jti each time
+
+    // The signature verifies with the certificate's public key, checked by the openssl CLI.
+    const std::string input_file = dir.write("input.txt", assertion->substr(0, dot2));
+    const std::string signature_file =
+        dir.write("signature.bin", *base64url_decode(assertion->substr(dot2 + 1)));
+    const std::string public_key = (dir.path() / "public.pem").string();
+    run("openssl x509 -in " + cert_file + " -pubkey -noout > " + public_key);
+    CHECK(run("openssl dgst -sha256 -verify " + public_key + " -signature " + signature_file + " " +
+              input_file)
+              .find("Verified OK") != std::string::npos);
+
+    CHECK_FALSE(make_client_assertion(read_all(cert_file), "client-1", audience, at(0)).ok());
+}
+
+TEST_CASE("EntraTokenProvider: one request for many calls, refresh before expiry") {
+    control("mode=ok&expires_in=3600&delay_ms=0");
+    FakeClock clock;
+    EntraTokenProvider provider(secret_credentials(), client(), clock.function());
+    for (int i = 0; i < 20; ++i) {
+        auto token = provider.token(5s);
+        REQUIRE_MESSAGE(token.ok(), token.error().message);
+        CHECK(*token == "token-1");
+    }
+    auto seen = stats();
+    CHECK(seen["requests"] == 1);
+    const auto& form = seen["form"];
+    CHECK(form["grant_type"] == "client_credentials");
+    CHECK(form["client_id"] == "client-1");
+    CHECK(form["scope"] == "https://communication.azure.com//.default");
+    CHECK(form["client_secret"] == kSecret);  // survived form encoding
+    CHECK_FALSE(form.contains("client_assertion"));
+
+    clock.seconds = 3600 - 301;  // more than 5 minutes left
+    CHECK(*provider.token(5s) == "token-1");
+    clock.seconds = 3600 - 299;
+    CHECK(*provider.token(5s) == "token-2");
+    CHECK(stats()["requests"] == 2);
+
+    // Short-lived tokens refresh with 10% of their lifetime left; expires_in as a string.
+    control("mode=string&expires_in=60");
+    FakeClock short_clock;
+    EntraTokenProvider short_lived(secret_credentials(), client(), short_clock.function());
+    CHECK(*short_lived.token(5s) == "token-1");
+    short_clock.seconds = 53;
+    CHECK(*short_lived.token(5s) == "token-1");
+    short_clock.seconds = 55;
+    CHECK(*short_lived.token(5s) == "token-2");
+}
+
+TEST_CASE("EntraTokenProvider: a failed refresh keeps a still-valid token") {
+    control("mode=ok&expires_in=3600");
+    FakeClock clock;
+    EntraTokenProvider provider(secret_credentials(), client(), clock.function());
+    REQUIRE(*provider.token(5s) == "token-1");
+
+    control("mode=fail");
+    clock.seconds = 3400;
+    auto cached = provider.token(5s);
+    REQUIRE(cached.ok());
+    CHECK(*cached == "token-1");
+    CHECK(stats()["requests"] == 1);
+    clock.seconds = 3410;  // within the retry pause: no new request
+    CHECK(*provider.token(5s) == "token-1");
+    CHECK(stats()["requests"] == 1);
+
+    clock.seconds = 3601;  // expired: the error comes through
+    auto expired = provider.token(5s);
+    REQUIRE_FALSE(expired.ok());
+    CHECK(expired.error().message.find("AADSTS7000215") != std::string::npos);
+    CHECK(stats()["requests"] == 2);
+
+    control("mode=ok");
+    CHECK(*provider.token(5s) == "token-1");
+}
+
+TEST_CASE("EntraTokenProvider: error mapping") {
+    EntraTokenProvider provider(secret_credentials(), client());
+
+    control("mode=fail");
+    auto failed = provider.token(5s);
+    REQUIRE_FALSE(failed.ok());
+    const std::string& message = failed.error().message;
+    CHECK(message.find("HTTP 401") != std::string::npos);
+    CHECK(message.find("invalid_client") != std::string::npos);
+    CHECK(message.find("AADSTS7000215: Invalid client secret provided. Trace ID: 1f2e") !=
+          std::string::npos);
+    CHECK(message.find('\n') == std::string::npos);
+    CHECK(message.find(kSecret) == std::string::npos);
+
+    control("mode=echo");  // even a server quoting the secret back does not leak it
+    failed = provider.token(5s);
+    REQUIRE_FALSE(failed.ok());
+    CHECK(failed.error().message.find("AADSTS900144") != std::string::npos);
+    CHECK(failed.error().message.find(kSecret) == std::string::npos);
+
+    control("mode=html");
+    failed = provider.token(5s);
+    REQUIRE_FALSE(failed.ok());
+    CHECK(failed.error().message.find("HTTP 502") != std::string::npos);
+
+    control("mode=notoken");
+    failed = provider.token(5s);
+    REQUIRE_FALSE(failed.ok());
+    CHECK(failed.error().message.find("access_token") != std::string::npos);
+
+    EntraCredentials unreachable = secret_credentials();
+    unreachable.authority = "https://127.0.0.1:1";
+    failed = EntraTokenProvider(unreachable, client()).token(2s);
+    REQUIRE_FALSE(failed.ok());
+    CHECK(failed.error().message.find("127.0.0.1:1") != std::string::npos);
+
+    EntraCredentials both = secret_credentials();
+    both.certificate_file = "/nonexistent.pem";
+    CHECK_FALSE(EntraTokenProvider(both, client()).token(1s).ok());
+    EntraCredentials bad_tenant = secret_credentials();
+    bad_tenant.tenant_id = "a/../b";
+    CHECK_FALSE(EntraTokenProvider(bad_tenant, client()).token(1s).ok());
+    EntraCredentials missing_file = secret_credentials();
+    missing_file.client_secret.clear();
+    missing_file.certificate_file = "/nonexistent/app.pem";
+    failed = EntraTokenProvider(missing_file, client()).token(1s);
+    REQUIRE_FALSE(failed.ok());
+    CHECK(failed.error().to_string().find("/nonexistent/app.pem") != std::string::npos);
+}
+
+TEST_CASE("EntraTokenProvider: concurrent callers share one refresh") {
+    control("mode=ok&expires_in=3600&delay_ms=300");
+    EntraTokenProvider provider(secret_credentials(), client());
+    std::vector<std::thread> threads;
+    std::atomic<int> got_first{0};
+    for (int i = 0; i < 8; ++i) {
+        threads.emplace_back([&] {
+            if (auto token = provider.token(5s); token.ok() && *token == "token-1") ++got_first;
+        });
+    }
+    for (auto& thread : threads) thread.join();
+    CHECK(got_first == 8);
+    CHECK(stats()["requests"] == 1);
+    control("delay_ms=0");
+}
+
+TEST_CASE("EntraTokenProvider: certificate credentials send a client assertion") {
+    control("mode=ok&expires_in=3600");
+    TempDir dir;
+    const std::string pem = (dir.path() / "app.pem").string();
+    run("openssl req -x509 -newkey rsa:2048 -nodes -keyout " + pem + ".key -out " + pem +
+        ".crt -subj /CN=app -days 2 2>/dev/null && cat " + pem + ".crt " + pem + ".key > " + pem);
+    EntraCredentials credentials = secret_credentials();
+    credentials.client_secret.clear();
+    credentials.certificate_file = pem;
+    EntraTokenProvider provider(credentials, client());
+    auto token = provider.token(5s);
+    REQUIRE_MESSAGE(token.ok(), token.error().message);
+    CHECK(*token == "token-1");
+
+    const auto form = stats()["form"];
+    CHECK(form["client_assertion_type"] ==
+          "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    CHECK_FALSE(form.contains("client_secret"));
+    const std::string assertion = form["client_assertion"];
+    const size_t dot1 = assertion.find('.');
+    const size_t dot2 = assertion.find('.', dot1 + 1);
+    REQUIRE(dot2 != std::string::npos);
+    const auto claims =
+        nlohmann::json::parse(*base64url_decode(assertion.substr(dot1 + 1, dot2 - dot1 - 1)));
+    CHECK(claims["aud"] == entra_token_url(credentials));
+    CHECK(claims["aud"] == server().url("/tenant-1/oauth2/v2.0/token"));
+}

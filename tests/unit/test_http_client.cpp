@@ -1,0 +1,342 @@
+#include <doctest/doctest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "paasmilter/http_client.hpp"
+#include "temp_dir.hpp"
+
+extern char** environ;
+
+using namespace paasmilter;
+using namespace std::chrono_literals;
+using paasmilter::testing::TempDir;
+
+namespace {
+
+// Test endpoints: /echo (request as JSON, with the client's port), /sleep?ms=N[&track=1] (with
+// track: counted in flight), /peak[?reset=1] (most tracked at once), /big?n=N, /status?code=N.
+constexpr const char* kServerScript = R"PY(
+import http.server, json, ssl, sys, threading, time, urllib.parse
+lock = threading.Lock()
+state = {"inflight": 0, "peak": 0}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def reply(self, status, body):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Mock", "yes")
+        self.end_headers()
+        self.wfile.write(data)
+    def handle_any(self):
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if url.path == "/echo":
+            self.reply(200, json.dumps({"method": self.command, "path": self.path,
+                "body": body.decode(), "port": self.client_address[1],
+                "headers": {k.lower(): v for k, v in self.headers.items()}}))
+        elif url.path == "/sleep":
+            track = "track" in query
+            with lock:
+                state["inflight"] += track
+                state["peak"] = max(state["peak"], state["inflight"])
+            time.sleep(int(query.get("ms", "0")) / 1000)
+            with lock:
+                state["inflight"] -= track
+            self.reply(200, "slept")
+        elif url.path == "/peak":
+            with lock:
+                peak = state["peak"]
+                if "reset" in query: state["peak"] = 0
+            self.reply(200, str(peak))
+        elif url.path == "/big":
+            self.reply(200, "x" * int(query["n"]))
+        elif url.path == "/status":
+            self.reply(int(query["code"]), "{}")
+        else:
+            self.reply(404, "{}")
+    do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+server.handle_error = lambda *args: None
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+)PY";
+
+// A python3 HTTPS server on 127.0.0.1 with a fresh self-signed certificate (an IP SAN for
+// 127.0.0.1); killed when the object goes.
+class MockHttpsServer {
+  public:
+    explicit MockHttpsServer(const char* script) {
+        ca_file_ = (dir_.path() / "cert.pem").string();
+        const std::string key = (dir_.path() / "key.pem").string();
+        const std::string openssl =
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " +
+            key + " -out " + ca_file_ +
+            " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 -days 2 2>/dev/null";
+        REQUIRE(std::system(openssl.c_str()) == 0);
+        const std::string script_file = dir_.write("server.py", script);
+
+        int out[2];
+        REQUIRE(::pipe(out) == 0);
+        posix_spawn_file_actions_t actions;
+        posix_spawn_file_actions_init(&actions);
+        posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+        posix_spawn_file_actions_addclose(&actions, out[0]);
+        posix_spawn_file_actions_addclose(&actions, out[1]);
+        std::vector<std::string> args = {"python3", script_file, ca_file_, key};
+        std::vector<char*> argv;
+        for (auto& arg : args) argv.push_back(arg.data());
+        argv.push_back(nullptr);
+        const int spawned = posix_spawnp(&pid_, "python3", &actions, nullptr, argv.data(), environ);
+        posix_spawn_file_actions_destroy(&actions);
+        ::close(out[1]);
+        REQUIRE(spawned == 0);
+
+        // The script prints its port once it listens.
+        std::string line;
+        pollfd poller{out[0], POLLIN, 0};
+        while (line.find('\n') == std::string::npos && ::poll(&poller, 1, 10'000) == 1) {
+            char buffer[64];
+            const ssize_t n = ::read(out[0], buffer, sizeof buffer);
+            if (n <= 0) break;
+            line.append(buffer, static_cast<size_t>(n));
+        }
+        ::close(out[0]);
+        port_ = std::atoi(line.c_str());
+        if (port_ <= 0) stop();
+        REQUIRE(port_ > 0);
+    }
+    ~MockHttpsServer() { stop(); }
+    MockHttpsServer(const MockHttpsServer&) = delete;
+    MockHttpsServer& operator=(const MockHttpsServer&) = delete;
+
+    std::string url(const std::string& path) const {
+        return "https://127.0.0.1:" + std::to_string(port_) + path;
+    }
+    const std::string& ca_file() const { return ca_file_; }
+    int port() const { return port_; }
+
+  private:
+    void stop() {
+        if (pid_ <= 0) return;
+        ::kill(pid_, SIGKILL);
+        ::waitpid(pid_, nullptr, 0);
+        pid_ = -1;
+    }
+
+    TempDir dir_;
+    std::string ca_file_;
+    pid_t pid_ = -1;
+    int port_ = 0;
+};
+
+// One server for the whole file: starting python and making a certificate takes a while.
+MockHttpsServer& server() {
+    static MockHttpsServer instance(kServerScript);
+    return instance;
+}
+
+HttpClientOptions trusting(size_t max_concurrency = 8) {
+    HttpClientOptions options;
+    options.ca_file = server().ca_file();
+    options.max_concurrency = max_concurrency;
+    return options;
+}
+
+HttpRequest get(const std::string& path) {
+    HttpRequest request;
+    request.method = "GET";
+    request.url = server().url(path);
+    return request;
+}
+
+nlohmann::json echo(HttpClient& client, HttpRequest request) {
+    auto response = client.send(request, 5s);
+    REQUIRE_MESSAGE(response.ok(), response.error().message);
+    REQUIRE(response->status == 200);
+    return nlohmann::json::parse(response->body);
+}
+
+}  // namespace
+
+TEST_CASE("HttpClient: GET and POST, request and response headers") {
+    HttpClient client(trusting());
+
+    auto response = client.send(get("/echo?x=1"), 5s);
+    REQUIRE_MESSAGE(response.ok(), response.error().message);
+    CHECK(response->status == 200);
+    CHECK(response->header("x-mock") == "yes");
+    CHECK(response->header("CONTENT-TYPE") == "application/json");
+    CHECK_FALSE(response->header("x-missing").has_value());
+    auto json = nlohmann::json::parse(response->body);
+    CHECK(json["method"] == "GET");
+    CHECK(json["path"] == "/echo?x=1");
+    // The Host header the ACS signature covers: port included when not 443.
+    CHECK(json["headers"]["host"] == "127.0.0.1:" + std::to_string(server().port()));
+
+    HttpRequest post;
+    post.url = server().url("/echo");
+    post.headers = {{"Content-Type", "application/json"}, {"X-Custom", "v1"}, {"X-Empty", ""}};
+    post.body = std::string(3000, 'b');  // above curl's Expect: 100-continue threshold of old
+    json = echo(client, post);
+    CHECK(json["method"] == "POST");
+    CHECK(json["body"] == post.body);
+    CHECK(json["headers"]["x-custom"] == "v1");
+    CHECK(json["headers"]["x-empty"] == "");
+    CHECK_FALSE(json["headers"].contains("expect"));
+
+    HttpRequest put = post;
+    put.method = "PUT";
+    put.body = "put-body";
+    json = echo(client, put);
+    CHECK(json["method"] == "PUT");
+    CHECK(json["body"] == "put-body");
+
+    HttpRequest status = get("/status?code=429");
+    response = client.send(status, 5s);
+    REQUIRE(response.ok());  // any HTTP status is an answer
+    CHECK(response->status == 429);
+}
+
+TEST_CASE("HttpClient: connections are reused across requests and threads") {
+    HttpClient client(trusting());
+    const int first = echo(client, get("/echo"))["port"];
+    const int second = echo(client, get("/echo"))["port"];
+    CHECK(first == second);
+    int from_thread = 0;
+    std::thread([&] { from_thread = echo(client, get("/echo"))["port"]; }).join();
+    CHECK(from_thread == first);
+}
+
+TEST_CASE("HttpClient: TLS verification fails without the CA file, succeeds with it") {
+    HttpClient untrusting{HttpClientOptions{}};
+    auto response = untrusting.send(get("/echo"), 5s);
+    REQUIRE_FALSE(response.ok());
+    const std::string& message = response.error().message;
+    CHECK(message.find("127.0.0.1:" + std::to_string(server().port())) != std::string::npos);
+    CHECK(message.find("certificate") != std::string::npos);
+
+    HttpClient trusted(trusting());
+    CHECK(trusted.send(get("/echo"), 5s).ok());
+}
+
+TEST_CASE("HttpClient: the timeout bounds the whole exchange") {
+    HttpClient client(trusting());
+    const auto start = std::chrono::steady_clock::now();
+    auto response = client.send(get("/sleep?ms=3000"), 300ms);
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    REQUIRE_FALSE(response.ok());
+    CHECK(response.error().message.find("Timeout") != std::string::npos);
+    CHECK(elapsed < 2s);
+    // The handle that timed out is usable again.
+    CHECK(client.send(get("/echo"), 5s).ok());
+}
+
+TEST_CASE("HttpClient: max_concurrency caps requests in flight; waiting counts as time") {
+    REQUIRE(HttpClient(trusting()).send(get("/peak?reset=1"), 5s).ok());
+    HttpClient client(trusting(2));
+    std::atomic<int> succeeded{0};
+    std::vector<std::thread> threads;
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < 6; ++i) {
+        threads.emplace_back([&] {
+            if (auto r = client.send(get("/sleep?ms=250&track=1"), 5s); r.ok() && r->status == 200)
+                ++succeeded;
+        });
+    }
+    for (auto& thread : threads) thread.join();
+    CHECK(succeeded == 6);
+    CHECK(std::chrono::steady_clock::now() - start >= 700ms);  // three waves of two
+    auto peak = client.send(get("/peak?reset=1"), 5s);
+    REQUIRE(peak.ok());
+    CHECK(peak->body == "2");
+
+    HttpClient single(trusting(1));
+    std::thread busy([&] { CHECK(single.send(get("/sleep?ms=1000"), 5s).ok()); });
+    std::this_thread::sleep_for(150ms);
+    const auto waited_from = std::chrono::steady_clock::now();
+    auto starved = single.send(get("/echo"), 200ms);
+    CHECK(std::chrono::steady_clock::now() - waited_from < 700ms);
+    busy.join();
+    REQUIRE_FALSE(starved.ok());
+    CHECK(starved.error().message.find("slot") != std::string::npos);
+}
+
+TEST_CASE("HttpClient: response size cap") {
+    HttpClientOptions options = trusting();
+    options.max_response_bytes = 1000;
+    HttpClient client(options);
+    auto fits = client.send(get("/big?n=1000"), 5s);
+    REQUIRE(fits.ok());
+    CHECK(fits->body.size() == 1000);
+    auto too_big = client.send(get("/big?n=5000"), 5s);
+    REQUIRE_FALSE(too_big.ok());
+    CHECK(too_big.error().message.find("larger than 1000") != std::string::npos);
+}
+
+TEST_CASE("HttpClient: refusals never echo secrets; https only") {
+    HttpClient client(trusting());
+    HttpRequest request = get("/sleep?ms=2000");
+    request.method = "POST";
+    request.headers = {{"Authorization", "Bearer SECRET-TOKEN"}};
+    request.body = "SECRET-BODY";
+    auto timed_out = client.send(request, 200ms);
+    REQUIRE_FALSE(timed_out.ok());
+
+    // Nothing listens on port 1.
+    request.url = "https://127.0.0.1:1/echo";
+    auto refused = client.send(request, 2s);
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.error().message.find("127.0.0.1:1") != std::string::npos);
+
+    request.url = server().url("/echo");
+    request.headers = {{"X-Injected", "SECRET-TOKEN\r\nX-Evil: 1"}};
+    auto injected = client.send(request, 2s);
+    REQUIRE_FALSE(injected.ok());
+    CHECK(injected.error().message.find("X-Injected") != std::string::npos);
+
+    for (const auto* error : {&timed_out.error(), &refused.error(), &injected.error()}) {
+        CHECK(error->message.find("SECRET") == std::string::npos);
+    }
+
+    auto plain = client.send(HttpRequest{"GET", "http://127.0.0.1:1/echo", {}, {}}, 2s);
+    REQUIRE_FALSE(plain.ok());
+    CHECK(plain.error().message.find("http") != std::string::npos);
+}
+
+TEST_CASE("HttpClient: many threads through one client") {
+    HttpClient client(trusting(4));
+    std::atomic<int> succeeded{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; ++t) {
+        threads.emplace_back([&] {
+            for (int i = 0; i < 5; ++i)
+                if (auto r = client.send(get("/echo"), 5s); r.ok() && r->status == 200) ++succeeded;
+        });
+    }
+    for (auto& thread : threads) thread.join();
+    CHECK(succeeded == 40);
+}
