@@ -405,6 +405,7 @@ class CpuSampler:
         return total, procs
 
     def start(self) -> None:
+        self.t0_wall = time.monotonic()
         self.t0_sys = system_cpu()
         self.t0_self = resource.getrusage(resource.RUSAGE_SELF)
         self.t0_total, self.first = self._postfix()
@@ -437,6 +438,7 @@ class CpuSampler:
         out["system_busy"] = (sys1[0] - self.t0_sys[0]) / CLK_TCK
         out["system_iowait"] = (sys1[1] - self.t0_sys[1]) / CLK_TCK
         out["system_total"] = (sys1[2] - self.t0_sys[2]) / CLK_TCK
+        out["wall"] = time.monotonic() - self.t0_wall
         return out
 
 
@@ -841,10 +843,15 @@ def report(results: list[Result], args: argparse.Namespace, facts: str) -> str:
         out.append(f"{CONFIGS[n][0]:34s} {a:12.1f} {ra}  {d:13.1f} {rd}{spread}")
     # CPU per message (median over rounds), microseconds
     out.append("")
-    out.append("CPU per message, µs (start of smtp-source .. last delivery; median over rounds):")
+    out.append("CPU per message, µs (start of smtp-source .. last delivery; median over rounds; "
+               "other = /proc/stat busy not accounted to a part: kernel threads, foreign load; "
+               "util = busy share of all CPUs):")
     parts = ["postfix", "milter", "smtp-source", "sink-default", "sink-relay", "bench"]
+    ncpu = len(os.sched_getaffinity(0))
     for r in results:
-        r.cpu["other"] = r.cpu["system_busy"] - sum(r.cpu.get(p, 0.0) for p in parts)
+        r.cpu["parts"] = sum(r.cpu.get(p, 0.0) for p in parts)
+        # /proc/stat is tick-sampled and under-counts short bursts: clip at 0
+        r.cpu["other"] = max(0.0, r.cpu["system_busy"] - r.cpu["parts"])
     cols = parts + ["other", "system_busy", "system_iowait"]
     out.append(f"{'config':34s} " + " ".join(f"{c.replace('system_', 'sys '):>12s}" for c in cols)
                + f" {'util':>5s}")
@@ -853,7 +860,8 @@ def report(results: list[Result], args: argparse.Namespace, facts: str) -> str:
         for c in cols:
             vals = [r.cpu.get(c, 0.0) / r.messages * 1e6 for r in by[n]]
             row.append(f"{statistics.median(vals):12.0f}")
-        util = statistics.median(r.cpu["system_busy"] / r.cpu["system_total"] for r in by[n])
+        util = statistics.median(max(r.cpu["parts"], r.cpu["system_busy"]) / (ncpu * r.cpu["wall"])
+                                 for r in by[n])
         out.append(f"{CONFIGS[n][0]:34s} " + " ".join(row) + f" {util:5.0%}")
     out.append("")
     out.append("Postfix CPU by program, µs per message (sampled every 0.25 s; 'unsampled' is the "
