@@ -35,7 +35,13 @@ struct ConversionOptions {
     // Header names never passed through, in addition to the built-in list (the milter's own
     // routing header, for one).
     std::vector<std::string> never_pass_headers;
+    // More MIME entities (multiparts and leaves) than this is an error (kTooManyMimeParts): a
+    // message built to make the conversion expensive, for the caller's oversize policy.
+    size_t max_mime_parts = 500;
 };
+
+// Error::message of a conversion refused because of max_mime_parts.
+inline constexpr std::string_view kTooManyMimeParts = "too many MIME parts";
 
 struct Envelope {
     std::string sender;                   // envelope sender, "" for the null sender

@@ -1,0 +1,711 @@
+// MIME -> EmailMessage with GMime 3. GMime does all MIME work (parsing, transfer decodings,
+// RFC 2047/2231, charset conversion); this file only decides what goes where.
+#include "paasmilter/mime_convert.hpp"
+
+#include <fcntl.h>
+#include <gmime/gmime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_set>
+#include <utility>
+
+namespace paasmilter {
+namespace {
+
+// ---- RAII for GLib/GMime objects ----
+
+struct GObjectUnref {
+    void operator()(gpointer object) const {
+        if (object) g_object_unref(object);
+    }
+};
+template <class T>
+using GObjectPtr = std::unique_ptr<T, GObjectUnref>;
+
+struct GFree {
+    void operator()(gpointer memory) const { g_free(memory); }
+};
+using GCharPtr = std::unique_ptr<char, GFree>;
+
+struct ParserOptionsFree {
+    void operator()(GMimeParserOptions* options) const { g_mime_parser_options_free(options); }
+};
+using ParserOptionsPtr = std::unique_ptr<GMimeParserOptions, ParserOptionsFree>;
+
+void init_gmime_once();  // after convert_stream, which it uses
+
+// ---- small string helpers ----
+
+char ascii_lower(char c) {
+    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+std::string lower(std::string_view text) {
+    std::string out(text);
+    std::transform(out.begin(), out.end(), out.begin(), ascii_lower);
+    return out;
+}
+
+bool iequals(std::string_view a, std::string_view b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+               return ascii_lower(x) == ascii_lower(y);
+           });
+}
+
+bool istarts_with(std::string_view text, std::string_view prefix) {
+    return text.size() >= prefix.size() && iequals(text.substr(0, prefix.size()), prefix);
+}
+
+std::string_view trim(std::string_view text) {
+    const char* space = " \t\r\n\f\v";
+    const auto first = text.find_first_not_of(space);
+    if (first == std::string_view::npos) return {};
+    return text.substr(first, text.find_last_not_of(space) - first + 1);
+}
+
+std::string_view or_empty(const char* text) {
+    return text ? std::string_view(text) : "";
+}
+
+// Valid UTF-8 for JSON: NULs removed, invalid sequences replaced by U+FFFD.
+std::string clean_utf8(std::string_view text) {
+    std::string without_nul;
+    without_nul.reserve(text.size());
+    for (char c : text)
+        if (c != '\0') without_nul += c;
+    if (g_utf8_validate(without_nul.data(), static_cast<gssize>(without_nul.size()), nullptr))
+        return without_nul;
+    GCharPtr valid(g_utf8_make_valid(without_nul.data(), static_cast<gssize>(without_nul.size())));
+    return valid ? std::string(valid.get()) : std::string();
+}
+
+// A display name or subject: GMime already decoded RFC 2047 to UTF-8; make sure of it.
+std::string clean_text(const char* text) {
+    return std::string(trim(clean_utf8(or_empty(text))));
+}
+
+// ---- MIME entity helpers ----
+
+std::string media_type(GMimeObject* object) {
+    GMimeContentType* type = g_mime_object_get_content_type(object);
+    if (!type) return "application/octet-stream";
+    std::string media = lower(or_empty(g_mime_content_type_get_media_type(type)));
+    std::string sub = lower(or_empty(g_mime_content_type_get_media_subtype(type)));
+    if (media.empty() || sub.empty()) return "application/octet-stream";
+    return media + "/" + sub;
+}
+
+bool is_attachment_disposition(GMimeObject* object) {
+    GMimeContentDisposition* disposition = g_mime_object_get_content_disposition(object);
+    return disposition && g_mime_content_disposition_is_attachment(disposition);
+}
+
+std::string file_name(GMimeObject* object) {
+    if (GMIME_IS_PART(object))
+        return std::string(or_empty(g_mime_part_get_filename(GMIME_PART(object))));
+    // GMimeMessagePart is not a GMimePart: look the parameters up the same way GMime does.
+    const char* name = g_mime_object_get_content_disposition_parameter(object, "filename");
+    if (!name) name = g_mime_object_get_content_type_parameter(object, "name");
+    return std::string(or_empty(name));
+}
+
+enum class BodyKind { none, plain, html };
+
+// text/plain or text/html that a mail client would show as the message text: not marked as an
+// attachment and without a file name (a named text part is a file someone attached).
+BodyKind body_kind(GMimeObject* object) {
+    if (!GMIME_IS_PART(object) || is_attachment_disposition(object)) return BodyKind::none;
+    if (!file_name(object).empty()) return BodyKind::none;
+    const std::string type = media_type(object);
+    if (type == "text/plain") return BodyKind::plain;
+    if (type == "text/html") return BodyKind::html;
+    return BodyKind::none;
+}
+
+// The decoded (transfer encoding removed) bytes of a leaf, optionally through filters.
+std::string decoded_bytes(GMimePart* part, GMimeFilter* charset_filter = nullptr,
+                          bool dos2unix = false) {
+    GMimeDataWrapper* content = g_mime_part_get_content(part);
+    if (!content) return {};
+    GObjectPtr<GMimeStream> memory(g_mime_stream_mem_new());
+    if (charset_filter || dos2unix) {
+        GObjectPtr<GMimeStream> filtered(g_mime_stream_filter_new(memory.get()));
+        if (charset_filter)
+            g_mime_stream_filter_add(GMIME_STREAM_FILTER(filtered.get()), charset_filter);
+        if (dos2unix) {
+            GObjectPtr<GMimeFilter> newlines(g_mime_filter_dos2unix_new(FALSE));
+            g_mime_stream_filter_add(GMIME_STREAM_FILTER(filtered.get()), newlines.get());
+        }
+        g_mime_data_wrapper_write_to_stream(content, filtered.get());
+        g_mime_stream_flush(filtered.get());
+    } else {
+        g_mime_data_wrapper_write_to_stream(content, memory.get());
+    }
+    GByteArray* bytes = g_mime_stream_mem_get_byte_array(GMIME_STREAM_MEM(memory.get()));
+    if (!bytes || bytes->len == 0) return {};
+    return std::string(reinterpret_cast<const char*>(bytes->data), bytes->len);
+}
+
+bool is_utf8_or_ascii_charset(std::string_view charset) {
+    return iequals(charset, "utf-8") || iequals(charset, "utf8") || iequals(charset, "us-ascii") ||
+           iequals(charset, "ascii") || iequals(charset, "ansi_x3.4-1968");
+}
+
+// A text part as UTF-8 with LF line ends. The declared charset is converted by GMime's charset
+// filter; undeclared, unknown or lying (8-bit "us-ascii") charsets go through GMime's 8-bit
+// guesser with the parser's fallback charsets.
+std::string text_content(GMimePart* part, GMimeParserOptions* parser_options) {
+    const std::string charset(
+        or_empty(g_mime_object_get_content_type_parameter(GMIME_OBJECT(part), "charset")));
+    if (!charset.empty() && !is_utf8_or_ascii_charset(charset)) {
+        GObjectPtr<GMimeFilter> filter(g_mime_filter_charset_new(charset.c_str(), "UTF-8"));
+        if (filter) return clean_utf8(decoded_bytes(part, filter.get(), true));
+    }
+    std::string bytes = decoded_bytes(part, nullptr, true);
+    std::erase(bytes, '\0');
+    if (g_utf8_validate(bytes.data(), static_cast<gssize>(bytes.size()), nullptr)) return bytes;
+    // Declared UTF-8 with a few bad bytes: keep the rest, replace those.
+    if (iequals(charset, "utf-8") || iequals(charset, "utf8")) return clean_utf8(bytes);
+    GCharPtr guessed(g_mime_utils_decode_8bit(parser_options, bytes.data(), bytes.size()));
+    return clean_utf8(or_empty(guessed.get()));
+}
+
+std::string base64(std::string_view bytes) {
+    if (bytes.empty()) return {};
+    GCharPtr encoded(g_base64_encode(reinterpret_cast<const guchar*>(bytes.data()), bytes.size()));
+    return std::string(or_empty(encoded.get()));
+}
+
+std::string extension_for(std::string_view type) {
+    static const std::pair<std::string_view, std::string_view> known[] = {
+        {"application/pdf", "pdf"},
+        {"application/zip", "zip"},
+        {"application/json", "json"},
+        {"application/xml", "xml"},
+        {"application/msword", "doc"},
+        {"application/vnd.ms-excel", "xls"},
+        {"application/vnd.openxmlformats-officedocument.wordprocessingml.document", "docx"},
+        {"application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"},
+        {"application/pkcs7-signature", "p7s"},
+        {"application/x-pkcs7-signature", "p7s"},
+        {"application/pkcs7-mime", "p7m"},
+        {"application/pgp-signature", "asc"},
+        {"application/ics", "ics"},
+        {"image/jpeg", "jpg"},
+        {"image/png", "png"},
+        {"image/gif", "gif"},
+        {"image/tiff", "tif"},
+        {"image/bmp", "bmp"},
+        {"image/webp", "webp"},
+        {"image/svg+xml", "svg"},
+        {"text/plain", "txt"},
+        {"text/html", "html"},
+        {"text/csv", "csv"},
+        {"text/xml", "xml"},
+        {"text/calendar", "ics"},
+        {"message/rfc822", "eml"},
+        {"message/delivery-status", "txt"},
+    };
+    for (const auto& [name, extension] : known)
+        if (name == type) return std::string(extension);
+    return "bin";
+}
+
+// The last path component, without control characters (names come from untrusted mail).
+std::string clean_file_name(std::string_view raw) {
+    std::string name = clean_utf8(raw);
+    if (const auto slash = name.find_last_of("/\\"); slash != std::string::npos)
+        name.erase(0, slash + 1);
+    std::erase_if(name, [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+    name = std::string(trim(name));
+    if (name == "." || name == "..") name.clear();
+    return name;
+}
+
+// ---- addresses ----
+
+struct Mailbox {
+    std::string address;
+    std::string name;
+};
+
+// Mailboxes in order; group members are taken in place of their group
+// ("undisclosed-recipients:;" simply contributes none).
+void flatten(InternetAddressList* list, std::vector<Mailbox>& out, int depth = 0) {
+    if (!list || depth > 8) return;
+    const int count = internet_address_list_length(list);
+    for (int i = 0; i < count; ++i) {
+        InternetAddress* address = internet_address_list_get_address(list, i);
+        if (INTERNET_ADDRESS_IS_GROUP(address)) {
+            flatten(internet_address_group_get_members(INTERNET_ADDRESS_GROUP(address)), out,
+                    depth + 1);
+        } else if (INTERNET_ADDRESS_IS_MAILBOX(address)) {
+            std::string addr = clean_utf8(trim(
+                or_empty(internet_address_mailbox_get_addr(INTERNET_ADDRESS_MAILBOX(address)))));
+            if (addr.empty()) continue;
+            out.push_back({std::move(addr), clean_text(internet_address_get_name(address))});
+        }
+    }
+}
+
+std::vector<Mailbox> mailboxes(GMimeMessage* message, GMimeAddressType type) {
+    std::vector<Mailbox> out;
+    flatten(g_mime_message_get_addresses(message, type), out);
+    return out;
+}
+
+// "<user@example.com>" or " user@example.com" -> "user@example.com".
+std::string envelope_address(std::string_view raw) {
+    std::string_view address = trim(raw);
+    if (address.size() >= 2 && address.front() == '<' && address.back() == '>')
+        address = trim(address.substr(1, address.size() - 2));
+    return std::string(address);
+}
+
+std::string domain_of(std::string_view address) {
+    const auto at = address.rfind('@');
+    if (at == std::string_view::npos) return {};
+    std::string domain = lower(address.substr(at + 1));
+    while (!domain.empty() && domain.back() == '.') domain.pop_back();
+    return domain;
+}
+
+bool in_verified_domain(std::string_view address, const std::vector<std::string>& verified) {
+    const std::string domain = domain_of(address);
+    if (domain.empty()) return false;
+    return std::any_of(verified.begin(), verified.end(), [&](const std::string& candidate) {
+        std::string wanted = lower(trim(candidate));
+        while (!wanted.empty() && wanted.back() == '.') wanted.pop_back();
+        return wanted == domain;
+    });
+}
+
+EmailAddress to_email_address(const Mailbox& mailbox) {
+    return {mailbox.address, mailbox.name};
+}
+
+// ---- headers ----
+
+bool name_matches(std::string_view name, std::string_view pattern) {
+    if (!pattern.empty() && pattern.back() == '*')
+        return istarts_with(name, pattern.substr(0, pattern.size() - 1));
+    return iequals(name, pattern);
+}
+
+bool never_passed(std::string_view name, const std::vector<std::string>& extra) {
+    // Trace and authentication results belong to this hop; address, content and date headers
+    // are rebuilt by the API from the JSON fields. x-ms-acsemail-* are ACS's own control headers
+    // (learn.microsoft.com/azure/communication-services/concepts/email/email-headers): a client
+    // must not be able to switch ACS validation off through its message.
+    static constexpr std::string_view builtin[] = {"Received",
+                                                   "Return-Path",
+                                                   "DKIM-Signature",
+                                                   "ARC-*",
+                                                   "Authentication-Results",
+                                                   "X-Original-To",
+                                                   "Delivered-To",
+                                                   "Content-*",
+                                                   "MIME-Version",
+                                                   "From",
+                                                   "To",
+                                                   "Cc",
+                                                   "Bcc",
+                                                   "Subject",
+                                                   "Reply-To",
+                                                   "Sender",
+                                                   "Date",
+                                                   "x-ms-acsemail-*"};
+    for (std::string_view pattern : builtin)
+        if (name_matches(name, pattern)) return true;
+    return std::any_of(extra.begin(), extra.end(),
+                       [&](const std::string& pattern) { return name_matches(name, pattern); });
+}
+
+bool valid_header_name(std::string_view name) {
+    return !name.empty() && std::all_of(name.begin(), name.end(),
+                                        [](char c) { return c > 32 && c < 127 && c != ':'; });
+}
+
+// The raw value with folding removed and outer white space trimmed; nullopt when it is empty or
+// not clean text (NUL, other control characters, invalid UTF-8): such a header is dropped.
+std::optional<std::string> header_value(const char* raw) {
+    // GMime keeps the line end in the raw value but stores it as a C string: a value that does
+    // not end in '\n' was cut short by a NUL byte.
+    const std::string_view raw_value = or_empty(raw);
+    if (raw_value.empty() || raw_value.back() != '\n') return std::nullopt;
+    std::string value;
+    for (char c : raw_value)
+        if (c != '\r' && c != '\n') value += c;
+    value = std::string(trim(value));
+    if (value.empty()) return std::nullopt;
+    for (char c : value)
+        if ((static_cast<unsigned char>(c) < 0x20 && c != '\t') || c == 0x7f) return std::nullopt;
+    if (!g_utf8_validate(value.data(), static_cast<gssize>(value.size()), nullptr))
+        return std::nullopt;
+    return value;
+}
+
+std::vector<std::pair<std::string, std::string>> pass_through_headers(
+    GMimeMessage* message, const ConversionOptions& options) {
+    std::vector<std::pair<std::string, std::string>> out;
+    GMimeHeaderList* list = g_mime_object_get_header_list(GMIME_OBJECT(message));
+    const int count = list ? g_mime_header_list_get_count(list) : 0;
+    for (int i = 0; i < count; ++i) {
+        GMimeHeader* header = g_mime_header_list_get_header_at(list, i);
+        const std::string name(or_empty(g_mime_header_get_name(header)));
+        if (!valid_header_name(name) || never_passed(name, options.never_pass_headers)) continue;
+        if (std::none_of(options.pass_headers.begin(), options.pass_headers.end(),
+                         [&](const std::string& pattern) { return name_matches(name, pattern); }))
+            continue;
+        // A JSON object has one value per name: the first occurrence wins.
+        if (std::any_of(out.begin(), out.end(),
+                        [&](const auto& kv) { return iequals(kv.first, name); }))
+            continue;
+        if (auto value = header_value(g_mime_header_get_raw_value(header)))
+            out.emplace_back(name, std::move(*value));
+    }
+    return out;
+}
+
+// ---- body and attachments ----
+
+// cid: URLs in the HTML, percent-decoded and lower-cased (RFC 2392).
+std::unordered_set<std::string> cid_references(std::string_view html) {
+    std::unordered_set<std::string> out;
+    const std::string lowered = lower(html);
+    for (size_t at = lowered.find("cid:"); at != std::string::npos;
+         at = lowered.find("cid:", at + 4)) {
+        size_t end = at + 4;
+        while (end < lowered.size() && !std::strchr("\"'<> \t\r\n)", lowered[end])) ++end;
+        const std::string encoded = lowered.substr(at + 4, end - at - 4);
+        GCharPtr decoded(g_uri_unescape_string(encoded.c_str(), nullptr));
+        out.insert(lower(decoded ? decoded.get() : encoded));
+    }
+    return out;
+}
+
+class Converter {
+  public:
+    Converter(GMimeParserOptions* parser_options, const ConversionOptions& options)
+        : parser_options_(parser_options), options_(options) {}
+
+    // Counted iteratively, before any recursion: the cap also bounds the recursion depth below.
+    bool too_many_parts(GMimeObject* root) const {
+        std::vector<GMimeObject*> pending{root};
+        size_t seen = 0;
+        while (!pending.empty()) {
+            GMimeObject* object = pending.back();
+            pending.pop_back();
+            if (++seen > options_.max_mime_parts) return true;
+            if (GMIME_IS_MULTIPART(object)) {
+                GMimeMultipart* multipart = GMIME_MULTIPART(object);
+                for (int i = g_mime_multipart_get_count(multipart) - 1; i >= 0; --i)
+                    pending.push_back(g_mime_multipart_get_part(multipart, i));
+            }
+        }
+        return false;
+    }
+
+    void convert(GMimeObject* root, EmailMessage& out) {
+        const Selection body = select(root);
+        if (body.plain) out.plain_text = text_content(body.plain, parser_options_);
+        if (body.html) out.html = text_content(body.html, parser_options_);
+        chosen_ = {body.plain, body.html};
+        collect(root, out.attachments);
+
+        // No MIME structure GMime could find (e.g. boundary never matched): its prologue is the
+        // only text there is, better than sending nothing.
+        if (!out.plain_text && !out.html && out.attachments.empty() && GMIME_IS_MULTIPART(root)) {
+            const std::string prologue =
+                clean_utf8(trim(or_empty(g_mime_multipart_get_prologue(GMIME_MULTIPART(root)))));
+            if (!prologue.empty()) out.plain_text = prologue;
+        }
+
+        const std::unordered_set<std::string> referenced =
+            out.html ? cid_references(*out.html) : std::unordered_set<std::string>{};
+        std::unordered_set<std::string> used;
+        for (Attachment& attachment : out.attachments) {
+            const std::string key = lower(attachment.content_id);
+            // ACS rejects duplicate content ids: only the first part with an id keeps it.
+            const bool inline_part = options_.inline_attachments && !key.empty() &&
+                                     referenced.count(key) && used.insert(key).second;
+            if (!inline_part) attachment.content_id.clear();
+        }
+    }
+
+  private:
+    struct Selection {
+        GMimePart* plain = nullptr;
+        GMimePart* html = nullptr;
+        bool empty() const { return !plain && !html; }
+    };
+
+    static GMimeObject* related_root(GMimeMultipart* related) {
+        const int count = g_mime_multipart_get_count(related);
+        if (count == 0) return nullptr;
+        if (const char* start =
+                g_mime_object_get_content_type_parameter(GMIME_OBJECT(related), "start")) {
+            std::string wanted(trim(start));
+            if (wanted.size() >= 2 && wanted.front() == '<' && wanted.back() == '>')
+                wanted = wanted.substr(1, wanted.size() - 2);
+            for (int i = 0; i < count; ++i) {
+                GMimeObject* part = g_mime_multipart_get_part(related, i);
+                if (iequals(or_empty(g_mime_object_get_content_id(part)), wanted)) return part;
+            }
+        }
+        return g_mime_multipart_get_part(related, 0);
+    }
+
+    // Which leaves are the message text.
+    Selection select(GMimeObject* object) {
+        if (GMIME_IS_MULTIPART(object)) {
+            GMimeMultipart* multipart = GMIME_MULTIPART(object);
+            const int count = g_mime_multipart_get_count(multipart);
+            const std::string type = media_type(object);
+            if (type == "multipart/alternative") {
+                // RFC 2046: alternatives in increasing faithfulness; keep the last plain and the
+                // last HTML rendering, since ACS carries both.
+                Selection best;
+                for (int i = 0; i < count; ++i) {
+                    const Selection candidate = select(g_mime_multipart_get_part(multipart, i));
+                    if (candidate.plain) best.plain = candidate.plain;
+                    if (candidate.html) best.html = candidate.html;
+                }
+                // The renderings not chosen are the same text again: drop them rather than
+                // attaching them. Other alternatives (text/calendar invitations) are attached.
+                for (int i = 0; i < count; ++i) {
+                    GMimeObject* part = g_mime_multipart_get_part(multipart, i);
+                    if (body_kind(part) != BodyKind::none && part != GMIME_OBJECT(best.plain) &&
+                        part != GMIME_OBJECT(best.html))
+                        dropped_.insert(part);
+                }
+                return best;
+            }
+            if (type == "multipart/related") {
+                GMimeObject* root = related_root(multipart);
+                return root ? select(root) : Selection{};
+            }
+            // mixed, signed, report, unknown multiparts: the first entity with text is the body.
+            for (int i = 0; i < count; ++i) {
+                const Selection candidate = select(g_mime_multipart_get_part(multipart, i));
+                if (!candidate.empty()) return candidate;
+            }
+            return {};
+        }
+        switch (body_kind(object)) {
+            case BodyKind::plain:
+                return {GMIME_PART(object), nullptr};
+            case BodyKind::html:
+                return {nullptr, GMIME_PART(object)};
+            case BodyKind::none:
+                break;
+        }
+        return {};
+    }
+
+    // Every entity that is not the body becomes an attachment, in document order.
+    void collect(GMimeObject* object, std::vector<Attachment>& out) {
+        if (GMIME_IS_MULTIPART(object)) {
+            GMimeMultipart* multipart = GMIME_MULTIPART(object);
+            const int count = g_mime_multipart_get_count(multipart);
+            for (int i = 0; i < count; ++i) collect(g_mime_multipart_get_part(multipart, i), out);
+            return;
+        }
+        if (dropped_.count(object) || object == GMIME_OBJECT(chosen_.plain) ||
+            object == GMIME_OBJECT(chosen_.html))
+            return;
+
+        Attachment attachment;
+        std::string bytes;
+        if (GMIME_IS_MESSAGE_PART(object)) {
+            attachment.content_type = "message/rfc822";
+            if (GMimeMessage* inner = g_mime_message_part_get_message(GMIME_MESSAGE_PART(object))) {
+                GObjectPtr<GMimeStream> memory(g_mime_stream_mem_new());
+                g_mime_object_write_to_stream(GMIME_OBJECT(inner), nullptr, memory.get());
+                GByteArray* array =
+                    g_mime_stream_mem_get_byte_array(GMIME_STREAM_MEM(memory.get()));
+                if (array && array->len)
+                    bytes.assign(reinterpret_cast<const char*>(array->data), array->len);
+            }
+            attachment.name = clean_file_name(file_name(object));
+            if (attachment.name.empty()) attachment.name = "forwarded-message.eml";
+        } else if (GMIME_IS_PART(object)) {
+            attachment.content_type = media_type(object);
+            bytes = decoded_bytes(GMIME_PART(object));
+            attachment.name = clean_file_name(file_name(object));
+            if (attachment.name.empty())
+                attachment.name = "attachment-" + std::to_string(out.size() + 1) + "." +
+                                  extension_for(attachment.content_type);
+        } else {
+            return;  // a bare GMimeObject of no known kind: nothing to carry
+        }
+        attachment.content_id = clean_utf8(trim(or_empty(g_mime_object_get_content_id(object))));
+        attachment.size = bytes.size();
+        attachment.content_base64 = base64(bytes);
+        out.push_back(std::move(attachment));
+    }
+
+    GMimeParserOptions* parser_options_;
+    const ConversionOptions& options_;
+    std::unordered_set<GMimeObject*> dropped_;
+    Selection chosen_;
+};
+
+// ---- the whole message ----
+
+ParserOptionsPtr make_parser_options() {
+    // Per call, never the shared default object: the options are not safe to modify across
+    // threads. Loose modes are GMime's tolerance for what real mailers send.
+    ParserOptionsPtr options(g_mime_parser_options_new());
+    g_mime_parser_options_set_rfc2047_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
+    g_mime_parser_options_set_parameter_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
+    g_mime_parser_options_set_address_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
+    // Undeclared 8-bit text: UTF-8 if it is valid, else the Windows Latin-1 superset that
+    // devices and Outlook use, else ISO-8859-1 (which maps every byte).
+    const char* fallback[] = {"UTF-8", "windows-1252", "iso-8859-1", nullptr};
+    g_mime_parser_options_set_fallback_charsets(options.get(), fallback);
+    return options;
+}
+
+Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* parser_options,
+                                    const Envelope& envelope, const ConversionOptions& options) {
+    EmailMessage out;
+    out.user_engagement_tracking_disabled = options.disable_engagement_tracking;
+    out.subject = clean_text(g_mime_message_get_subject(message));
+
+    // Recipients: the envelope decides who receives the message; the headers only decide
+    // where each of them is shown.
+    std::vector<std::string> recipients;
+    for (const std::string& raw : envelope.recipients) {
+        std::string address = envelope_address(raw);
+        if (address.empty()) continue;
+        if (std::none_of(recipients.begin(), recipients.end(),
+                         [&](const std::string& seen) { return iequals(seen, address); }))
+            recipients.push_back(std::move(address));
+    }
+    if (recipients.empty()) return make_error("no envelope recipients");
+    std::vector<bool> placed(recipients.size(), false);
+    auto place = [&](const std::vector<Mailbox>& shown, std::vector<EmailAddress>& field) {
+        for (const Mailbox& mailbox : shown) {
+            for (size_t i = 0; i < recipients.size(); ++i) {
+                if (!placed[i] && iequals(recipients[i], mailbox.address)) {
+                    placed[i] = true;
+                    field.push_back({recipients[i], mailbox.name});
+                }
+            }
+        }
+    };
+    place(mailboxes(message, GMIME_ADDRESS_TYPE_TO), out.to);
+    place(mailboxes(message, GMIME_ADDRESS_TYPE_CC), out.cc);
+    for (size_t i = 0; i < recipients.size(); ++i)
+        if (!placed[i]) out.bcc.push_back({recipients[i], ""});
+
+    // Sender: only verified domains may send through ACS.
+    const std::vector<Mailbox> from = mailboxes(message, GMIME_ADDRESS_TYPE_FROM);
+    const std::vector<Mailbox> reply_to = mailboxes(message, GMIME_ADDRESS_TYPE_REPLY_TO);
+    std::string original;
+    if (options.sender_source == SenderSource::header) {
+        if (!from.empty()) original = from.front().address;
+    } else {
+        original = envelope_address(envelope.sender);  // "" for the null sender
+    }
+    for (const Mailbox& mailbox : reply_to) out.reply_to.push_back(to_email_address(mailbox));
+    if (!original.empty() && in_verified_domain(original, options.verified_domains)) {
+        out.sender_address = original;
+    } else {
+        if (trim(options.sender).empty())
+            return make_error("sender <" + original +
+                              "> is not in a verified domain and no sender is configured");
+        out.sender_address = std::string(trim(options.sender));
+        // Replies should still reach the real author.
+        if (out.reply_to.empty() && options.reply_to_original) {
+            if (!from.empty())
+                out.reply_to.push_back(to_email_address(from.front()));
+            else if (!original.empty())
+                out.reply_to.push_back({original, ""});
+        }
+    }
+
+    out.headers = pass_through_headers(message, options);
+
+    GMimeObject* root = g_mime_message_get_mime_part(message);
+    if (root) {
+        Converter converter(parser_options, options);
+        if (converter.too_many_parts(root)) return make_error(std::string(kTooManyMimeParts));
+        converter.convert(root, out);
+    }
+    // ACS requires content.subject and at least one of plainText/html: a message without any
+    // text (only attachments, or nothing at all) is sent with an empty plain text.
+    if (!out.plain_text && !out.html) out.plain_text = std::string();
+    return out;
+}
+
+Result<EmailMessage> convert_stream(GMimeStream* stream, const Envelope& envelope,
+                                    const ConversionOptions& options) {
+    ParserOptionsPtr parser_options = make_parser_options();
+    GObjectPtr<GMimeParser> parser(g_mime_parser_new_with_stream(stream));
+    g_mime_parser_set_format(parser.get(), GMIME_FORMAT_MESSAGE);
+    GObjectPtr<GMimeMessage> message(
+        g_mime_parser_construct_message(parser.get(), parser_options.get()));
+    if (!message) return make_error("not a MIME message (GMime could not parse it)");
+    return convert_parsed(message.get(), parser_options.get(), envelope, options);
+}
+
+// A message touching every kind of entity, charset filter and decoder used above.
+constexpr std::string_view kWarmUpMessage =
+    "From: =?ISO-8859-1?Q?J=F6rg?= <a@example.net>\nTo: a@example.net\nSubject: =?UTF-8?B?dw==?=\n"
+    "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=m\n\n"
+    "--m\nContent-Type: multipart/alternative; boundary=a\n\n"
+    "--a\nContent-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: "
+    "quoted-printable\n\n"
+    "=E9\n--a\nContent-Type: text/html\nContent-Transfer-Encoding: base64\n\nPGI+PC9iPg==\n--a--\n"
+    "--m\nContent-Type: message/rfc822\n\nSubject: inner\n\ninner\n"
+    "--m\nContent-Type: application/pdf; name=a.pdf\n\n\xe9\n--m--\n";
+
+void init_gmime_once() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        // g_mime_init is not thread-safe itself; GMime work on separate objects is afterwards.
+        // Never shut down: the milter converts until the process exits.
+        g_mime_init();
+        // GLib and GMime build type classes and charset tables lazily on first use, under
+        // their own locks; one conversion here does it once, ordered before every caller.
+        Envelope envelope{"", {"a@example.net"}};
+        ConversionOptions options;
+        options.sender = "a@example.net";
+        GObjectPtr<GMimeStream> stream(
+            g_mime_stream_mem_new_with_buffer(kWarmUpMessage.data(), kWarmUpMessage.size()));
+        (void)convert_stream(stream.get(), envelope, options);
+    });
+}
+
+}  // namespace
+
+Result<EmailMessage> convert_message(std::string_view source, const Envelope& envelope,
+                                     const ConversionOptions& options) {
+    init_gmime_once();
+    // GMime's memory stream copies the buffer: the string_view need not outlive this call
+    // anyway, and the parser keeps referencing the stream for part contents.
+    GObjectPtr<GMimeStream> stream(g_mime_stream_mem_new_with_buffer(source.data(), source.size()));
+    return convert_stream(stream.get(), envelope, options);
+}
+
+Result<EmailMessage> convert_message_file(const std::string& path, const Envelope& envelope,
+                                          const ConversionOptions& options) {
+    init_gmime_once();
+    GError* raw_error = nullptr;
+    // A seekable file stream: the parser keeps offsets into it instead of copying part contents.
+    GObjectPtr<GMimeStream> stream(g_mime_stream_fs_open(path.c_str(), O_RDONLY, 0, &raw_error));
+    if (!stream) {
+        std::string reason = raw_error ? raw_error->message : "cannot open";
+        if (raw_error) g_error_free(raw_error);
+        return make_error(reason, path);
+    }
+    return convert_stream(stream.get(), envelope, options);
+}
+
+}  // namespace paasmilter

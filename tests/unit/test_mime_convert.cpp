@@ -1,0 +1,553 @@
+#include <doctest/doctest.h>
+#include <glib.h>
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "paasmilter/acs_json.hpp"
+#include "paasmilter/mime_convert.hpp"
+#include "temp_dir.hpp"
+
+using namespace paasmilter;
+using nlohmann::json;
+
+namespace {
+
+const std::filesystem::path kCorpus = std::filesystem::path(PAAS_TEST_DATA_DIR) / "mime";
+
+std::string read_file(const std::filesystem::path& path) {
+    std::ifstream in(path, std::ios::binary);
+    REQUIRE_MESSAGE(in.good(), "cannot read ", path.string());
+    std::ostringstream out;
+    out << in.rdbuf();
+    return out.str();
+}
+
+ConversionOptions base_options() {
+    ConversionOptions options;
+    options.sender = "DoNotReply@contoso.azurecomm.net";
+    options.verified_domains = {"contoso.com"};
+    options.never_pass_headers = {"X-PaaS-Route"};
+    return options;
+}
+
+// A corpus message: NAME.eml, NAME.env ("from: ADDR", "rcpt: ADDR", "inline_attachments: true",
+// "sender_source: envelope" lines), NAME.expected.json.
+struct CorpusCase {
+    std::string name;
+    std::filesystem::path eml;
+    Envelope envelope;
+    ConversionOptions options;
+    json expected;
+};
+
+std::vector<CorpusCase> load_corpus() {
+    std::vector<CorpusCase> cases;
+    for (const auto& entry : std::filesystem::directory_iterator(kCorpus)) {
+        if (entry.path().extension() != ".eml") continue;
+        CorpusCase item;
+        item.name = entry.path().stem().string();
+        item.eml = entry.path();
+        item.options = base_options();
+        std::istringstream env(read_file(kCorpus / (item.name + ".env")));
+        for (std::string line; std::getline(env, line);) {
+            const auto colon = line.find(": ");
+            REQUIRE_MESSAGE(colon != std::string::npos, item.name, ".env: ", line);
+            const std::string key = line.substr(0, colon), value = line.substr(colon + 2);
+            if (key == "from")
+                item.envelope.sender = value;
+            else if (key == "rcpt")
+                item.envelope.recipients.push_back(value);
+            else if (key == "inline_attachments")
+                item.options.inline_attachments = value == "true";
+            else if (key == "sender_source")
+                item.options.sender_source =
+                    value == "envelope" ? SenderSource::envelope : SenderSource::header;
+            else
+                FAIL("unknown key in ", item.name, ".env: ", key);
+        }
+        item.expected = json::parse(read_file(kCorpus / (item.name + ".expected.json")));
+        cases.push_back(std::move(item));
+    }
+    std::sort(cases.begin(), cases.end(),
+              [](const CorpusCase& a, const CorpusCase& b) { return a.name < b.name; });
+    return cases;
+}
+
+EmailMessage convert_ok(const std::string& source, const Envelope& envelope,
+                        const ConversionOptions& options = base_options()) {
+    auto result = convert_message(source, envelope, options);
+    REQUIRE_MESSAGE(result.ok(), (result.ok() ? "" : result.error().to_string()));
+    return std::move(result).value();
+}
+
+Envelope envelope(std::vector<std::string> recipients, std::string sender = "app@contoso.com") {
+    return Envelope{std::move(sender), std::move(recipients)};
+}
+
+std::string message_with(const std::string& headers, const std::string& body = "Body.\n") {
+    return headers + "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n" + body;
+}
+
+std::vector<std::string> addresses(const std::vector<EmailAddress>& list) {
+    std::vector<std::string> out;
+    for (const auto& address : list) out.push_back(address.address);
+    return out;
+}
+
+// Bare LFs to CRLF (line ends already CRLF stay as they are).
+std::string crlf(const std::string& text) {
+    std::string out;
+    for (size_t i = 0; i < text.size(); ++i) {
+        if (text[i] == '\n' && (i == 0 || text[i - 1] != '\r')) out += '\r';
+        out += text[i];
+    }
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("corpus: each message converts to its expected ACS request") {
+    const auto cases = load_corpus();
+    REQUIRE(cases.size() >= 14);
+    for (const auto& item : cases) {
+        CAPTURE(item.name);
+        const std::string source = read_file(item.eml);
+        auto from_memory = convert_message(source, item.envelope, item.options);
+        REQUIRE_MESSAGE(from_memory.ok(), item.name, ": ",
+                        (from_memory.ok() ? "" : from_memory.error().to_string()));
+        const json actual = json::parse(to_acs_json(*from_memory));
+        CHECK_MESSAGE(actual == item.expected, item.name, " got:\n", actual.dump(2));
+
+        auto from_file = convert_message_file(item.eml.string(), item.envelope, item.options);
+        REQUIRE(from_file.ok());
+        CHECK_MESSAGE(to_acs_json(*from_file) == to_acs_json(*from_memory), item.name);
+    }
+}
+
+TEST_CASE("corpus: CRLF line ends give the same result") {
+    // Postfix hands the milter CRLF. Text bodies are normalised to LF; attachments are bytes as
+    // sent, so a message with a 7bit text attachment differs.
+    const std::vector<std::string> byte_exact = {"signed-calendar"};
+    for (const auto& item : load_corpus()) {
+        if (std::find(byte_exact.begin(), byte_exact.end(), item.name) != byte_exact.end())
+            continue;
+        CAPTURE(item.name);
+        auto result = convert_message(crlf(read_file(item.eml)), item.envelope, item.options);
+        REQUIRE(result.ok());
+        const json actual = json::parse(to_acs_json(*result));
+        CHECK_MESSAGE(actual == item.expected, item.name, " got:\n", actual.dump(2));
+    }
+}
+
+TEST_CASE("corpus: 8 threads converting concurrently agree with the expected results") {
+    const auto cases = load_corpus();
+    std::vector<std::string> sources;
+    for (const auto& item : cases) sources.push_back(read_file(item.eml));
+    std::atomic<int> mismatches{0};
+    std::atomic<int> conversions{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; ++t) {
+        threads.emplace_back([&, t] {
+            for (int round = 0; round < 25; ++round) {
+                for (size_t i = 0; i < cases.size(); ++i) {
+                    const size_t k = (i + static_cast<size_t>(t)) % cases.size();
+                    auto result =
+                        (round % 2)
+                            ? convert_message_file(cases[k].eml.string(), cases[k].envelope,
+                                                   cases[k].options)
+                            : convert_message(sources[k], cases[k].envelope, cases[k].options);
+                    if (!result.ok() || json::parse(to_acs_json(*result)) != cases[k].expected)
+                        ++mismatches;
+                    ++conversions;
+                }
+            }
+        });
+    }
+    for (auto& thread : threads) thread.join();
+    CHECK(mismatches == 0);
+    CHECK(conversions == static_cast<int>(8 * 25 * cases.size()));
+}
+
+TEST_CASE("recipients: the envelope decides, the headers only place") {
+    const std::string source = message_with(
+        "From: app@contoso.com\n"
+        "To: \"Alice A.\" <ALICE@example.net>, header-only@example.net\n"
+        "Cc: Bob <bob@example.net>, alice@example.net\n");
+    const auto message =
+        convert_ok(source, envelope({"<alice@example.net>", "bob@example.net", "dave@example.org",
+                                     "Dave@Example.org", " "}));
+    REQUIRE(message.to.size() == 1);
+    CHECK(message.to[0].address == "alice@example.net");  // the envelope's spelling
+    CHECK(message.to[0].display_name == "Alice A.");
+    REQUIRE(message.cc.size() == 1);  // alice is not repeated in cc
+    CHECK(message.cc[0].address == "bob@example.net");
+    CHECK(message.cc[0].display_name == "Bob");
+    CHECK(addresses(message.bcc) == std::vector<std::string>{"dave@example.org"});  // deduplicated
+    CHECK(message.recipient_count() == 3);  // header-only@ is not sent to
+}
+
+TEST_CASE("recipients: group syntax and undisclosed-recipients") {
+    auto message = convert_ok(message_with("From: app@contoso.com\nTo: undisclosed-recipients:;\n"),
+                              envelope({"a@example.net", "b@example.net"}));
+    CHECK(message.to.empty());
+    CHECK(addresses(message.bcc) == std::vector<std::string>{"a@example.net", "b@example.net"});
+
+    message = convert_ok(
+        message_with("From: app@contoso.com\nTo: Team: \"A\" <a@example.net>, b@example.net;, "
+                     "c@example.net\nCc: Others:;\n"),
+        envelope({"c@example.net", "b@example.net", "a@example.net"}));
+    CHECK(addresses(message.to) ==
+          std::vector<std::string>{"a@example.net", "b@example.net", "c@example.net"});
+    CHECK(message.to[0].display_name == "A");
+    CHECK(message.bcc.empty());
+}
+
+TEST_CASE("recipients: no envelope recipient is an error") {
+    auto result = convert_message(message_with("From: app@contoso.com\nTo: a@example.net\n"),
+                                  envelope({}), base_options());
+    REQUIRE_FALSE(result.ok());
+    CHECK(result.error().message.find("recipient") != std::string::npos);
+}
+
+TEST_CASE("recipients: RFC 2047 display names in any charset") {
+    const auto message = convert_ok(
+        message_with("From: app@contoso.com\n"
+                     "To: =?ISO-8859-1?Q?Fran=E7oise?= <f@example.net>, "
+                     "=?Shift_JIS?B?jlKTY5G+mFk=?= <y@example.jp>, "
+                     "=?UTF-8?B?/w==?= <bad@example.net>, =?x-unknown?Q?Zo=EB?= <z@example.net>\n"),
+        envelope({"f@example.net", "y@example.jp", "bad@example.net", "z@example.net"}));
+    REQUIRE(message.to.size() == 4);
+    CHECK(message.to[0].display_name == "Françoise");
+    CHECK(message.to[1].display_name == "山田太郎");
+    for (const auto& address : message.to)
+        CHECK(g_utf8_validate(address.display_name.data(),
+                              static_cast<gssize>(address.display_name.size()), nullptr));
+}
+
+TEST_CASE("sender: a verified domain is kept, with the message's Reply-To") {
+    auto message = convert_ok(message_with("From: \"App\" <App@Contoso.COM>\nTo: a@example.net\n"),
+                              envelope({"a@example.net"}));
+    CHECK(message.sender_address == "App@Contoso.COM");
+    CHECK(message.reply_to.empty());
+
+    message = convert_ok(message_with("From: app@contoso.com\nReply-To: Desk <desk@example.org>\n"
+                                      "To: a@example.net\n"),
+                         envelope({"a@example.net"}));
+    CHECK(message.sender_address == "app@contoso.com");
+    REQUIRE(message.reply_to.size() == 1);
+    CHECK(message.reply_to[0].address == "desk@example.org");
+    CHECK(message.reply_to[0].display_name == "Desk");
+}
+
+TEST_CASE("sender: an unverified one is replaced, the original becomes Reply-To") {
+    auto message = convert_ok(
+        message_with("From: \"MFP 3rd floor\" <scan@printers.local>\nSender: x@contoso.com\n"
+                     "To: a@example.net\n"),
+        envelope({"a@example.net"}, "scan@printers.local"));
+    CHECK(message.sender_address == "DoNotReply@contoso.azurecomm.net");  // Sender: not used
+    REQUIRE(message.reply_to.size() == 1);
+    CHECK(message.reply_to[0].address == "scan@printers.local");
+    CHECK(message.reply_to[0].display_name == "MFP 3rd floor");
+
+    // Subdomains are not verified by their parent.
+    message = convert_ok(message_with("From: app@mail.contoso.com\nTo: a@example.net\n"),
+                         envelope({"a@example.net"}));
+    CHECK(message.sender_address == "DoNotReply@contoso.azurecomm.net");
+
+    // An existing Reply-To wins over the From.
+    message = convert_ok(message_with("From: scan@printers.local\nReply-To: a@x.org, b@x.org\n"
+                                      "To: a@example.net\n"),
+                         envelope({"a@example.net"}));
+    CHECK(addresses(message.reply_to) == std::vector<std::string>{"a@x.org", "b@x.org"});
+
+    ConversionOptions no_reply = base_options();
+    no_reply.reply_to_original = false;
+    message = convert_ok(message_with("From: scan@printers.local\nTo: a@example.net\n"),
+                         envelope({"a@example.net"}), no_reply);
+    CHECK(message.reply_to.empty());
+}
+
+TEST_CASE("sender: the envelope sender as the source") {
+    ConversionOptions options = base_options();
+    options.sender_source = SenderSource::envelope;
+    const std::string source =
+        message_with("From: Printer <printer@printers.local>\nTo: a@example.net\n");
+
+    auto message = convert_ok(source, envelope({"a@example.net"}, "<bounce@contoso.com>"), options);
+    CHECK(message.sender_address == "bounce@contoso.com");
+    CHECK(message.reply_to.empty());
+
+    message = convert_ok(source, envelope({"a@example.net"}, "bounce@elsewhere.example"), options);
+    CHECK(message.sender_address == "DoNotReply@contoso.azurecomm.net");
+    REQUIRE(message.reply_to.size() == 1);
+    CHECK(message.reply_to[0].address == "printer@printers.local");
+    CHECK(message.reply_to[0].display_name == "Printer");
+
+    // The null sender (bounces, notifications): the configured sender.
+    message = convert_ok(source, envelope({"a@example.net"}, ""), options);
+    CHECK(message.sender_address == "DoNotReply@contoso.azurecomm.net");
+}
+
+TEST_CASE("sender: no verified original and no configured sender is an error") {
+    ConversionOptions options = base_options();
+    options.sender.clear();
+    auto result = convert_message(message_with("From: scan@printers.local\nTo: a@example.net\n"),
+                                  envelope({"a@example.net"}), options);
+    REQUIRE_FALSE(result.ok());
+    CHECK(result.error().message.find("scan@printers.local") != std::string::npos);
+
+    result =
+        convert_message(message_with("To: a@example.net\n"), envelope({"a@example.net"}), options);
+    CHECK_FALSE(result.ok());  // no From at all
+}
+
+TEST_CASE("headers: allow-list, built-in deny-list, unfolding, duplicates") {
+    const std::string headers =
+        "Received: from x by y\n"
+        "DKIM-Signature: v=1\n"
+        "ARC-Seal: i=1\n"
+        "Authentication-Results: mx; spf=pass\n"
+        "From: app@contoso.com\n"
+        "To: a@example.net\n"
+        "Subject: s\n"
+        "Message-ID: <1@contoso.com>\n"
+        "message-id: <2@contoso.com>\n"
+        "In-Reply-To: <0@contoso.com>\n"
+        "References: <a@contoso.com>\n <b@contoso.com>\n"
+        "X-Folded:   first\n\tsecond  \n"
+        "X-PaaS-Route: acs-api\n"
+        "x-ms-acsemail-suppress-invalid-attachment: true\n"
+        "X-Empty:\n"
+        "Keywords: k\n"
+        "Delivered-To: a@example.net\n"
+        "X-Original-To: a@example.net\n";
+    auto message = convert_ok(message_with(headers), envelope({"a@example.net"}));
+    CHECK(message.headers == std::vector<std::pair<std::string, std::string>>{
+                                 {"Message-ID", "<1@contoso.com>"},
+                                 {"In-Reply-To", "<0@contoso.com>"},
+                                 {"References", "<a@contoso.com> <b@contoso.com>"},
+                                 {"X-Folded", "first\tsecond"},
+                             });
+
+    // Even "everything" never passes the built-in list.
+    ConversionOptions everything = base_options();
+    everything.pass_headers = {"*"};
+    everything.never_pass_headers = {"X-PaaS-*", "keywords"};
+    message = convert_ok(message_with(headers), envelope({"a@example.net"}), everything);
+    std::vector<std::string> names;
+    for (const auto& [name, value] : message.headers) names.push_back(name);
+    CHECK(names == std::vector<std::string>{"Message-ID", "In-Reply-To", "References", "X-Folded"});
+
+    ConversionOptions exact = base_options();
+    exact.pass_headers = {"keywords", "x-folded"};
+    message = convert_ok(message_with(headers), envelope({"a@example.net"}), exact);
+    CHECK(message.headers == std::vector<std::pair<std::string, std::string>>{
+                                 {"X-Folded", "first\tsecond"}, {"Keywords", "k"}});
+}
+
+TEST_CASE("headers: values with invalid bytes, control characters or NUL are dropped") {
+    const std::string source = message_with(
+        std::string("From: app@contoso.com\nTo: a@example.net\nX-Latin: caf\xe9\nX-Ctl: a\x01"
+                    "b\n") +
+        std::string("X-Nul: a\0b\n", 11) + "X-Utf8: caf\xc3\xa9\n");
+    const auto message = convert_ok(source, envelope({"a@example.net"}));
+    CHECK(message.headers ==
+          std::vector<std::pair<std::string, std::string>>{{"X-Utf8", "caf\xc3\xa9"}});
+}
+
+TEST_CASE("attachments: cid-referenced parts are inline only when the option says so") {
+    const std::string source = read_file(kCorpus / "related-cid.eml");
+    ConversionOptions options = base_options();
+
+    options.inline_attachments = true;
+    auto message = convert_ok(source, envelope({"alice@example.net"}), options);
+    REQUIRE(message.attachments.size() == 2);
+    CHECK(message.attachments[0].content_id == "logo@contoso.com");
+    CHECK(message.attachments[1].content_id.empty());  // has a Content-ID nobody references
+
+    options.inline_attachments = false;
+    message = convert_ok(source, envelope({"alice@example.net"}), options);
+    REQUIRE(message.attachments.size() == 2);
+    CHECK(message.attachments[0].content_id.empty());
+    CHECK(message.attachments[0].name == "logo.png");
+    CHECK(message.attachments[0].size == 33);
+}
+
+TEST_CASE("attachments: a repeated Content-ID stays inline only once (ACS rejects duplicates)") {
+    const std::string source =
+        "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/related; boundary=r\n\n"
+        "--r\nContent-Type: text/html\n\n<img src=\"cid:img%40x\"><img src=\"cid:img@x\">\n"
+        "--r\nContent-Type: image/png\nContent-ID: <img@x>\nContent-Transfer-Encoding: base64\n\n"
+        "AAAA\n"
+        "--r\nContent-Type: image/png\nContent-ID: <IMG@x>\nContent-Transfer-Encoding: base64\n\n"
+        "AAAA\n--r--\n";
+    ConversionOptions options = base_options();
+    options.inline_attachments = true;
+    const auto message = convert_ok(source, envelope({"a@example.net"}), options);
+    REQUIRE(message.attachments.size() == 2);
+    CHECK(message.attachments[0].content_id == "img@x");
+    CHECK(message.attachments[1].content_id.empty());
+    CHECK(message.attachments[0].name == "attachment-1.png");
+    CHECK(message.attachments[1].name == "attachment-2.png");
+    CHECK(message.attachments[0].content_base64 == "AAAA");
+    CHECK(message.attachments[0].size == 3);
+}
+
+TEST_CASE("body: which parts are the text") {
+    SUBCASE("alternative: the last rendering of each kind wins") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/alternative; boundary=a\n\n"
+            "--a\nContent-Type: text/plain\n\nfirst\n--a\nContent-Type: text/enriched\n\n<b>x</b>\n"
+            "--a\nContent-Type: text/plain\n\nsecond\n--a\nContent-Type: text/html\n\n<p>h</p>\n"
+            "--a--\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "second");
+        CHECK(message.html == "<p>h</p>");
+        CHECK(message.attachments.size() == 1);  // text/enriched: not a rendering ACS carries
+    }
+    SUBCASE("mixed: the first text is the body, later ones are attachments") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/mixed; boundary=m\n\n"
+            "--m\nContent-Type: application/pdf\nContent-Disposition: attachment\n\n%PDF\n"
+            "--m\nContent-Type: text/plain\n\nbody\n"
+            "--m\nContent-Type: text/html\n\n<p>footer</p>\n"
+            "--m\nContent-Type: text/plain; name=log.txt\n\nlog line\n"
+            "--m\nContent-Type: text/plain\nContent-Disposition: attachment\n\nattached\n--m--\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "body");
+        CHECK_FALSE(message.html);
+        REQUIRE(message.attachments.size() == 4);
+        CHECK(message.attachments[0].name == "attachment-1.pdf");
+        CHECK(message.attachments[1].name == "attachment-2.html");
+        CHECK(message.attachments[2].name == "log.txt");
+        CHECK(message.attachments[3].name == "attachment-4.txt");
+    }
+    SUBCASE("undeclared 8-bit text is UTF-8 if valid, else Windows-1252") {
+        auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\n\nPreis: 5 \x80, Gr\xfc\xdf"
+            "e\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "Preis: 5 €, Grüße\n");
+        message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\n\nGr\xc3\xbc\xc3\x9f"
+            "e\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "Grüße\n");
+    }
+    SUBCASE("a boundary that never matches: the text is still sent") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/mixed; boundary=nowhere\n\n--elsewhere\n\nThe text.\n",
+            envelope({"a@example.net"}));
+        REQUIRE(message.plain_text);
+        CHECK(message.plain_text->find("The text.") != std::string::npos);
+    }
+}
+
+TEST_CASE("limits: too many MIME parts is an error the caller can recognise") {
+    std::string source =
+        "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/mixed; boundary=x\n\n";
+    for (int i = 0; i < 10000; ++i) source += "--x\nContent-Type: text/plain\n\npart\n";
+    source += "--x--\n";
+    auto result = convert_message(source, envelope({"a@example.net"}), base_options());
+    REQUIRE_FALSE(result.ok());
+    CHECK(result.error().message == kTooManyMimeParts);
+
+    // The cap counts the multipart and its leaves: 1 + 4 parts.
+    std::string small =
+        "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/mixed; boundary=x\n\n";
+    for (int i = 0; i < 4; ++i) small += "--x\nContent-Type: text/plain\n\npart\n";
+    small += "--x--\n";
+    ConversionOptions options = base_options();
+    options.max_mime_parts = 5;
+    CHECK(convert_message(small, envelope({"a@example.net"}), options).ok());
+    options.max_mime_parts = 4;
+    CHECK_FALSE(convert_message(small, envelope({"a@example.net"}), options).ok());
+}
+
+TEST_CASE("limits: deep nesting, giant headers and garbage do not crash") {
+    std::string deep =
+        "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/mixed; boundary=b0\n\n";
+    for (int i = 1; i < 5000; ++i)
+        deep += "--b" + std::to_string(i - 1) + "\nContent-Type: multipart/mixed; boundary=b" +
+                std::to_string(i) + "\n\n";
+    deep += "--b4999\nContent-Type: text/plain\n\ndeep\n";
+    auto result = convert_message(deep, envelope({"a@example.net"}), base_options());
+    REQUIRE_FALSE(result.ok());
+    CHECK(result.error().message == kTooManyMimeParts);
+
+    const std::string giant =
+        "From: app@contoso.com\nTo: a@example.net\nSubject: " + std::string(2'000'000, 'S') +
+        "\nX-Big: " + std::string(1'000'000, 'x') + "\n\nbody\n";
+    auto message = convert_ok(giant, envelope({"a@example.net"}));
+    CHECK(message.subject.size() == 2'000'000);
+
+    for (const std::string& junk :
+         {std::string(), std::string("\n\n\n"), std::string("no header at all"),
+          std::string("\0\0\0\xff\xfe", 5), std::string("Content-Type: multipart/mixed\n\n--")}) {
+        result = convert_message(junk, envelope({"a@example.net"}), base_options());
+        if (result.ok()) CHECK_NOTHROW((void)to_acs_json(*result));
+    }
+}
+
+TEST_CASE("limits: randomly damaged corpus messages never crash and stay valid JSON") {
+    std::mt19937 random(20261123);
+    const auto cases = load_corpus();
+    int converted = 0;
+    for (int round = 0; round < 300; ++round) {
+        const auto& item = cases[static_cast<size_t>(round) % cases.size()];
+        std::string source = read_file(item.eml);
+        const int damage = 1 + static_cast<int>(random() % 8);
+        for (int d = 0; d < damage && !source.empty(); ++d) {
+            const size_t at = random() % source.size();
+            switch (random() % 4) {
+                case 0:
+                    source[at] = static_cast<char>(random() % 256);
+                    break;
+                case 1:
+                    source.erase(at, random() % 64);
+                    break;
+                case 2:
+                    source.insert(at, source.substr(random() % source.size(), 40));
+                    break;
+                case 3:
+                    source.resize(at);
+                    break;
+            }
+        }
+        auto result = convert_message(source, item.envelope, item.options);
+        if (!result.ok()) continue;
+        ++converted;
+        const std::string body = to_acs_json(*result);
+        CHECK(json::accept(body));  // strict: valid JSON and valid UTF-8
+    }
+    CHECK(converted > 0);
+}
+
+TEST_CASE("convert_message_file: a missing file is an error naming it") {
+    paasmilter::testing::TempDir dir;
+    const std::string path = (dir.path() / "missing.eml").string();
+    auto result = convert_message_file(path, envelope({"a@example.net"}), base_options());
+    REQUIRE_FALSE(result.ok());
+    CHECK(result.error().file == path);
+
+    const std::string written = dir.write("m.eml", read_file(kCorpus / "scanner.eml"));
+    auto message = convert_message_file(written, envelope({"alice@example.net"}), base_options());
+    REQUIRE(message.ok());
+    CHECK(message->attachments.size() == 1);
+}
