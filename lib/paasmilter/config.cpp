@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <set>
 #include <string_view>
 
@@ -11,29 +14,60 @@
 
 namespace paasmilter {
 
-const char* to_string(Mode mode) { return mode == Mode::enforce ? "enforce" : "dry-run"; }
+const char* to_string(Mode mode) {
+    return mode == Mode::enforce ? "enforce" : "dry-run";
+}
 
 const char* to_string(Action action) {
     switch (action) {
-        case Action::relay: return "relay";
-        case Action::pass: return "pass";
-        case Action::reject: return "reject";
-        case Action::tempfail: return "tempfail";
+        case Action::relay:
+            return "relay";
+        case Action::pass:
+            return "pass";
+        case Action::reject:
+            return "reject";
+        case Action::tempfail:
+            return "tempfail";
+        case Action::api:
+            return "api";
+    }
+    return "?";
+}
+
+std::string to_string(const FailurePolicy& policy) {
+    switch (policy.kind) {
+        case FailurePolicy::Kind::tempfail:
+            return "tempfail";
+        case FailurePolicy::Kind::relay:
+            return "relay:" + policy.relay_route;
+        case FailurePolicy::Kind::hold:
+            return "hold";
+        case FailurePolicy::Kind::reject:
+            return "reject";
     }
     return "?";
 }
 
 const char* to_string(Field field) {
     switch (field) {
-        case Field::client_addr: return "client_addr";
-        case Field::client_name: return "client_name";
-        case Field::cert_subject: return "cert_subject";
-        case Field::cert_issuer: return "cert_issuer";
-        case Field::cert_fingerprint: return "cert_fingerprint";
-        case Field::auth: return "auth";
-        case Field::sender: return "sender";
-        case Field::recipient: return "recipient";
-        case Field::header: return "header";
+        case Field::client_addr:
+            return "client_addr";
+        case Field::client_name:
+            return "client_name";
+        case Field::cert_subject:
+            return "cert_subject";
+        case Field::cert_issuer:
+            return "cert_issuer";
+        case Field::cert_fingerprint:
+            return "cert_fingerprint";
+        case Field::auth:
+            return "auth";
+        case Field::sender:
+            return "sender";
+        case Field::recipient:
+            return "recipient";
+        case Field::header:
+            return "header";
     }
     return "?";
 }
@@ -66,9 +100,42 @@ constexpr FieldSpec kFields[] = {
 constexpr std::string_view kDunno = "DUNNO";
 constexpr std::string_view kOk = "OK";
 
+// Keys of an `action = "api"` route (see etc/paas-milter.toml).
+constexpr std::string_view kApiKeys[] = {
+    "provider",
+    "api_version",
+    "endpoint",
+    "connection_string_file",
+    "tenant_id",
+    "client_id",
+    "client_secret_file",
+    "client_certificate_file",
+    "authority",
+    "sender",
+    "verified_domains",
+    "sender_source",
+    "reply_to_original",
+    "pass_headers",
+    "engagement_tracking",
+    "local_domains",
+    "on_failure",
+    "on_permanent_failure",
+    "on_oversize",
+    "time_budget",
+    "request_timeout",
+    "max_attempts",
+    "max_request_bytes",
+    "spool_threshold",
+    "spool_directory",
+    "ca_file",
+    "proxy",
+    "connect_timeout",
+    "max_concurrency",
+};
+
 // Everything the loader needs to report errors where they are.
 class Loader {
-public:
+  public:
     explicit Loader(std::string path) : path_(std::move(path)) {
         base_dir_ = std::filesystem::path(path_).parent_path();
     }
@@ -88,14 +155,14 @@ public:
         if (auto r = load_routes(root, *config); !r) return r.error();
         if (auto r = load_rules(root, *config); !r) return r.error();
         if (!config->default_route.empty() && !config->find_route(config->default_route)) {
-            return error_at(*root["milter"]["default_route"].node(),
-                            fmt::format("milter.default_route: unknown route \"{}\"",
-                                        config->default_route));
+            return error_at(
+                *root["milter"]["default_route"].node(),
+                fmt::format("milter.default_route: unknown route \"{}\"", config->default_route));
         }
         return std::shared_ptr<const Config>(std::move(config));
     }
 
-private:
+  private:
     Error error_at(const toml::node& node, std::string message) const {
         return make_error(std::move(message), path_, static_cast<int>(node.source().begin.line));
     }
@@ -181,9 +248,9 @@ private:
         } else if (*mode == "dry-run") {
             config.mode = Mode::dry_run;
         } else {
-            return error_at(*milter->get("mode"),
-                            fmt::format("milter.mode: \"{}\" is not \"enforce\" or \"dry-run\"",
-                                        *mode));
+            return error_at(
+                *milter->get("mode"),
+                fmt::format("milter.mode: \"{}\" is not \"enforce\" or \"dry-run\"", *mode));
         }
 
         auto default_route = get_string(*milter, "default_route", "milter", false);
@@ -207,9 +274,8 @@ private:
     }
 
     static bool valid_header_value(std::string_view value) {
-        return !value.empty() &&
-               std::all_of(value.begin(), value.end(),
-                           [](unsigned char c) { return c >= 32 && c != 127; });
+        return !value.empty() && std::all_of(value.begin(), value.end(),
+                                             [](unsigned char c) { return c >= 32 && c != 127; });
     }
 
     Result<void> load_routes(const toml::table& root, Config& config) {
@@ -227,12 +293,15 @@ private:
             }
             const toml::table* table = value.as_table();
             if (!table) return error_at(value, context + ": expected a table");
-            if (auto r = check_keys(*table,
-                                    {"action", "dry_run", "header_value", "transport",
-                                     "reply_code", "reply_status", "reply_text"},
-                                    context);
-                !r)
-                return r;
+            std::vector<std::string_view> known = {"action",    "dry_run",    "header_value",
+                                                   "transport", "reply_code", "reply_status",
+                                                   "reply_text"};
+            known.insert(known.end(), std::begin(kApiKeys), std::end(kApiKeys));
+            for (auto&& [k, v] : *table) {
+                if (std::find(known.begin(), known.end(), k.str()) == known.end()) {
+                    return error_at(k, fmt::format("unknown key \"{}.{}\"", context, k.str()));
+                }
+            }
             Route route;
             route.name = name;
             route.where = where(value);
@@ -246,21 +315,326 @@ private:
                 route.action = Action::reject;
             } else if (*action == "tempfail") {
                 route.action = Action::tempfail;
+            } else if (*action == "api") {
+                route.action = Action::api;
             } else {
                 return error_at(*table->get("action"),
                                 fmt::format("{}.action: \"{}\" is not one of relay, pass, "
-                                            "reject, tempfail",
+                                            "reject, tempfail, api",
                                             context, *action));
             }
             if (const toml::node* dry = table->get("dry_run")) {
-                if (!dry->is_boolean()) return error_at(*dry, context + ".dry_run: expected true or false");
+                if (!dry->is_boolean())
+                    return error_at(*dry, context + ".dry_run: expected true or false");
                 route.dry_run = dry->as_boolean()->get();
             }
             if (auto r = load_route_action_keys(*table, context, route); !r) return r;
+            if (route.action == Action::api) {
+                auto api = load_api_settings(*table, context);
+                if (!api) return api.error();
+                route.api = std::move(*api);
+            } else {
+                for (std::string_view key : kApiKeys) {
+                    if (const toml::node* n = table->get(key)) {
+                        return error_at(*n, fmt::format("{}.{}: only valid with action = \"api\"",
+                                                        context, key));
+                    }
+                }
+            }
             config.routes.emplace(name, std::move(route));
         }
         if (config.routes.empty()) return error_at(*node, "routes: no route is defined");
+        // Fallback policies may only name relay routes (checked once all routes are known).
+        for (const auto& [name, route] : config.routes) {
+            if (!route.api) continue;
+            for (const FailurePolicy* policy :
+                 {&route.api->on_failure, &route.api->on_permanent_failure,
+                  &route.api->on_oversize}) {
+                if (policy->kind != FailurePolicy::Kind::relay) continue;
+                const Route* target = config.find_route(policy->relay_route);
+                if (!target || target->action != Action::relay) {
+                    return make_error(fmt::format("routes.{}: fallback \"relay:{}\" does not "
+                                                  "name a route with action = \"relay\"",
+                                                  name, policy->relay_route),
+                                      route.where.substr(0, route.where.rfind(':')),
+                                      std::atoi(route.where.c_str() + route.where.rfind(':') + 1));
+                }
+            }
+        }
         return {};
+    }
+
+    Result<std::vector<std::string>> get_string_list(const toml::table& table, std::string_view key,
+                                                     const std::string& context) const {
+        std::vector<std::string> out;
+        const toml::node* node = table.get(key);
+        if (!node) return out;
+        const toml::array* array = node->as_array();
+        if (!array)
+            return error_at(*node, fmt::format("{}.{}: expected a list of strings", context, key));
+        for (const toml::node& item : *array) {
+            if (!item.is_string()) {
+                return error_at(item, fmt::format("{}.{}: expected a string", context, key));
+            }
+            out.push_back(item.as_string()->get());
+        }
+        return out;
+    }
+
+    Result<int64_t> get_integer(const toml::table& table, std::string_view key,
+                                const std::string& context, int64_t fallback, int64_t min,
+                                int64_t max) const {
+        const toml::node* node = table.get(key);
+        if (!node) return fallback;
+        if (!node->is_integer()) {
+            return error_at(*node, fmt::format("{}.{}: expected an integer", context, key));
+        }
+        int64_t value = node->as_integer()->get();
+        if (value < min || value > max) {
+            return error_at(*node, fmt::format("{}.{}: {} is not between {} and {}", context, key,
+                                               value, min, max));
+        }
+        return value;
+    }
+
+    Result<bool> get_bool(const toml::table& table, std::string_view key,
+                          const std::string& context, bool fallback) const {
+        const toml::node* node = table.get(key);
+        if (!node) return fallback;
+        if (!node->is_boolean()) {
+            return error_at(*node, fmt::format("{}.{}: expected true or false", context, key));
+        }
+        return node->as_boolean()->get();
+    }
+
+    // A secret lives in its own file (mode 0600, outside the TOML that may be shared); the
+    // file's content, trimmed, is the secret. Errors name the file, never its content.
+    Result<std::string> read_secret_file(const toml::table& table, std::string_view key,
+                                         const std::string& context) const {
+        auto path = get_string(table, key, context, true);
+        if (!path) return path.error();
+        std::filesystem::path file = *path;
+        if (file.is_relative()) file = base_dir_ / file;
+        std::ifstream in(file, std::ios::binary);
+        if (!in) {
+            return error_at(*table.get(key), fmt::format("{}.{}: cannot read {}: {}", context, key,
+                                                         file.string(), std::strerror(errno)));
+        }
+        std::string secret((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        while (!secret.empty() && std::isspace(static_cast<unsigned char>(secret.back()))) {
+            secret.pop_back();
+        }
+        while (!secret.empty() && std::isspace(static_cast<unsigned char>(secret.front()))) {
+            secret.erase(secret.begin());
+        }
+        if (secret.empty()) {
+            return error_at(*table.get(key),
+                            fmt::format("{}.{}: {} is empty", context, key, file.string()));
+        }
+        return secret;
+    }
+
+    Result<FailurePolicy> get_policy(const toml::table& table, std::string_view key,
+                                     const std::string& context, FailurePolicy fallback) const {
+        auto text = get_string(table, key, context, false);
+        if (!text) return text.error();
+        if (text->empty()) return fallback;
+        FailurePolicy policy;
+        if (*text == "tempfail") {
+            policy.kind = FailurePolicy::Kind::tempfail;
+        } else if (*text == "hold") {
+            policy.kind = FailurePolicy::Kind::hold;
+        } else if (*text == "reject") {
+            policy.kind = FailurePolicy::Kind::reject;
+        } else if (text->starts_with("relay:") && text->size() > 6) {
+            policy.kind = FailurePolicy::Kind::relay;
+            policy.relay_route = text->substr(6);
+        } else {
+            return error_at(*table.get(key),
+                            fmt::format("{}.{}: \"{}\" is not tempfail, hold, reject or "
+                                        "relay:ROUTE",
+                                        context, key, *text));
+        }
+        return policy;
+    }
+
+    Result<std::shared_ptr<const ApiSettings>> load_api_settings(const toml::table& table,
+                                                                 const std::string& context) {
+        auto api = std::make_shared<ApiSettings>();
+        auto provider = get_string(table, "provider", context, false, "acs");
+        if (!provider) return provider.error();
+        if (*provider != "acs") {
+            return error_at(
+                *table.get("provider"),
+                fmt::format("{}.provider: \"{}\" is not supported (acs)", context, *provider));
+        }
+        auto version = get_string(table, "api_version", context, false, "2023-03-31");
+        if (!version) return version.error();
+        if (version->size() != 10 || (*version)[4] != '-' || (*version)[7] != '-') {
+            return error_at(
+                *table.get("api_version"),
+                fmt::format("{}.api_version: \"{}\" is not YYYY-MM-DD", context, *version));
+        }
+        api->api_version = *version;
+        api->inline_attachments = *version >= "2025-09-01";
+
+        // Authentication: a connection string (endpoint + access key) or Entra ID.
+        bool has_key = table.get("connection_string_file") != nullptr;
+        bool has_entra = table.get("tenant_id") || table.get("client_id");
+        if (has_key == has_entra) {
+            return make_error(fmt::format("{}: set either connection_string_file (access key) "
+                                          "or tenant_id + client_id (Entra ID)",
+                                          context),
+                              path_, static_cast<int>(table.source().begin.line));
+        }
+        auto endpoint = get_string(table, "endpoint", context, false);
+        if (!endpoint) return endpoint.error();
+        api->endpoint = *endpoint;
+        if (has_key) {
+            auto secret = read_secret_file(table, "connection_string_file", context);
+            if (!secret) return secret.error();
+            auto parsed = parse_connection_string(*secret);
+            if (!parsed) {
+                return error_at(
+                    *table.get("connection_string_file"),
+                    fmt::format("{}.connection_string_file: {}", context, parsed.error().message));
+            }
+            api->access_key = parsed->access_key;
+            if (api->endpoint.empty()) api->endpoint = parsed->endpoint;
+        }
+        while (!api->endpoint.empty() && api->endpoint.back() == '/') api->endpoint.pop_back();
+        if (!api->endpoint.starts_with("https://")) {
+            return make_error(
+                fmt::format("{}: endpoint \"{}\" must be an https:// URL", context, api->endpoint),
+                path_,
+                static_cast<int>(
+                    (table.get("endpoint") ? table.get("endpoint")->source() : table.source())
+                        .begin.line));
+        }
+
+        HttpClientOptions http;
+        auto ca_file = get_string(table, "ca_file", context, false);
+        if (!ca_file) return ca_file.error();
+        http.ca_file = *ca_file;
+        auto proxy = get_string(table, "proxy", context, false);
+        if (!proxy) return proxy.error();
+        http.proxy = *proxy;
+        auto connect_timeout = get_integer(table, "connect_timeout", context, 10, 1, 120);
+        if (!connect_timeout) return connect_timeout.error();
+        http.connect_timeout = std::chrono::seconds(*connect_timeout);
+        auto concurrency = get_integer(table, "max_concurrency", context, 8, 1, 256);
+        if (!concurrency) return concurrency.error();
+        http.max_concurrency = static_cast<size_t>(*concurrency);
+        api->http = std::make_shared<HttpClient>(http);
+
+        if (has_entra) {
+            EntraCredentials credentials;
+            for (auto [key, field] : {std::pair{"tenant_id", &credentials.tenant_id},
+                                      std::pair{"client_id", &credentials.client_id}}) {
+                auto value = get_string(table, key, context, true);
+                if (!value) return value.error();
+                *field = *value;
+            }
+            auto authority =
+                get_string(table, "authority", context, false, "https://login.microsoftonline.com");
+            if (!authority) return authority.error();
+            credentials.authority = *authority;
+            while (!credentials.authority.empty() && credentials.authority.back() == '/') {
+                credentials.authority.pop_back();
+            }
+            bool has_secret = table.get("client_secret_file") != nullptr;
+            bool has_certificate = table.get("client_certificate_file") != nullptr;
+            if (has_secret == has_certificate) {
+                return make_error(fmt::format("{}: Entra ID needs client_secret_file or "
+                                              "client_certificate_file (one of them)",
+                                              context),
+                                  path_, static_cast<int>(table.source().begin.line));
+            }
+            if (has_secret) {
+                auto secret = read_secret_file(table, "client_secret_file", context);
+                if (!secret) return secret.error();
+                credentials.client_secret = *secret;
+            } else {
+                auto file = get_string(table, "client_certificate_file", context, true);
+                if (!file) return file.error();
+                std::filesystem::path certificate = *file;
+                if (certificate.is_relative()) certificate = base_dir_ / certificate;
+                credentials.certificate_file = certificate.string();
+            }
+            api->entra = std::make_shared<EntraTokenProvider>(std::move(credentials), api->http);
+        }
+
+        ConversionOptions& conversion = api->conversion;
+        auto sender = get_string(table, "sender", context, true);
+        if (!sender) return sender.error();
+        if (sender->find('@') == std::string::npos) {
+            return error_at(*table.get("sender"),
+                            fmt::format("{}.sender: \"{}\" is not an address", context, *sender));
+        }
+        conversion.sender = *sender;
+        auto verified = get_string_list(table, "verified_domains", context);
+        if (!verified) return verified.error();
+        conversion.verified_domains = *verified;
+        auto source = get_string(table, "sender_source", context, false, "header");
+        if (!source) return source.error();
+        if (*source == "header") {
+            conversion.sender_source = SenderSource::header;
+        } else if (*source == "envelope") {
+            conversion.sender_source = SenderSource::envelope;
+        } else {
+            return error_at(*table.get("sender_source"),
+                            fmt::format("{}.sender_source: \"{}\" is not \"header\" or "
+                                        "\"envelope\"",
+                                        context, *source));
+        }
+        auto reply_to = get_bool(table, "reply_to_original", context, true);
+        if (!reply_to) return reply_to.error();
+        conversion.reply_to_original = *reply_to;
+        if (table.get("pass_headers")) {
+            auto pass = get_string_list(table, "pass_headers", context);
+            if (!pass) return pass.error();
+            conversion.pass_headers = *pass;
+        }
+        auto tracking = get_bool(table, "engagement_tracking", context, false);
+        if (!tracking) return tracking.error();
+        conversion.disable_engagement_tracking = !*tracking;
+        conversion.inline_attachments = api->inline_attachments;
+
+        auto local = get_string_list(table, "local_domains", context);
+        if (!local) return local.error();
+        api->local_domains = *local;
+
+        auto on_failure = get_policy(table, "on_failure", context, api->on_failure);
+        if (!on_failure) return on_failure.error();
+        api->on_failure = *on_failure;
+        auto on_permanent =
+            get_policy(table, "on_permanent_failure", context, api->on_permanent_failure);
+        if (!on_permanent) return on_permanent.error();
+        api->on_permanent_failure = *on_permanent;
+        auto on_oversize = get_policy(table, "on_oversize", context, api->on_oversize);
+        if (!on_oversize) return on_oversize.error();
+        api->on_oversize = *on_oversize;
+
+        auto budget = get_integer(table, "time_budget", context, 60, 5, 280);
+        if (!budget) return budget.error();
+        api->time_budget = std::chrono::seconds(*budget);
+        auto request_timeout = get_integer(table, "request_timeout", context, 30, 1, 280);
+        if (!request_timeout) return request_timeout.error();
+        api->request_timeout = std::chrono::seconds(*request_timeout);
+        auto attempts = get_integer(table, "max_attempts", context, 4, 1, 20);
+        if (!attempts) return attempts.error();
+        api->max_attempts = static_cast<int>(*attempts);
+        auto max_bytes =
+            get_integer(table, "max_request_bytes", context, 10 * 1024 * 1024, 1024, 1 << 30);
+        if (!max_bytes) return max_bytes.error();
+        api->max_request_bytes = static_cast<size_t>(*max_bytes);
+        auto threshold = get_integer(table, "spool_threshold", context, 1024 * 1024, 0, 1 << 30);
+        if (!threshold) return threshold.error();
+        api->spool_threshold = static_cast<size_t>(*threshold);
+        auto spool = get_string(table, "spool_directory", context, false, "/var/tmp");
+        if (!spool) return spool.error();
+        api->spool_directory = *spool;
+        return std::shared_ptr<const ApiSettings>(std::move(api));
     }
 
     Result<void> load_route_action_keys(const toml::table& table, const std::string& context,
@@ -277,10 +651,10 @@ private:
             auto value = get_string(table, "header_value", context, false, route.name);
             if (!value) return value.error();
             if (!valid_header_value(*value)) {
-                return error_at(table.get("header_value") ? *table.get("header_value")
-                                                          : static_cast<const toml::node&>(table),
-                                fmt::format("{}.header_value: must be a non-empty single line",
-                                            context));
+                return error_at(
+                    table.get("header_value") ? *table.get("header_value")
+                                              : static_cast<const toml::node&>(table),
+                    fmt::format("{}.header_value: must be a non-empty single line", context));
             }
             route.header_value = *value;
             auto transport = get_string(table, "transport", context, false);
@@ -542,12 +916,12 @@ std::string render_header_checks(const Config& config) {
         config.path);
     for (const auto& [name, route] : config.routes) {
         if (route.action != Action::relay) continue;
-        std::string pattern =
-            fmt::format("/^{}:\\s*{}$/", escape_regex(config.routing_header),
-                        escape_regex(route.header_value));
+        std::string pattern = fmt::format("/^{}:\\s*{}$/", escape_regex(config.routing_header),
+                                          escape_regex(route.header_value));
         if (route.transport.empty()) {
-            out += fmt::format("# route {}: no transport configured\n# {} FILTER transport:nexthop\n",
-                               name, pattern);
+            out +=
+                fmt::format("# route {}: no transport configured\n# {} FILTER transport:nexthop\n",
+                            name, pattern);
         } else {
             out += fmt::format("{} FILTER {}\n", pattern, route.transport);
         }

@@ -2,33 +2,70 @@
 // Loaded whole into an immutable snapshot; the daemon swaps snapshots atomically on SIGHUP.
 #pragma once
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "paasmilter/acs_auth.hpp"
+#include "paasmilter/http_client.hpp"
+#include "paasmilter/mime_convert.hpp"
 #include "paasmilter/result.hpp"
 #include "paasmilter/table.hpp"
 
 namespace paasmilter {
 
 enum class Mode { enforce, dry_run };
-enum class Action { relay, pass, reject, tempfail };
+enum class Action { relay, pass, reject, tempfail, api };
 
 const char* to_string(Mode mode);
 const char* to_string(Action action);
 
+// What to do with a message the API did not accept.
+struct FailurePolicy {
+    enum class Kind { tempfail, relay, hold, reject };
+    Kind kind = Kind::tempfail;
+    std::string relay_route;  // for Kind::relay: a route with action = "relay"
+};
+std::string to_string(const FailurePolicy& policy);
+
+// An `action = "api"` route: submit to Azure Communication Services Email.
+struct ApiSettings {
+    std::string endpoint;  // "https://contoso.europe.communication.azure.com"
+    std::string api_version = "2023-03-31";
+    bool inline_attachments = false;  // api-version >= 2025-09-01 has contentId
+    // Exactly one of the two: an access key (HMAC) or Entra ID client credentials.
+    std::string access_key;  // base64; never logged
+    std::shared_ptr<EntraTokenProvider> entra;
+    ConversionOptions conversion;
+    std::vector<std::string> local_domains;  // recipients there stay with Postfix
+    FailurePolicy on_failure;                // transient: 429/5xx/timeouts/auth, after retries
+    FailurePolicy on_permanent_failure{FailurePolicy::Kind::reject, {}};
+    FailurePolicy on_oversize{FailurePolicy::Kind::reject, {}};
+    std::chrono::seconds time_budget{60};  // all attempts of one message, well under
+                                           // Postfix's milter_content_timeout (300 s)
+    std::chrono::seconds request_timeout{30};
+    int max_attempts = 4;
+    size_t max_request_bytes = 10 * 1024 * 1024;  // ACS: about 10 MB per request
+    size_t max_recipients_per_request = 50;       // ACS limit
+    size_t spool_threshold = 1024 * 1024;         // larger bodies go to a temporary file
+    std::string spool_directory = "/var/tmp";
+    std::shared_ptr<HttpClient> http;  // shared by all messages of this route
+};
+
 struct Route {
     std::string name;
     Action action = Action::pass;
-    bool dry_run = false;       // log only, whatever the global mode
-    std::string header_value;   // relay: value of the routing header (default: the name)
-    std::string transport;      // relay: "transport:nexthop", documentation only
-    int reply_code = 0;         // reject / tempfail
-    std::string reply_status;   // "5.7.1"
+    bool dry_run = false;      // log only, whatever the global mode
+    std::string header_value;  // relay: value of the routing header (default: the name)
+    std::string transport;     // relay: "transport:nexthop", documentation only
+    int reply_code = 0;        // reject / tempfail
+    std::string reply_status;  // "5.7.1"
     std::string reply_text;
-    std::string where;          // "file:line" of the [routes.NAME] table
+    std::shared_ptr<const ApiSettings> api;  // action = "api"
+    std::string where;                       // "file:line" of the [routes.NAME] table
 };
 
 // The transaction facts a condition looks at.

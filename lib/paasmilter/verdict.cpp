@@ -23,7 +23,11 @@ Verdict decide_verdict(const Config& config, const Decision& decision, int forge
             verdict.add_routing_header = true;
             verdict.routing_value = route->header_value;
             break;
-        case Action::pass: break;
+        case Action::pass:
+            break;
+        case Action::api:
+            verdict.submit_to_api = true;
+            break;
         case Action::reject:
         case Action::tempfail:
             verdict.reply =
@@ -54,10 +58,10 @@ std::string format_decision_log(const Transaction& tx, const Decision& decision,
                                 const Verdict& verdict) {
     std::string line;
     if (verdict.dry_run) line += "dry-run, ";
-    line += fmt::format("rule={}, route={}, action={}",
-                        decision.rule ? decision.rule->name
-                                      : (decision.default_route ? "(default)" : "(none)"),
-                        decision.route ? decision.route->name : "(none)", verdict.outcome);
+    line += fmt::format(
+        "rule={}, route={}, action={}",
+        decision.rule ? decision.rule->name : (decision.default_route ? "(default)" : "(none)"),
+        decision.route ? decision.route->name : "(none)", verdict.outcome);
     if (verdict.add_routing_header) {
         line += fmt::format(", header={}: {}", verdict.routing_header, verdict.routing_value);
     }
@@ -93,7 +97,8 @@ std::string format_query_report(const Decision& decision, const Verdict& verdict
         out += "rule: (none matched; milter.default_route applies)\n";
     }
     out += fmt::format("route: {}\n", decision.route->name);
-    out += fmt::format("action: {}{}\n", verdict.outcome, verdict.dry_run ? " (dry-run: logged only)" : "");
+    out += fmt::format("action: {}{}\n", verdict.outcome,
+                       verdict.dry_run ? " (dry-run: logged only)" : "");
     if (verdict.add_routing_header) {
         out += fmt::format("header: {}: {}\n", verdict.routing_header, verdict.routing_value);
         if (!decision.route->transport.empty()) {
@@ -103,6 +108,13 @@ std::string format_query_report(const Decision& decision, const Verdict& verdict
     if (verdict.reply != Verdict::Reply::accept) {
         out += fmt::format("reply: {} {} {}\n", verdict.reply_code, verdict.reply_status,
                            verdict.reply_text);
+    }
+    if (const ApiSettings* api = decision.route->api.get()) {
+        out += fmt::format("api: {}/emails:send?api-version={} ({})\n", api->endpoint,
+                           api->api_version, api->entra ? "Entra ID" : "access key");
+        out +=
+            fmt::format("on failure: {}, permanent: {}, oversize: {}\n", to_string(api->on_failure),
+                        to_string(api->on_permanent_failure), to_string(api->on_oversize));
     }
     for (const auto& hit : decision.hits) {
         out += fmt::format("matched: {} \"{}\" by {} ({}){}\n", to_string(hit.field),

@@ -11,15 +11,16 @@ namespace paasmilter {
 struct Verdict {
     enum class Reply { accept, reject, tempfail };
     Reply reply = Reply::accept;
-    bool dry_run = false;          // global dry-run mode or the route's dry_run
+    bool dry_run = false;              // global dry-run mode or the route's dry_run
     int forged_headers_to_delete = 0;  // client-sent routing headers (deleted even for pass)
     bool add_routing_header = false;
-    std::string routing_header;    // name
+    bool submit_to_api = false;  // action = "api": the milter submits at end of message
+    std::string routing_header;  // name
     std::string routing_value;
     int reply_code = 0;
     std::string reply_status;
     std::string reply_text;
-    std::string outcome;           // "relay", "pass", "reject", "tempfail", "none"
+    std::string outcome;  // "relay", "pass", "reject", "tempfail", "api", "none"
 };
 
 // `forged_headers` is how many copies of the routing header the client sent.

@@ -113,11 +113,14 @@ TEST_CASE("configuration errors name the file, the line and the key") {
               std::string::npos);
     }
     SUBCASE("reply code of the wrong class") {
-        auto text = replace(kMinimal, "action = \"reject\"", "action = \"reject\"\nreply_code = 450");
-        CHECK(load_error(text, dir) == path + ":11: routes.block.reply_code: 450 is not a 5xx code");
+        auto text =
+            replace(kMinimal, "action = \"reject\"", "action = \"reject\"\nreply_code = 450");
+        CHECK(load_error(text, dir) ==
+              path + ":11: routes.block.reply_code: 450 is not a 5xx code");
     }
     SUBCASE("reply keys on a relay route") {
-        auto text = replace(kMinimal, "action = \"relay\"", "action = \"relay\"\nreply_text = \"x\"");
+        auto text =
+            replace(kMinimal, "action = \"relay\"", "action = \"relay\"\nreply_text = \"x\"");
         CHECK(load_error(text, dir).find(":7: routes.acs.reply_text: only valid with action") !=
               std::string::npos);
     }
@@ -142,7 +145,8 @@ TEST_CASE("configuration errors name the file, the line and the key") {
         CHECK(error.find("missing.cidr") != std::string::npos);
     }
     SUBCASE("a table result that is not a route is an error at the table line") {
-        std::string table = dir.write("devices.cidr", "# devices\n10.0.0.0/8 acs\n10.1.0.0/16 acz\n");
+        std::string table =
+            dir.write("devices.cidr", "# devices\n10.0.0.0/8 acs\n10.1.0.0/16 acz\n");
         auto text = replace(kMinimal, "192.0.2.0/24", "cidr:devices.cidr");
         CHECK(load_error(text, dir) ==
               table + ":3: result \"acz\" is not a route name, OK or DUNNO");
@@ -174,8 +178,7 @@ TEST_CASE("configuration errors name the file, the line and the key") {
 TEST_CASE("a rule may take its route from the table") {
     TempDir dir;
     dir.write("certs.regexp", "/^printer-/ acs\n/^blocked-/ block\n/^other/ DUNNO\n");
-    auto text = replace(kMinimal,
-                        "client_addr = [\"192.0.2.0/24\"]\nroute = \"acs\"",
+    auto text = replace(kMinimal, "client_addr = [\"192.0.2.0/24\"]\nroute = \"acs\"",
                         "cert_subject = [\"regexp:certs.regexp\"]");
     auto config = load_config(dir.write("paas-milter.toml", text));
     REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
@@ -196,4 +199,99 @@ TEST_CASE("header-checks output maps each relay route to its transport") {
     CHECK(out.find("/^X-PaaS-Route:\\s*acs$/ FILTER acs-relay:[smtp.azurecomm.net]:587\n") !=
           std::string::npos);
     CHECK(out.find("block") == std::string::npos);
+}
+
+namespace {
+
+const std::string kApiRoutes = R"(
+[milter]
+socket = "inet:10025@127.0.0.1"
+
+[routes.acs-smtp]
+action = "relay"
+
+[routes.acs-api]
+action = "api"
+connection_string_file = "secrets/acs.conn"
+sender = "DoNotReply@contoso.azurecomm.net"
+verified_domains = ["contoso.com"]
+local_domains = ["contoso.test"]
+on_failure = "relay:acs-smtp"
+on_permanent_failure = "hold"
+time_budget = 90
+)";
+
+}  // namespace
+
+TEST_CASE("api routes") {
+    TempDir dir;
+    dir.write("secrets/acs.conn",
+              "endpoint=https://contoso.communication.azure.com/;accesskey=c2VjcmV0\n");
+    std::string path = (dir.path() / "paas-milter.toml").string();
+
+    SUBCASE("a complete access-key route") {
+        auto config = load_config(dir.write("paas-milter.toml", kApiRoutes));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        const Route* route = (*config)->find_route("acs-api");
+        REQUIRE(route);
+        REQUIRE(route->api);
+        const ApiSettings& api = *route->api;
+        CHECK(route->action == Action::api);
+        CHECK(api.endpoint == "https://contoso.communication.azure.com");
+        CHECK(api.access_key == "c2VjcmV0");
+        CHECK_FALSE(api.entra);
+        CHECK(api.api_version == "2023-03-31");
+        CHECK_FALSE(api.inline_attachments);
+        CHECK(api.conversion.sender == "DoNotReply@contoso.azurecomm.net");
+        CHECK(api.conversion.verified_domains == std::vector<std::string>{"contoso.com"});
+        CHECK(api.local_domains == std::vector<std::string>{"contoso.test"});
+        CHECK(to_string(api.on_failure) == "relay:acs-smtp");
+        CHECK(to_string(api.on_permanent_failure) == "hold");
+        CHECK(to_string(api.on_oversize) == "reject");
+        CHECK(api.time_budget == std::chrono::seconds(90));
+        CHECK(api.http);
+    }
+    SUBCASE("api-version 2025-09-01 turns on inline attachments") {
+        auto text = replace(kApiRoutes, "time_budget = 90", "api_version = \"2025-09-01\"");
+        auto config = load_config(dir.write("paas-milter.toml", text));
+        REQUIRE(config.ok());
+        CHECK((*config)->find_route("acs-api")->api->inline_attachments);
+    }
+    SUBCASE("Entra ID client credentials") {
+        dir.write("secrets/entra.secret", "s3cret\n");
+        auto text = replace(kApiRoutes, "connection_string_file = \"secrets/acs.conn\"",
+                            "endpoint = \"https://contoso.communication.azure.com\"\n"
+                            "tenant_id = \"t\"\nclient_id = \"c\"\n"
+                            "client_secret_file = \"secrets/entra.secret\"");
+        auto config = load_config(dir.write("paas-milter.toml", text));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        CHECK((*config)->find_route("acs-api")->api->entra);
+    }
+    SUBCASE("errors") {
+        CHECK(load_error(replace(kApiRoutes, "on_failure = \"relay:acs-smtp\"",
+                                 "on_failure = \"relay:acs-api\""),
+                         dir)
+                  .find("fallback \"relay:acs-api\" does not name a route with action = "
+                        "\"relay\"") != std::string::npos);
+        CHECK(load_error(
+                  replace(kApiRoutes, "on_failure = \"relay:acs-smtp\"", "on_failure = \"bounce\""),
+                  dir) == path +
+                              ":14: routes.acs-api.on_failure: \"bounce\" is not "
+                              "tempfail, hold, reject or relay:ROUTE");
+        CHECK(load_error(replace(kApiRoutes, "sender = ", "sendr = \"x\"\nsender = "), dir) ==
+              path + ":11: unknown key \"routes.acs-api.sendr\"");
+        CHECK(load_error(replace(kApiRoutes, "secrets/acs.conn", "secrets/missing"), dir)
+                  .find(path + ":10: routes.acs-api.connection_string_file: cannot read ") == 0);
+        CHECK(load_error(replace(kApiRoutes, "time_budget = 90", "time_budget = 400"), dir) ==
+              path + ":16: routes.acs-api.time_budget: 400 is not between 5 and 280");
+        CHECK(load_error(
+                  replace(kApiRoutes, "action = \"relay\"", "action = \"relay\"\nsender = \"a@b\""),
+                  dir) == path +
+                              ":7: routes.acs-smtp.sender: only valid with action = "
+                              "\"api\"");
+        dir.write("secrets/acs.conn", "endpoint=https://x;accesskey=not base64!");
+        std::string error = load_error(kApiRoutes, dir);
+        CHECK(error.find(path + ":10: routes.acs-api.connection_string_file:") == 0);
+        CHECK(error.find("not base64") == std::string::npos);  // never echo the secret
+    }
 }
