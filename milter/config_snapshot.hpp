@@ -11,13 +11,13 @@
 namespace paasmilter {
 
 class ConfigSnapshot {
-public:
+  public:
     std::shared_ptr<const Config> get() const { return current_.load(std::memory_order_acquire); }
     void set(std::shared_ptr<const Config> config) {
         current_.store(std::move(config), std::memory_order_release);
     }
 
-private:
+  private:
     std::atomic<std::shared_ptr<const Config>> current_;
 };
 

@@ -1,0 +1,49 @@
+// Per-connection and per-message state kept by the libmilter callbacks (smfi_setpriv).
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "paasmilter/classifier.hpp"
+#include "paasmilter/config.hpp"
+#include "paasmilter/spool.hpp"
+
+namespace paasmilter {
+
+// Counts a message from MAIL FROM until it is finished or aborted, so shutdown can wait
+// for messages in progress instead of cutting them off.
+class InFlight {
+  public:
+    InFlight();
+    ~InFlight();
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+};
+
+struct MessageState {
+    InFlight in_flight;
+    std::shared_ptr<const Config> config;  // the snapshot this message started with
+    Transaction tx;
+    std::vector<std::string> recipient_args;  // RCPT TO arguments as the MTA sent them
+    int forged_routing_headers = 0;
+    size_t stored_header_bytes = 0;
+    bool headers_truncated = false;
+    bool failed = false;                  // an earlier callback failed without being able to say so
+    std::optional<Decision> decision;     // made at end of headers
+    std::unique_ptr<MessageSpool> spool;  // the whole message, for API routes only
+};
+
+struct ConnectionState {
+    std::string client_addr;
+    std::string client_name;
+    std::string cert_subject;
+    std::string cert_issuer;
+    std::string cert_fingerprint;
+    bool header_needs_no_reply = false;  // SMFIP_NR_HDR negotiated
+    bool body_skip = false;              // SMFIP_SKIP negotiated
+    std::optional<MessageState> message;
+};
+
+}  // namespace paasmilter
