@@ -1,0 +1,268 @@
+"""The API route end to end: swaks -> a real private Postfix -> paas-milter -> the loopback
+ACS mock (HTTPS, HMAC-verified). Discard only after 202; every failure takes its policy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from mock_acs import MockAcs  # noqa: E402
+
+ROUTE_TEMPLATE = """
+[routes.acs-smtp]
+action = "relay"
+
+[routes.acs-api]
+action = "api"
+{auth}
+ca_file = "{ca_file}"
+sender = "DoNotReply@contoso.azurecomm.test"
+verified_domains = ["contoso.test"]
+local_domains = ["local.test"]
+spool_directory = "{spool}"
+spool_threshold = 65536
+time_budget = 20
+request_timeout = 5
+{policies}
+
+[[rules]]
+name = "devices"
+client_addr = ["127.0.0.2"]
+route = "acs-api"
+"""
+
+
+class ApiRouteTestCase(harness.IntegrationTestCase):
+    policies = ""
+    mock_options: dict = {}
+
+    def auth_config(self) -> str:
+        return 'connection_string_file = "acs.conn"'
+
+    def setUp(self) -> None:
+        if not harness.milter_binary():
+            self.skipTest("PAAS_MILTER_BIN unset or not an executable")
+        self.mock = MockAcs(verified_domains=("contoso.test", "contoso.azurecomm.test"),
+                            **self.mock_options)
+        self.mock.start()
+        self.addCleanup(self.mock.stop)
+        self.default_sink = self.start_sink("default")
+        self.acs_sink = self.start_sink("acs")
+        self.milter_port = harness.free_port()
+        self.write_config("acs.conn", self.mock.connection_string + "\n")
+        self.spool = os.path.join(self.workdir(), "spool")
+        os.makedirs(self.spool)
+        body = ROUTE_TEMPLATE.format(ca_file=self.mock.ca_file, spool=self.spool,
+                                     policies=self.policies, auth=self.auth_config())
+        self.milter = self.start_milter(self.milter_port,
+                                        harness.milter_config(self.milter_port, body))
+        self.postfix = self.start_postfix(
+            default_sink=self.default_sink, milter_port=self.milter_port,
+            routes={"acs-smtp": ("acs-relay", self.acs_sink.port)},
+            main_cf={"message_size_limit": 30 * 1024 * 1024})
+
+    def send(self, **kw) -> harness.SwaksResult:
+        kw.setdefault("local_interface", "127.0.0.2")
+        kw.setdefault("from_", "scanner@contoso.test")
+        kw.setdefault("to", ["customer@example.net"])
+        return harness.swaks(self.postfix.smtpd_port, timeout=60, **kw)
+
+    def decision(self, queue_id: str) -> str:
+        return self.milter.wait_for_log(rf"{queue_id}: (.*)", timeout=30).group(1)
+
+    def assert_sinks_empty(self) -> None:
+        time.sleep(0.5)
+        self.assertEqual(self.default_sink.messages(), [])
+        self.assertEqual(self.acs_sink.messages(), [])
+
+
+class Accepted(ApiRouteTestCase):
+    def test_accepted_message_is_discarded_locally(self) -> None:
+        result = self.send(headers=["Subject: Scan 42", "To: Customer <customer@example.net>"],
+                           body="Please find the scan attached.\n")
+        self.assertEqual(result.data_code, 250, result.transcript)
+        accepted = self.mock.wait_for_accepted(1)[0]
+        message = accepted.message
+        self.assertEqual(accepted.auth, "hmac")
+        # From is in a verified domain: kept.
+        self.assertEqual(message["senderAddress"], "scanner@contoso.test")
+        self.assertEqual(message["content"]["subject"], "Scan 42")
+        self.assertIn("Please find the scan attached.", message["content"]["plainText"])
+        self.assertEqual(message["recipients"]["to"],
+                         [{"address": "customer@example.net", "displayName": "Customer"}])
+        line = self.decision(result.queue_id)
+        self.assertIn("rule=devices, route=acs-api, action=api", line)
+        self.assertIn("api=accepted, requests=1", line)
+        self.assertIn(f"operation_id={accepted.operation_id}", line)
+        self.assertIn("local_copy=discarded", line)
+        self.postfix.wait_for_log(rf"{result.queue_id}: milter-discard")
+        self.assert_sinks_empty()
+        self.assertEqual(self.postfix.queue(), [])
+
+    def test_envelope_recipients_are_authoritative_and_local_domains_stay(self) -> None:
+        result = self.send(to=["a@example.net", "hidden@example.org", "desk@local.test"],
+                           headers=["To: A <a@example.net>, Not Envelope <x@example.com>",
+                                    "From: Printer <printer@elsewhere.test>"])
+        self.assertEqual(result.data_code, 250, result.transcript)
+        message = self.mock.wait_for_accepted(1)[0].message
+        self.assertEqual(message["recipients"]["to"],
+                         [{"address": "a@example.net", "displayName": "A"}])
+        self.assertEqual([r["address"] for r in message["recipients"]["bcc"]],
+                         ["hidden@example.org"])
+        # From not in a verified domain: rewritten, original in replyTo.
+        self.assertEqual(message["senderAddress"], "DoNotReply@contoso.azurecomm.test")
+        self.assertEqual(message["replyTo"][0]["address"], "printer@elsewhere.test")
+        # The local recipient still gets Postfix's copy, and only it.
+        self.postfix.wait_for_status(result.queue_id, "sent")
+        delivered = self.default_sink.wait_for(1)
+        self.assertEqual(delivered[0].rcpt_to, ["desk@local.test"])
+        self.assertIn("local_copy=kept for 1 local recipient(s)", self.decision(result.queue_id))
+
+    def test_120_recipients_make_three_requests(self) -> None:
+        rcpts = [f"user{i:03d}@example.net" for i in range(120)]
+        result = self.send(to=rcpts)
+        self.assertEqual(result.data_code, 250, result.transcript)
+        accepted = self.mock.wait_for_accepted(3)
+        counts = sorted(sum(len(m.message["recipients"].get(k, [])) for k in ("to", "cc", "bcc"))
+                        for m in accepted)
+        self.assertEqual(counts, [20, 50, 50])
+        got = {r["address"] for m in accepted for k in ("to", "cc", "bcc")
+               for r in m.message["recipients"].get(k, [])}
+        self.assertEqual(got, set(rcpts))
+        self.assertIn("api=accepted, requests=3", self.decision(result.queue_id))
+        self.assert_sinks_empty()
+
+    def test_429_is_retried_after_retry_after(self) -> None:
+        self.mock.fail_next(429, retry_after=1)
+        result = self.send()
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.mock.wait_for_accepted(1)
+        self.assertIn("api=accepted, requests=2", self.decision(result.queue_id))
+
+    def test_attachment_and_html(self) -> None:
+        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\n"
+                "Subject: =?ISO-8859-1?Q?R=E9sum=E9?=\r\nMIME-Version: 1.0\r\n"
+                "Content-Type: multipart/mixed; boundary=b1\r\n\r\n"
+                "--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Hello</p>\r\n"
+                "--b1\r\nContent-Type: application/pdf\r\n"
+                "Content-Disposition: attachment; filename=\"scan.pdf\"\r\n"
+                "Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b1--\r\n")
+        result = self.send(data=data)
+        self.assertEqual(result.data_code, 250, result.transcript)
+        message = self.mock.wait_for_accepted(1)[0].message
+        self.assertEqual(message["content"]["subject"], "Résumé")
+        self.assertIn("<p>Hello</p>", message["content"]["html"])
+        self.assertEqual(message["attachments"], [{"name": "scan.pdf",
+                                                   "contentType": "application/pdf",
+                                                   "contentInBase64": "JVBERi0xLjQK"}])
+
+    def test_not_api_routed_mail_is_untouched(self) -> None:
+        result = self.send(local_interface="127.0.0.3")
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.postfix.wait_for_status(result.queue_id, "sent")
+        self.assertEqual(len(self.default_sink.wait_for(1)), 1)
+        self.assertEqual(self.mock.accepted_messages(), [])
+
+
+class TempfailPolicy(ApiRouteTestCase):
+    policies = 'on_failure = "tempfail"\nmax_attempts = 2'
+
+    def test_5xx_tempfails_and_nothing_is_lost(self) -> None:
+        self.mock.always(503)
+        result = self.send()
+        self.assertEqual(result.data_code, 451, result.transcript)
+        self.assertIn("4.3.0", result.data_reply)
+        self.assertIn("policy=tempfail", self.milter.wait_for_log(r"api=transient-failure.*").group(0))
+        self.assert_sinks_empty()
+        self.assertEqual(self.postfix.queue(), [])
+        # The client retries later; now the service answers.
+        self.mock.clear_faults()
+        retry = self.send()
+        self.assertEqual(retry.data_code, 250, retry.transcript)
+        self.assertEqual(len(self.mock.wait_for_accepted(1)), 1)
+
+    def test_permanent_failure_rejects(self) -> None:
+        self.mock.fail_next(400, code="InvalidSenderUserName", message="bad sender")
+        result = self.send()
+        self.assertEqual(result.data_code, 550, result.transcript)
+        self.assertIn("InvalidSenderUserName", result.data_reply)
+
+    def test_oversize_message_takes_the_oversize_policy_without_a_request(self) -> None:
+        big = "x" * 76 + "\r\n"
+        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\nSubject: big\r\n\r\n"
+                + big * (15 * 1024 * 1024 // len(big)))
+        result = self.send(data=data)
+        self.assertEqual(result.data_code, 550, result.transcript)
+        self.assertIn("5.3.4", result.data_reply)
+        self.assertEqual(self.mock.requests("send"), [])
+        self.assertEqual(os.listdir(self.spool), [])  # spool file removed
+
+
+class RelayFallback(ApiRouteTestCase):
+    policies = 'on_failure = "relay:acs-smtp"\nmax_attempts = 1\non_oversize = "relay:acs-smtp"'
+
+    def test_failure_falls_back_to_the_relay_route(self) -> None:
+        self.mock.always(500)
+        result = self.send()
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.postfix.wait_for_status(result.queue_id, "sent")
+        delivered = self.acs_sink.wait_for(1)
+        self.assertEqual(delivered[0].get_all(harness.ROUTING_HEADER), ["acs-smtp"])
+        line = self.decision(result.queue_id)
+        self.assertIn("policy=relay:acs-smtp", line)
+
+    def test_oversize_falls_back_to_the_relay_route(self) -> None:
+        big = "y" * 76 + "\r\n"
+        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\nSubject: big\r\n\r\n"
+                + big * (15 * 1024 * 1024 // len(big)))
+        result = self.send(data=data)
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.postfix.wait_for_status(result.queue_id, "sent", timeout=60)
+        self.assertEqual(len(self.acs_sink.wait_for(1)), 1)
+        self.assertEqual(self.mock.requests("send"), [])
+
+
+class HoldPolicy(ApiRouteTestCase):
+    policies = 'on_failure = "hold"\nmax_attempts = 1'
+
+    def test_failure_holds_the_message(self) -> None:
+        self.mock.fail_next(reset=True)
+        result = self.send()
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.postfix.wait_for_queue(lambda q: any(m.get("queue_name") == "hold" for m in q))
+        self.assertEqual(self.postfix.held_queue_ids(), [result.queue_id])
+        self.assertIn("policy=hold", self.decision(result.queue_id))
+        self.assert_sinks_empty()
+
+
+class EntraAuth(ApiRouteTestCase):
+    mock_options = {"tenant_id": "contoso-tenant", "client_id": "paas-milter-app",
+                    "client_secret": "entra-secret-for-tests", "token_lifetime": 3600}
+
+    def auth_config(self) -> str:
+        self.write_config("entra.secret", "entra-secret-for-tests\n")
+        return (f'endpoint = "{self.mock.endpoint}"\nauthority = "{self.mock.authority}"\n'
+                'tenant_id = "contoso-tenant"\nclient_id = "paas-milter-app"\n'
+                'client_secret_file = "entra.secret"')
+
+    def test_bearer_token_is_fetched_once_and_reused(self) -> None:
+        for _ in range(3):
+            result = self.send()
+            self.assertEqual(result.data_code, 250, result.transcript)
+        accepted = self.mock.wait_for_accepted(3)
+        self.assertEqual({m.auth for m in accepted}, {"bearer"})
+        tokens = self.mock.token_requests()
+        self.assertEqual(len(tokens), 1, tokens)
+        self.assertEqual(tokens[0].kind, "secret")
+        self.assertEqual(tokens[0].form.get("scope"), "https://communication.azure.com//.default")
+        # The secret never reaches the log.
+        self.assertNotIn("entra-secret-for-tests", self.milter.log())
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
