@@ -21,6 +21,7 @@ import time
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
 import harness  # noqa: E402
+from mock_acs import MockAcs  # noqa: E402
 
 
 def section(title: str) -> None:
@@ -54,8 +55,18 @@ def run(binary: str, work: str, started: list) -> int:
     shutil.copytree(os.path.join(REPO, "etc"), etc)
     config_path = os.path.join(etc, "paas-milter.toml")
     milter_port = harness.free_port()
+    # The ACS Email API is out of reach here: a loopback double of it (tests/integration/
+    # mock_acs.py, HMAC-verifying) stands in, with its connection string and CA.
+    mock = MockAcs(verified_domains=("contoso.com", "contoso.azurecomm.net"))
+    started.append(mock)
+    mock.start()
+    with open(os.path.join(etc, "secrets", "acs-connection-string"), "w") as f:
+        f.write(mock.connection_string + "\n")
     text = open(config_path).read()
     text = re.sub(r'(?m)^socket = ".*"$', f'socket = "inet:{milter_port}@127.0.0.1"', text, 1)
+    text = text.replace('action = "api"\n',
+                        f'action = "api"\nca_file = "{mock.ca_file}"\nspool_directory = "{work}"\n',
+                        1)
     with open(config_path, "w") as f:
         f.write(text)
 
@@ -93,6 +104,13 @@ def run(binary: str, work: str, started: list) -> int:
           f"milter_header_checks:\n  " + "\n  ".join(postfix.header_checks_lines()))
 
     samples = [
+        ("a multifunction printer in 192.0.2.128/25: submitted to the ACS Email API",
+         dict(xclient={"ADDR": "192.0.2.200"}, from_="mfp-3@contoso.com",
+              to=["customer@example.net", "desk@contoso.test"],
+              headers=["Subject: Invoice 4711", "To: Customer <customer@example.net>"])),
+        ("the same while the API answers 503: falls back to the acs-smtp relay route",
+         dict(xclient={"ADDR": "192.0.2.201"}, from_="mfp-4@contoso.com",
+              to=["customer@example.net"], headers=["Subject: Invoice 4712"])),
         ("a printer in 192.0.2.0/24 (cidr:tables/devices.cidr)",
          dict(xclient={"ADDR": "192.0.2.7"}, from_="printer-7@contoso.com",
               to=["customer@example.net"], headers=["Subject: Scan to mail"])),
@@ -118,6 +136,10 @@ def run(binary: str, work: str, started: list) -> int:
     for title, args in samples:
         port = args.pop("port", postfix.smtpd_port)
         section(title)
+        mock.clear_faults()
+        if "503" in title:
+            mock.always(503)
+        accepted_before = len(mock.accepted_messages())
         mark = milter.log_mark()
         result = harness.swaks(port, **args)
         reply = result.data_reply if result.data_code else \
@@ -129,8 +151,17 @@ def run(binary: str, work: str, started: list) -> int:
             line = milter.wait_for_log(r"NOQUEUE: .*|[0-9A-Za-z]+: (dry-run, )?rule=.*",
                                        since=mark).group(0)
         print(f"decision: {line}")
+        accepted = mock.accepted_messages()[accepted_before:]
+        for message in accepted:
+            rcpts = [r["address"] for k in ("to", "cc", "bcc")
+                     for r in message.message["recipients"].get(k, [])]
+            print(f"ACS API:  202 Accepted, Operation-Id {message.operation_id}, "
+                  f"from {message.message['senderAddress']} to {', '.join(rcpts)}")
         if not result.queue_id:
             print("arrived:  nowhere (refused during SMTP)")
+            continue
+        if "local_copy=discarded" in line:
+            print("arrived:  only at the ACS API (Postfix discarded its copy)")
             continue
         postfix.wait_for_status(result.queue_id, "sent")
         where = arrival(sinks, result.queue_id)
