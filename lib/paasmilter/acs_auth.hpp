@@ -64,7 +64,7 @@ Result<std::string> make_client_assertion(std::string_view certificate_pem,
 // than 5 minutes (or 10% of its lifetime, for short-lived tokens) remain; if that refresh
 // fails while the cached token is still valid, the cached one is used and the failure logged.
 class EntraTokenProvider {
-public:
+  public:
     using Clock = std::function<std::chrono::steady_clock::time_point()>;
 
     EntraTokenProvider(EntraCredentials credentials, std::shared_ptr<HttpClient> http);
@@ -74,7 +74,7 @@ public:
     // secret) saying why none could be had.
     Result<std::string> token(std::chrono::milliseconds timeout);
 
-private:
+  private:
     EntraCredentials credentials_;
     std::shared_ptr<HttpClient> http_;
     std::mutex mutex_;

@@ -75,15 +75,18 @@ std::optional<ConditionHit> evaluate(const Condition& condition, const Rule& rul
         case Field::client_name:
             if (tx.client_name.empty()) return std::nullopt;
             return lookup(condition, tx.client_name);
-        case Field::cert_subject: return lookup_certificate_name(condition, tx.cert_subject);
-        case Field::cert_issuer: return lookup_certificate_name(condition, tx.cert_issuer);
+        case Field::cert_subject:
+            return lookup_certificate_name(condition, tx.cert_subject);
+        case Field::cert_issuer:
+            return lookup_certificate_name(condition, tx.cert_issuer);
         case Field::cert_fingerprint:
             if (tx.cert_fingerprint.empty()) return std::nullopt;
             return lookup(condition, tx.cert_fingerprint);
         case Field::auth:
             if (tx.auth_user.empty()) return std::nullopt;
             return lookup(condition, tx.auth_user);
-        case Field::sender: return lookup(condition, tx.sender);
+        case Field::sender:
+            return lookup(condition, tx.sender);
         case Field::recipient: {
             if (tx.recipients.empty()) return std::nullopt;
             std::optional<ConditionHit> first;

@@ -41,7 +41,7 @@ struct HttpClientOptions {
 };
 
 class HttpClient {
-public:
+  public:
     explicit HttpClient(HttpClientOptions options);
     ~HttpClient();
     HttpClient(const HttpClient&) = delete;
@@ -52,7 +52,7 @@ public:
     // its message says which. Thread-safe.
     Result<HttpResponse> send(const HttpRequest& request, std::chrono::milliseconds timeout);
 
-private:
+  private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };

@@ -1,9 +1,8 @@
 // Lookup tables in Postfix's own file formats, so operators can keep thousands of
 // devices in one file they already know how to write:
-//   cidr:/path      cidr_table(5)   (client addresses only; longest-prefix trie, first-match semantics)
-//   regexp:/path    regexp_table(5) (evaluated with PCRE2)
-//   pcre:/path      pcre_table(5)   (PCRE2)
-//   texthash:/path  "key value" lines, access(5)-style search order for addresses
+//   cidr:/path      cidr_table(5)   (client addresses only; longest-prefix trie, first-match
+//   semantics) regexp:/path    regexp_table(5) (evaluated with PCRE2) pcre:/path      pcre_table(5)
+//   (PCRE2) texthash:/path  "key value" lines, access(5)-style search order for addresses
 // plus inline lists written directly in the TOML configuration.
 #pragma once
 
@@ -27,12 +26,12 @@ enum class KeyKind {
 };
 
 struct TableMatch {
-    std::string value;   // the right-hand side; empty for inline entries, which have none
-    std::string where;   // "file:line" (or "inline:<label>") of the entry that matched
+    std::string value;  // the right-hand side; empty for inline entries, which have none
+    std::string where;  // "file:line" (or "inline:<label>") of the entry that matched
 };
 
 class Table {
-public:
+  public:
     virtual ~Table() = default;
     // First matching entry in table order (Postfix semantics), nullopt when nothing matches.
     virtual std::optional<TableMatch> lookup(std::string_view key) const = 0;
@@ -40,9 +39,8 @@ public:
     virtual std::string describe() const = 0;
     // Every right-hand side with its "file:line", so the config loader can check that
     // each names a route (or is OK/DUNNO) before the table is used.
-    virtual void for_each_result(
-        const std::function<void(const std::string& value, const std::string& where)>& fn)
-        const = 0;
+    virtual void for_each_result(const std::function<void(const std::string& value,
+                                                          const std::string& where)>& fn) const = 0;
 };
 
 // One inline entry from the TOML file, with its location for error messages.

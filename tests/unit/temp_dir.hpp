@@ -10,9 +10,10 @@
 namespace paasmilter::testing {
 
 class TempDir {
-public:
+  public:
     TempDir() {
-        std::string pattern = (std::filesystem::temp_directory_path() / "paas-test-XXXXXX").string();
+        std::string pattern =
+            (std::filesystem::temp_directory_path() / "paas-test-XXXXXX").string();
         if (!mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
         path_ = pattern;
     }
@@ -34,7 +35,7 @@ public:
         return file.string();
     }
 
-private:
+  private:
     std::filesystem::path path_;
 };
 

@@ -97,8 +97,12 @@ route = "trial"
     Decision classify(const Transaction& tx) const { return paasmilter::classify(*config, tx); }
 };
 
-std::string route_of(const Decision& d) { return d.route ? d.route->name : "(none)"; }
-std::string rule_of(const Decision& d) { return d.rule ? d.rule->name : "(none)"; }
+std::string route_of(const Decision& d) {
+    return d.route ? d.route->name : "(none)";
+}
+std::string rule_of(const Decision& d) {
+    return d.rule ? d.rule->name : "(none)";
+}
 
 Transaction from_client(std::string addr) {
     Transaction tx;
