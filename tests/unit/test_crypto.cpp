@@ -9,33 +9,16 @@
 
 #include "paasmilter/crypto.hpp"
 #include "temp_dir.hpp"
+#include "test_support.hpp"
 
 using namespace paasmilter;
-using paasmilter::testing::TempDir;
+using namespace paasmilter::testing;
 
 namespace {
 
 std::string hex(const Result<std::string>& bytes) {
     REQUIRE(bytes.ok());
     return hex_encode(*bytes);
-}
-
-// Runs a shell command and returns its standard output; the test fails on a non-zero exit.
-std::string run(const std::string& command) {
-    std::string out;
-    FILE* pipe = ::popen(command.c_str(), "r");
-    REQUIRE(pipe != nullptr);
-    char buffer[4096];
-    while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) out.append(buffer, n);
-    const int status = ::pclose(pipe);
-    INFO(command);
-    REQUIRE(status == 0);
-    return out;
-}
-
-std::string read_all(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 // An RSA key and a self-signed certificate made by the openssl CLI, independent of the code
