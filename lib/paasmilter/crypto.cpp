@@ -1,4 +1,5 @@
 #include "paasmilter/crypto.hpp"
+#include "paasmilter/c_handle.hpp"
 
 #include <openssl/bio.h>
 #include <openssl/core_names.h>
@@ -18,13 +19,6 @@
 namespace paasmilter {
 namespace {
 
-template <auto Free>
-struct Deleter {
-    template <class T>
-    void operator()(T* p) const noexcept {
-        Free(p);
-    }
-};
 using MdCtxPtr = std::unique_ptr<EVP_MD_CTX, Deleter<EVP_MD_CTX_free>>;
 using MacPtr = std::unique_ptr<EVP_MAC, Deleter<EVP_MAC_free>>;
 using MacCtxPtr = std::unique_ptr<EVP_MAC_CTX, Deleter<EVP_MAC_CTX_free>>;

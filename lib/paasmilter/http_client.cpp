@@ -1,4 +1,5 @@
 #include "paasmilter/http_client.hpp"
+#include "paasmilter/c_handle.hpp"
 
 #include <curl/curl.h>
 
@@ -11,13 +12,6 @@
 namespace paasmilter {
 namespace {
 
-template <auto Free>
-struct Deleter {
-    template <class T>
-    void operator()(T* p) const noexcept {
-        Free(p);
-    }
-};
 using EasyPtr = std::unique_ptr<CURL, Deleter<curl_easy_cleanup>>;
 using SlistPtr = std::unique_ptr<curl_slist, Deleter<curl_slist_free_all>>;
 using SharePtr = std::unique_ptr<CURLSH, Deleter<curl_share_cleanup>>;
