@@ -5,11 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-bash contrib/scripts/install-deps.sh
-if [ -f build/build.ninja ]; then
-    meson setup --reconfigure build >/dev/null
-else
-    meson setup build >/dev/null
-fi
-meson compile -C build milter/paas-milter >/dev/null
+bash contrib/scripts/build.sh milter/paas-milter
 exec python3 contrib/scripts/demo.py build/milter/paas-milter

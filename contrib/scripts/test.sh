@@ -4,14 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-bash contrib/scripts/install-deps.sh
-
-if [ -f build/build.ninja ]; then
-    meson setup --reconfigure build >/dev/null
-else
-    meson setup build
-fi
-meson compile -C build
+bash contrib/scripts/build.sh
 status=0
 meson test -C build --print-errorlogs "$@" || status=$?
 
