@@ -186,6 +186,28 @@ class TempfailPolicy(ApiRouteTestCase):
         self.assertEqual(retry.data_code, 250, retry.transcript)
         self.assertEqual(len(self.mock.wait_for_accepted(1)), 1)
 
+    def test_a_retried_message_is_not_duplicated(self) -> None:
+        # The first request is accepted but its answer is lost, the retry fails too: the
+        # client is told to try again. Its retry carries the same Operation-Ids, so the
+        # service keeps exactly one copy of every part.
+        self.mock.fail_next(500, accept=True)
+        self.mock.fail_next(500)
+        rcpts = [f"user{i:03d}@example.net" for i in range(120)]
+        message_id = ["Message-Id: <retry-test@contoso.test>"]
+        first = self.send(to=rcpts, headers=message_id)
+        self.assertEqual(first.data_code, 451, first.transcript)
+        self.assertEqual(len(self.mock.accepted_messages()), 1)
+        second = self.send(to=rcpts, headers=message_id)
+        self.assertEqual(second.data_code, 250, second.transcript)
+        self.mock.wait_for_accepted(3)
+        time.sleep(0.5)
+        accepted = self.mock.accepted_messages()
+        self.assertEqual(len(accepted), 3)
+        got = sorted(r["address"] for m in accepted for k in ("to", "cc", "bcc")
+                     for r in m.message["recipients"].get(k, []))
+        self.assertEqual(got, rcpts)
+        self.assertEqual(len(self.mock.requests("send")), 5)
+
     def test_permanent_failure_rejects(self) -> None:
         self.mock.fail_next(400, code="InvalidSenderUserName", message="bad sender")
         result = self.send()
