@@ -5,7 +5,12 @@ ACS mock (HTTPS, HMAC-verified). Discard only after 202; every failure takes its
 from __future__ import annotations
 
 import os
+import pathlib
+import select
+import socket
+import socketserver
 import sys
+import threading
 import time
 import unittest
 
@@ -262,6 +267,67 @@ class HoldPolicy(ApiRouteTestCase):
         self.assert_sinks_empty()
 
 
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy on 127.0.0.1 (what a gateway's egress proxy does for
+    HTTPS), recording the targets it tunnelled to."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                method, target = request.split(b" ")[:2]
+                if method != b"CONNECT":
+                    self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                    return
+                host, port = target.decode().rsplit(":", 1)
+                if host != "127.0.0.1":  # loopback only, whatever a client asks
+                    self.request.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+                    return
+                outer.tunnels.append(target.decode())
+                with socket.create_connection((host, int(port)), timeout=10) as upstream:
+                    self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    sockets = [self.request, upstream]
+                    while True:
+                        readable, _, _ = select.select(sockets, [], [], 30)
+                        if not readable:
+                            return
+                        for sock in readable:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            (upstream if sock is self.request else self.request).sendall(data)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ThroughProxy(ApiRouteTestCase):
+    def auth_config(self) -> str:
+        self.proxy = ConnectProxy()
+        self.addCleanup(self.proxy.stop)
+        return f'connection_string_file = "acs.conn"\nproxy = "http://127.0.0.1:{self.proxy.port}"'
+
+    def test_requests_go_through_the_https_proxy(self) -> None:
+        result = self.send()
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.mock.wait_for_accepted(1)
+        self.assertEqual(self.proxy.tunnels, [self.mock.host])
+
+
 class EntraAuth(ApiRouteTestCase):
     mock_options = {"tenant_id": "contoso-tenant", "client_id": "paas-milter-app",
                     "client_secret": "entra-secret-for-tests", "token_lifetime": 3600}
@@ -284,6 +350,35 @@ class EntraAuth(ApiRouteTestCase):
         self.assertEqual(tokens[0].form.get("scope"), "https://communication.azure.com//.default")
         # The secret never reaches the log.
         self.assertNotIn("entra-secret-for-tests", self.milter.log())
+
+
+class EntraCertificateAuth(ApiRouteTestCase):
+    def setUp(self) -> None:
+        # An app certificate (RSA, as Entra ID takes) made before the mock starts, which
+        # verifies the client assertion's signature with it.
+        directory = self.workdir()
+        self.key = os.path.join(directory, "app.key")
+        self.cert = os.path.join(directory, "app.pem")
+        harness._run([harness.OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                      "-keyout", self.key, "-out", self.cert, "-days", "2",
+                      "-subj", "/CN=paas-milter-app"])
+        pathlib.Path(directory, "app-with-key.pem").write_text(
+            pathlib.Path(self.cert).read_text() + pathlib.Path(self.key).read_text())
+        self.mock_options = {"tenant_id": "contoso-tenant", "client_id": "paas-milter-app",
+                             "client_certificate": self.cert}
+        super().setUp()
+
+    def auth_config(self) -> str:
+        return (f'endpoint = "{self.mock.endpoint}"\nauthority = "{self.mock.authority}"\n'
+                'tenant_id = "contoso-tenant"\nclient_id = "paas-milter-app"\n'
+                'client_certificate_file = "app-with-key.pem"')
+
+    def test_client_assertion_signed_with_the_certificate(self) -> None:
+        result = self.send()
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.assertEqual(self.mock.wait_for_accepted(1)[0].auth, "bearer")
+        tokens = self.mock.token_requests()
+        self.assertEqual([(t.kind, t.status) for t in tokens], [("assertion", 200)])
 
 
 if __name__ == "__main__":
