@@ -139,7 +139,7 @@ sfsistat act_api(SMFICTX* ctx, const std::string& id, MessageState& message,
                          : convert_message_file(message.spool->path(), envelope, api.conversion);
     if (!converted) {
         const std::string& why = converted.error().message;
-        bool too_complex = why.find("too many") != std::string::npos;
+        bool too_complex = why == kTooManyMimeParts;
         extra = fmt::format(", api=conversion-failed ({})", sanitize_for_log(why, 200));
         return finish(apply_policy(ctx, message,
                                    {too_complex ? &api.on_oversize : &api.on_permanent_failure,

@@ -213,6 +213,16 @@ class TempfailPolicy(ApiRouteTestCase):
         self.assertEqual(got, rcpts)
         self.assertEqual(len(self.mock.requests("send")), 5)
 
+    def test_too_many_mime_parts_take_the_oversize_policy(self) -> None:
+        parts = "".join(f"--b\r\nContent-Type: text/plain\r\n\r\npart {i}\r\n" for i in range(600))
+        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\nSubject: parts\r\n"
+                "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                + parts + "--b--\r\n")
+        result = self.send(data=data)
+        self.assertEqual(result.data_code, 550, result.transcript)
+        self.assertIn("5.3.4", result.data_reply)
+        self.assertEqual(self.mock.requests("send"), [])
+
     def test_permanent_failure_rejects(self) -> None:
         self.mock.fail_next(400, code="InvalidSenderUserName", message="bad sender")
         result = self.send()
