@@ -169,6 +169,13 @@ class Loader {
     Error error_at(const toml::key& key, std::string message) const {
         return make_error(std::move(message), path_, static_cast<int>(key.source().begin.line));
     }
+    // An error at a "file:line" location as stored in Route::where or a TableMatch.
+    static Error error_at_where(const std::string& where, std::string message) {
+        auto colon = where.rfind(':');
+        if (colon == std::string::npos) return make_error(std::move(message), where);
+        return make_error(std::move(message), where.substr(0, colon),
+                          std::atoi(where.c_str() + colon + 1));
+    }
     std::string where(const toml::node& node) const {
         return fmt::format("{}:{}", path_, node.source().begin.line);
     }
@@ -353,11 +360,10 @@ class Loader {
                 if (policy->kind != FailurePolicy::Kind::relay) continue;
                 const Route* target = config.find_route(policy->relay_route);
                 if (!target || target->action != Action::relay) {
-                    return make_error(fmt::format("routes.{}: fallback \"relay:{}\" does not "
-                                                  "name a route with action = \"relay\"",
-                                                  name, policy->relay_route),
-                                      route.where.substr(0, route.where.rfind(':')),
-                                      std::atoi(route.where.c_str() + route.where.rfind(':') + 1));
+                    return error_at_where(route.where,
+                                          fmt::format("routes.{}: fallback \"relay:{}\" does not "
+                                                      "name a route with action = \"relay\"",
+                                                      name, policy->relay_route));
                 }
             }
         }
@@ -863,14 +869,10 @@ class Loader {
                 always_names_route = false;
                 return;
             }
-            Error e;
-            auto colon = at.rfind(':');
-            e.file = at.substr(0, colon);
-            e.line = colon == std::string::npos ? 0 : std::atoi(at.c_str() + colon + 1);
-            e.message = value == kOk
-                            ? fmt::format("result OK needs a \"route\" in rule \"{}\"", rule.name)
-                            : fmt::format("result \"{}\" is not a route name, OK or DUNNO", value);
-            failure = std::move(e);
+            failure = error_at_where(
+                at, value == kOk
+                        ? fmt::format("result OK needs a \"route\" in rule \"{}\"", rule.name)
+                        : fmt::format("result \"{}\" is not a route name, OK or DUNNO", value));
         });
         if (failure) return *failure;
         return {};
