@@ -1,4 +1,5 @@
 #include "paasmilter/api_delivery.hpp"
+#include "paasmilter/text.hpp"
 
 #include <algorithm>
 #include <ctime>
@@ -244,23 +245,14 @@ bool address_in_domains(std::string_view address, const std::vector<std::string>
     auto at = address.rfind('@');
     if (at == std::string_view::npos) return false;
     std::string_view domain = address.substr(at + 1);
-    return std::any_of(domains.begin(), domains.end(), [&](const std::string& d) {
-        return d.size() == domain.size() &&
-               std::equal(d.begin(), d.end(), domain.begin(), [](char a, char b) {
-                   return std::tolower(static_cast<unsigned char>(a)) ==
-                          std::tolower(static_cast<unsigned char>(b));
-               });
-    });
+    return std::any_of(domains.begin(), domains.end(),
+                       [&](const std::string& d) { return iequals(d, domain); });
 }
 
 std::string idempotency_key(const Transaction& tx, std::vector<std::string> api_recipients) {
     auto header = [&](std::string_view name) -> std::string {
         for (const auto& h : tx.headers) {
-            if (h.name.size() == name.size() &&
-                std::equal(h.name.begin(), h.name.end(), name.begin(), [](char a, char b) {
-                    return std::tolower(static_cast<unsigned char>(a)) ==
-                           std::tolower(static_cast<unsigned char>(b));
-                })) {
+            if (iequals(h.name, name)) {
                 return h.value;
             }
         }

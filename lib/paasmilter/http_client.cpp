@@ -1,5 +1,6 @@
 #include "paasmilter/http_client.hpp"
 #include "paasmilter/c_handle.hpp"
+#include "paasmilter/text.hpp"
 
 #include <curl/curl.h>
 
@@ -22,13 +23,6 @@ CURLcode global_init() {
     static CURLcode result = CURLE_OK;
     std::call_once(once, [] { result = curl_global_init(CURL_GLOBAL_DEFAULT); });
     return result;
-}
-
-bool equal_nocase(std::string_view a, std::string_view b) {
-    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-               return std::tolower(static_cast<unsigned char>(x)) ==
-                      std::tolower(static_cast<unsigned char>(y));
-           });
 }
 
 std::string_view trim(std::string_view s) {
@@ -114,7 +108,7 @@ size_t on_header(char* data, size_t size, size_t count, void* user) {
 
 std::optional<std::string> HttpResponse::header(std::string_view name) const {
     for (const auto& [key, value] : headers)
-        if (equal_nocase(key, name)) return value;
+        if (iequals(key, name)) return value;
     return std::nullopt;
 }
 
@@ -212,7 +206,7 @@ Result<HttpResponse> HttpClient::send(const HttpRequest& request,
         if (name.find_first_of("\r\n:") != std::string::npos ||
             value.find_first_of("\r\n") != std::string::npos)
             return fail("header '" + name + "' has a line break or a bad name");
-        if (equal_nocase(name, "Expect")) have_expect = true;
+        if (iequals(name, "Expect")) have_expect = true;
         // "Name;" is libcurl's way to send a header with an empty value.
         const std::string line = value.empty() ? name + ";" : name + ": " + value;
         curl_slist* appended = curl_slist_append(header_list.get(), line.c_str());

@@ -1,6 +1,7 @@
 // MIME -> EmailMessage with GMime 3. GMime does all MIME work (parsing, transfer decodings,
 // RFC 2047/2231, charset conversion); this file only decides what goes where.
 #include "paasmilter/mime_convert.hpp"
+#include "paasmilter/text.hpp"
 
 #include <fcntl.h>
 #include <gmime/gmime.h>
@@ -40,20 +41,10 @@ void init_gmime_once();  // after convert_stream, which it uses
 
 // ---- small string helpers ----
 
-char ascii_lower(char c) {
-    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
 std::string lower(std::string_view text) {
     std::string out(text);
     std::transform(out.begin(), out.end(), out.begin(), ascii_lower);
     return out;
-}
-
-bool iequals(std::string_view a, std::string_view b) {
-    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-               return ascii_lower(x) == ascii_lower(y);
-           });
 }
 
 bool istarts_with(std::string_view text, std::string_view prefix) {

@@ -1,0 +1,21 @@
+// Small ASCII string helpers shared by the modules that compare header names, domains and
+// charsets: mail protocols fold case in ASCII only.
+#pragma once
+
+#include <algorithm>
+#include <string_view>
+
+namespace paasmilter {
+
+constexpr char ascii_lower(char c) {
+    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+// Case-insensitive (ASCII) equality.
+inline bool iequals(std::string_view a, std::string_view b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+               return ascii_lower(x) == ascii_lower(y);
+           });
+}
+
+}  // namespace paasmilter
