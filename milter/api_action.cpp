@@ -2,7 +2,10 @@
 
 #include <fmt/format.h>
 
+#include "mta_actions.hpp"
 #include "paasmilter/api_delivery.hpp"
+#include "paasmilter/delivery/eom_plan.hpp"
+#include "paasmilter/delivery/status_poller.hpp"
 #include "paasmilter/log.hpp"
 #include "paasmilter/mime_convert.hpp"
 
@@ -16,178 +19,151 @@ bool api_active(const MessageState& message) {
            message.config->mode == Mode::enforce;
 }
 
-// Reply text from the service or our own: one line, no '%' (libmilter format escapes).
-std::string reply_text(std::string_view text) {
-    std::string out;
-    for (unsigned char c : text) {
-        if (out.size() >= 200) break;
-        out += (c < 0x20 || c >= 0x7f || c == '%') ? ' ' : static_cast<char>(c);
+// ", api=accepted, requests=3, status_checks=3, operation_id=a,b" and, for requests that did not go
+// through, what became of each.
+std::string describe_outcome(const ApiOutcome& outcome) {
+    std::string out = fmt::format(", api={}, requests={}, status_checks={}",
+                                  to_string(outcome.kind), outcome.requests, outcome.status_checks);
+    auto ids = outcome.accepted_operation_ids();
+    if (!ids.empty()) out += ", operation_id=" + fmt::format("{}", fmt::join(ids, ","));
+    if (outcome.kind != ApiOutcome::Kind::accepted || outcome.chunks.size() > 1) {
+        std::vector<std::string> fates;
+        for (const auto& chunk : outcome.chunks) fates.emplace_back(to_string(chunk.fate));
+        out += ", chunks=" + fmt::format("{}", fmt::join(fates, ","));
     }
     return out;
 }
 
-struct Failure {
-    const FailurePolicy* policy;
-    const char* status;  // enhanced status code for a tempfail/reject reply
-    std::string detail;
-};
-
-// Applies `failure.policy`. Recipients the service already accepted are removed from the
-// MTA's copy first where the message stays in Postfix, so nobody gets it twice.
-sfsistat apply_policy(SMFICTX* ctx, MessageState& message, const Failure& failure,
-                      const std::vector<std::string>& accepted, std::string& log_extra) {
-    const Config& config = *message.config;
-    const FailurePolicy& policy = *failure.policy;
-    log_extra += fmt::format(", policy={}", to_string(policy));
-    auto remove_accepted = [&]() -> bool {
-        for (size_t i = 0; i < message.tx.recipients.size(); ++i) {
-            const std::string& rcpt = message.tx.recipients[i];
-            if (std::find(accepted.begin(), accepted.end(), rcpt) == accepted.end()) continue;
-            if (smfi_delrcpt(ctx, message.recipient_args[i].data()) != MI_SUCCESS) return false;
-        }
-        return true;
-    };
-    switch (policy.kind) {
-        case FailurePolicy::Kind::tempfail: {
-            std::string text =
-                reply_text("Mail service unavailable, try again later: " + failure.detail);
-            smfi_setreply(ctx, const_cast<char*>("451"), const_cast<char*>("4.3.0"), text.data());
-            return SMFIS_TEMPFAIL;
-        }
-        case FailurePolicy::Kind::reject: {
-            std::string text = reply_text("Rejected by the mail service: " + failure.detail);
-            std::string status = failure.status;
-            smfi_setreply(ctx, const_cast<char*>("550"), status.data(), text.data());
-            return SMFIS_REJECT;
-        }
-        case FailurePolicy::Kind::hold: {
-            if (!remove_accepted()) return SMFIS_TEMPFAIL;
-            std::string reason = reply_text("paas-milter: " + failure.detail);
-            if (smfi_quarantine(ctx, reason.data()) != MI_SUCCESS) return SMFIS_TEMPFAIL;
-            return SMFIS_CONTINUE;
-        }
-        case FailurePolicy::Kind::relay: {
-            const Route* relay = config.find_route(policy.relay_route);
-            if (!relay || !remove_accepted()) return SMFIS_TEMPFAIL;
-            if (auto r = add_routing_header(ctx, config, relay->header_value); !r) {
-                return SMFIS_TEMPFAIL;
-            }
-            log_extra += fmt::format(", header={}: {}", config.routing_header, relay->header_value);
-            return SMFIS_CONTINUE;
+// Operations the service accepted in this transaction: their final status is logged later.
+void watch_final_status(const std::string& queue_id, const ApiOutcome& outcome,
+                        const std::shared_ptr<const ApiSettings>& api) {
+    for (const auto& chunk : outcome.chunks) {
+        if (chunk.fate != ChunkFate::accepted) continue;
+        if (!status_poller().watch(queue_id, chunk.operation_id, acs_status_fetch(api))) {
+            log_warning("{}: too many operations awaiting their final status; not polling {}",
+                        queue_id, chunk.operation_id);
         }
     }
-    return SMFIS_TEMPFAIL;
+}
+
+ApiResult submit(const std::string& queue_id, MessageState& message, const Config& config,
+                 const std::vector<std::string>& remote, SMFICTX* ctx,
+                 std::chrono::steady_clock::time_point deadline) {
+    const auto& api_ptr = message.decision->route->api;
+    const ApiSettings& api = *api_ptr;
+    ApiResult result;
+    if (!message.spool || !message.digest) {
+        result.failure = ApiFailure::internal;
+        result.detail = "no message source";
+        result.log = ", api=error (no message source)";
+        return result;
+    }
+    if (message.spool->oversize() || message.headers_truncated) {
+        result.failure = ApiFailure::oversize;
+        result.detail = "message too large for the service";
+        result.log =
+            fmt::format(", api=oversize (message larger than {} bytes)", api.max_request_bytes * 2);
+        return result;
+    }
+    ConversionOptions options = api.conversion;
+    // The client's routing header (already removed from the MTA's copy) never goes out.
+    options.never_pass_headers.push_back(config.routing_header);
+    Envelope envelope{message.tx.sender, remote};
+    auto converted = message.spool->in_memory()
+                         ? convert_message(message.spool->memory(), envelope, options)
+                         : convert_message_file(message.spool->path(), envelope, options);
+    if (!converted) {
+        const std::string& why = converted.error().message;
+        result.failure =
+            why == kTooManyMimeParts ? ApiFailure::oversize : ApiFailure::unconvertible;
+        result.detail = why;
+        result.log = fmt::format(", api=conversion-failed ({})", sanitize_for_log(why, 200));
+        return result;
+    }
+
+    ApiHooks hooks = default_api_hooks(api);
+    hooks.progress = [ctx] { smfi_progress(ctx); };
+    auto digest = message.digest->finish();
+    if (!digest) {
+        result.failure = ApiFailure::internal;
+        result.detail = digest.error().message;
+        result.log = ", api=error (content digest)";
+        return result;
+    }
+    MessageIdentity identity{*digest, message.tx.sender};
+    ApiOutcome outcome = submit_to_acs(api, std::move(*converted), identity, deadline, hooks);
+    watch_final_status(queue_id, outcome, api_ptr);
+    result.log = describe_outcome(outcome);
+    result.detail = outcome.detail;
+    result.accepted = outcome.accepted_recipients();
+    result.unresolved = outcome.unresolved_recipients();
+    switch (outcome.kind) {
+        case ApiOutcome::Kind::accepted:
+            result.failure = ApiFailure::none;
+            break;
+        case ApiOutcome::Kind::transient:
+            result.failure = ApiFailure::transient;
+            break;
+        case ApiOutcome::Kind::permanent:
+            result.failure = ApiFailure::permanent;
+            break;
+        case ApiOutcome::Kind::oversize:
+            result.failure = ApiFailure::oversize;
+            break;
+    }
+    return result;
 }
 
 }  // namespace
 
-Result<void> start_api_spool(MessageState& message) {
+StatusPoller& status_poller() {
+    // A long-lived service beside the configuration: it outlives reloads, and a route's
+    // settings stay alive through the shared_ptr each watched operation holds.
+    static StatusPoller poller(StatusPoller::Options{});
+    return poller;
+}
+
+Result<void> start_api_spool(MessageState& message, const std::string& queue_id) {
     if (!api_active(message)) return {};
     const ApiSettings& api = *message.decision->route->api;
     // Twice the request limit: base64 attachments are about as large in the message as in
     // the JSON, so a source past this can never fit.
     message.spool = std::make_unique<MessageSpool>(api.spool_threshold, api.spool_directory,
                                                    api.max_request_bytes * 2);
+    message.digest.emplace(std::vector<std::string>{message.config->routing_header}, queue_id);
+    for (const auto& h : message.tx.headers) message.digest->add_header(h.name, h.value);
     return message.spool->append(header_block(message.tx.headers));
 }
 
-Result<void> add_routing_header(SMFICTX* ctx, const Config& config, const std::string& value) {
-    std::string name = config.routing_header;
-    std::string copy = value;
-    if (smfi_addheader(ctx, name.data(), copy.data()) != MI_SUCCESS) {
-        return make_error(fmt::format("cannot add {} header", name));
-    }
-    return {};
+Result<void> append_api_body(MessageState& message, std::string_view data) {
+    if (message.digest) message.digest->add_body(data);
+    return message.spool->append(data);
 }
 
-sfsistat act_api(SMFICTX* ctx, const std::string& id, MessageState& message,
-                 const Verdict& verdict) {
-    const Decision& decision = *message.decision;
-    const ApiSettings& api = *decision.route->api;
+sfsistat act_api(SMFICTX* ctx, const std::string& id, MessageState& message, const Verdict& verdict,
+                 std::chrono::steady_clock::time_point deadline) {
+    const Config& config = *message.config;
+    const ApiSettings& api = *message.decision->route->api;
     const Transaction& tx = message.tx;
-    std::string prefix = format_decision_log(tx, decision, verdict);
+    std::string line = format_decision_log(tx, *message.decision, verdict);
 
-    std::vector<std::string> remote, local;
+    std::vector<std::string> remote;
     for (const auto& rcpt : tx.recipients) {
-        (address_in_domains(rcpt, api.local_domains) ? local : remote).push_back(rcpt);
+        if (!address_in_domains(rcpt, api.local_domains)) remote.push_back(rcpt);
     }
+    ApiResult result;
     if (remote.empty()) {
-        log_info("{}: {}, api=skipped (all {} recipients are in local_domains)", id, prefix,
-                 local.size());
-        return SMFIS_CONTINUE;
+        result.log = fmt::format(", api=skipped (all {} recipients are in local_domains)",
+                                 tx.recipients.size());
+    } else {
+        result = submit(id, message, config, remote, ctx, deadline);
     }
-    std::string extra;
-    auto finish = [&](sfsistat status) {
-        log_info("{}: {}{}", id, prefix, extra);
-        return status;
-    };
-    if (!message.spool) {
-        extra = ", api=error (no message source)";
-        return finish(SMFIS_TEMPFAIL);
-    }
-    if (message.spool->oversize() || message.headers_truncated) {
-        extra =
-            fmt::format(", api=oversize (message larger than {} bytes)", api.max_request_bytes * 2);
-        return finish(apply_policy(ctx, message,
-                                   {&api.on_oversize, "5.3.4", "message too large for the service"},
-                                   {}, extra));
-    }
-
-    Envelope envelope{tx.sender, remote};
-    auto converted = message.spool->in_memory()
-                         ? convert_message(message.spool->memory(), envelope, api.conversion)
-                         : convert_message_file(message.spool->path(), envelope, api.conversion);
-    if (!converted) {
-        const std::string& why = converted.error().message;
-        bool too_complex = why == kTooManyMimeParts;
-        extra = fmt::format(", api=conversion-failed ({})", sanitize_for_log(why, 200));
-        return finish(apply_policy(ctx, message,
-                                   {too_complex ? &api.on_oversize : &api.on_permanent_failure,
-                                    too_complex ? "5.3.4" : "5.6.0", why},
-                                   {}, extra));
-    }
-
-    ApiHooks hooks = default_api_hooks(api);
-    hooks.progress = [ctx] { smfi_progress(ctx); };
-    ApiOutcome outcome = submit_to_acs(api, *converted, idempotency_key(tx, remote), hooks);
-    extra = fmt::format(", api={}, requests={}", to_string(outcome.kind), outcome.requests);
-    if (!outcome.operation_ids.empty()) {
-        extra += ", operation_id=";
-        for (size_t i = 0; i < outcome.operation_ids.size(); ++i) {
-            extra += (i ? "," : "") + outcome.operation_ids[i];
-        }
-    }
-    if (outcome.kind != ApiOutcome::Kind::accepted) {
-        extra += fmt::format(", detail={}", sanitize_for_log(outcome.detail, 300));
-        const FailurePolicy* policy = &api.on_failure;
-        const char* status = "4.3.0";
-        if (outcome.kind == ApiOutcome::Kind::permanent) {
-            policy = &api.on_permanent_failure;
-            status = "5.7.1";
-        } else if (outcome.kind == ApiOutcome::Kind::oversize) {
-            policy = &api.on_oversize;
-            status = "5.3.4";
-        }
-        return finish(apply_policy(ctx, message, {policy, status, outcome.detail},
-                                   outcome.accepted_recipients, extra));
-    }
-
-    // Accepted: the service has the message for every remote recipient.
-    if (local.empty()) {
-        extra += ", local_copy=discarded";
-        return finish(SMFIS_DISCARD);
-    }
-    for (size_t i = 0; i < tx.recipients.size(); ++i) {
-        if (address_in_domains(tx.recipients[i], api.local_domains)) continue;
-        if (smfi_delrcpt(ctx, message.recipient_args[i].data()) != MI_SUCCESS) {
-            // The API has it, but Postfix would deliver it again: a duplicate beats a loss,
-            // and retrying would duplicate too, so keep going with the whole message.
-            extra += ", warning=delrcpt-failed";
-            return finish(SMFIS_CONTINUE);
-        }
-    }
-    extra += fmt::format(", local_copy=kept for {} local recipient(s)", local.size());
-    return finish(SMFIS_CONTINUE);
+    MtaPlan plan =
+        plan_for_api(config, api, verdict, tx.recipients, message.recipient_args, result);
+    line += plan.log;
+    sfsistat status = replay(ctx, config.routing_header, plan, line);
+    log_info("{}: {}", id, line);
+    return status;
 }
 
 }  // namespace paasmilter

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -13,6 +14,7 @@
 #include "api_action.hpp"
 #include "config_snapshot.hpp"
 #include "message_state.hpp"
+#include "mta_actions.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/log.hpp"
 #include "paasmilter/verdict.hpp"
@@ -246,7 +248,8 @@ sfsistat on_eoh(SMFICTX* ctx) {
                 queue_id(ctx), message.tx.headers.size(), message.stored_header_bytes);
         }
         message.decision = classify(*message.config, message.tx);
-        if (auto r = start_api_spool(message); !r) {
+        std::string id = macro(ctx, "i");
+        if (auto r = start_api_spool(message, id); !r) {
             log_error("{}: {}; tempfail", queue_id(ctx), r.error().message);
             return SMFIS_TEMPFAIL;
         }
@@ -261,7 +264,7 @@ sfsistat on_body(SMFICTX* ctx, unsigned char* data, size_t length) {
         MessageState& message = *conn->message;
         if (!message.spool) return conn->body_skip ? SMFIS_SKIP : SMFIS_CONTINUE;
         auto appended =
-            message.spool->append(std::string_view(reinterpret_cast<const char*>(data), length));
+            append_api_body(message, std::string_view(reinterpret_cast<const char*>(data), length));
         if (!appended) {
             log_error("{}: {}; tempfail", queue_id(ctx), appended.error().message);
             return SMFIS_TEMPFAIL;
@@ -271,37 +274,19 @@ sfsistat on_body(SMFICTX* ctx, unsigned char* data, size_t length) {
 }
 
 sfsistat act(SMFICTX* ctx, const std::string& id, MessageState& message) {
+    // The API route's time budget covers everything from here on.
+    auto started = std::chrono::steady_clock::now();
     const Config& config = *message.config;
     if (!message.decision) message.decision = classify(config, message.tx);
     const Decision& decision = *message.decision;
     Verdict verdict = decide_verdict(config, decision, message.forged_routing_headers);
-    if (verdict.dry_run || !verdict.submit_to_api) {
-        log_info("{}: {}", id, format_decision_log(message.tx, decision, verdict));
+    if (verdict.submit_to_api && !verdict.dry_run) {
+        return act_api(ctx, id, message, verdict, started + decision.route->api->time_budget);
     }
-    if (verdict.dry_run) return SMFIS_CONTINUE;
-
-    std::string header = config.routing_header;
-    // Delete from the last copy backwards so the indexes of the others do not shift.
-    for (int index = verdict.forged_headers_to_delete; index >= 1; --index) {
-        if (smfi_chgheader(ctx, header.data(), index, nullptr) != MI_SUCCESS) {
-            log_error("{}: cannot remove the client's {} header; tempfail", id, header);
-            return SMFIS_TEMPFAIL;
-        }
-    }
-    if (verdict.submit_to_api) return act_api(ctx, id, message, verdict);
-    if (verdict.add_routing_header) {
-        if (auto r = add_routing_header(ctx, config, verdict.routing_value); !r) {
-            // Without the header the message would take the wrong path: retry later.
-            log_error("{}: {}; tempfail", id, r.error().message);
-            return SMFIS_TEMPFAIL;
-        }
-    }
-    if (verdict.reply != Verdict::Reply::accept) {
-        std::string code = std::to_string(verdict.reply_code);
-        smfi_setreply(ctx, code.data(), verdict.reply_status.data(), verdict.reply_text.data());
-        return verdict.reply == Verdict::Reply::reject ? SMFIS_REJECT : SMFIS_TEMPFAIL;
-    }
-    return SMFIS_CONTINUE;
+    std::string line = format_decision_log(message.tx, decision, verdict);
+    sfsistat status = replay(ctx, config.routing_header, plan_for_verdict(verdict), line);
+    log_info("{}: {}", id, line);
+    return status;
 }
 
 sfsistat on_eom(SMFICTX* ctx) {

@@ -8,6 +8,7 @@
 
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
+#include "paasmilter/delivery/message_identity.hpp"
 #include "paasmilter/spool.hpp"
 
 namespace paasmilter {
@@ -33,6 +34,7 @@ struct MessageState {
     bool failed = false;                  // an earlier callback failed without being able to say so
     std::optional<Decision> decision;     // made at end of headers
     std::unique_ptr<MessageSpool> spool;  // the whole message, for API routes only
+    std::optional<ContentDigest> digest;  // its identity across client retries, ditto
 };
 
 struct ConnectionState {

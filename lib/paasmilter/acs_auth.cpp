@@ -392,4 +392,13 @@ Result<std::string> EntraTokenProvider::token(std::chrono::milliseconds timeout)
     return fetched.error();
 }
 
+void EntraTokenProvider::invalidate(const std::string& token) {
+    std::lock_guard lock(mutex_);
+    if (!token.empty() && token == token_) {
+        token_.clear();
+        refresh_after_ = {};
+        expires_at_ = {};
+    }
+}
+
 }  // namespace paasmilter

@@ -73,6 +73,9 @@ class EntraTokenProvider {
     // A bearer token valid for at least a few more minutes, or an Error (never containing the
     // secret) saying why none could be had.
     Result<std::string> token(std::chrono::milliseconds timeout);
+    // The service refused `token` (401): drop it if it is still the cached one, so the next
+    // caller fetches a new one.
+    void invalidate(const std::string& token);
 
   private:
     EntraCredentials credentials_;

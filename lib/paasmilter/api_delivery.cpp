@@ -11,6 +11,7 @@
 #include "paasmilter/acs_auth.hpp"
 #include "paasmilter/acs_json.hpp"
 #include "paasmilter/crypto.hpp"
+#include "paasmilter/delivery/message_identity.hpp"
 
 namespace paasmilter {
 
@@ -28,6 +29,56 @@ const char* to_string(ApiOutcome::Kind kind) {
     return "?";
 }
 
+const char* to_string(ChunkFate fate) {
+    switch (fate) {
+        case ChunkFate::accepted:
+            return "accepted";
+        case ChunkFate::already_accepted:
+            return "already-accepted";
+        case ChunkFate::not_sent:
+            return "not-sent";
+        case ChunkFate::unresolved:
+            return "unresolved";
+        case ChunkFate::rejected:
+            return "rejected";
+        case ChunkFate::oversize:
+            return "oversize";
+    }
+    return "?";
+}
+
+namespace {
+bool service_has(ChunkFate fate) {
+    return fate == ChunkFate::accepted || fate == ChunkFate::already_accepted;
+}
+}  // namespace
+
+std::vector<std::string> ApiOutcome::accepted_recipients() const {
+    std::vector<std::string> out;
+    for (const auto& chunk : chunks) {
+        if (service_has(chunk.fate))
+            out.insert(out.end(), chunk.recipients.begin(), chunk.recipients.end());
+    }
+    return out;
+}
+
+std::vector<std::string> ApiOutcome::unresolved_recipients() const {
+    std::vector<std::string> out;
+    for (const auto& chunk : chunks) {
+        if (chunk.fate == ChunkFate::unresolved)
+            out.insert(out.end(), chunk.recipients.begin(), chunk.recipients.end());
+    }
+    return out;
+}
+
+std::vector<std::string> ApiOutcome::accepted_operation_ids() const {
+    std::vector<std::string> out;
+    for (const auto& chunk : chunks) {
+        if (service_has(chunk.fate)) out.push_back(chunk.operation_id);
+    }
+    return out;
+}
+
 ApiHooks default_api_hooks(const ApiSettings& api) {
     ApiHooks hooks;
     auto http = api.http;
@@ -35,41 +86,25 @@ ApiHooks default_api_hooks(const ApiSettings& api) {
         return http->send(request, timeout);
     };
     hooks.sleep = [](std::chrono::milliseconds how_long) { std::this_thread::sleep_for(how_long); };
-    hooks.now = [] { return std::chrono::system_clock::now(); };
+    hooks.now = [] { return std::chrono::steady_clock::now(); };
+    hooks.wall_clock = [] { return std::chrono::system_clock::now(); };
     hooks.progress = [] {};
     return hooks;
 }
 
-std::vector<EmailMessage> split_recipients(const EmailMessage& message, size_t limit) {
-    if (message.recipient_count() <= limit) return {message};
-    std::vector<EmailMessage> chunks;
-    EmailMessage current = message;
-    current.to.clear();
-    current.cc.clear();
-    current.bcc.clear();
-    auto flush = [&] {
-        chunks.push_back(current);
-        current.to.clear();
-        current.cc.clear();
-        current.bcc.clear();
-    };
+std::vector<RecipientChunk> split_recipients(const EmailMessage& message, size_t limit) {
+    std::vector<RecipientChunk> chunks;
+    RecipientChunk current;
     for (auto [list, target] :
-         {std::pair{&message.to, &EmailMessage::to}, std::pair{&message.cc, &EmailMessage::cc},
-          std::pair{&message.bcc, &EmailMessage::bcc}}) {
+         {std::pair{&message.to, &RecipientChunk::to}, std::pair{&message.cc, &RecipientChunk::cc},
+          std::pair{&message.bcc, &RecipientChunk::bcc}}) {
         for (const auto& address : *list) {
-            if (current.recipient_count() == limit) flush();
+            if (current.size() == limit) chunks.push_back(std::exchange(current, {}));
             (current.*target).push_back(address);
         }
     }
-    if (current.recipient_count() > 0) flush();
+    if (current.size() > 0 || chunks.empty()) chunks.push_back(std::move(current));
     return chunks;
-}
-
-std::string operation_id(const std::string& idempotency_key, size_t index, size_t count) {
-    // A fixed namespace for paas-milter operation ids (itself a v5 UUID of the URL namespace).
-    static constexpr const char* kNamespace = "7b0a8d0e-1c5e-5b7a-9a46-5f1c0c7e4d21";
-    auto id = uuid_v5(kNamespace, fmt::format("{}#{}/{}", idempotency_key, index, count));
-    return id ? *id : std::string();  // only fails for an invalid namespace, ours is fixed
 }
 
 std::optional<std::chrono::seconds> parse_retry_after(const std::string& value,
@@ -86,7 +121,35 @@ std::optional<std::chrono::seconds> parse_retry_after(const std::string& value,
     return std::max(delta, std::chrono::seconds(0));
 }
 
+Result<void> authorize_acs_request(const ApiSettings& api, HttpRequest& request,
+                                   std::chrono::system_clock::time_point now,
+                                   std::chrono::milliseconds timeout, std::string* bearer) {
+    if (api.entra) {
+        auto token = api.entra->token(timeout);
+        if (!token) return make_error("Entra ID token: " + token.error().message);
+        if (bearer) *bearer = *token;
+        request.headers.emplace_back("Authorization", "Bearer " + *token);
+    } else {
+        auto signature =
+            sign_acs_request(request.method, request.url, request.body, api.access_key, now);
+        if (!signature) return make_error("signing: " + signature.error().message);
+        request.headers.insert(request.headers.end(), signature->begin(), signature->end());
+    }
+    auto client_request_id = uuid_v4();
+    if (client_request_id)
+        request.headers.emplace_back("x-ms-client-request-id", *client_request_id);
+    return {};
+}
+
+std::string acs_operation_url(const ApiSettings& api, const std::string& operation_id) {
+    return fmt::format("{}/emails/operations/{}?api-version={}", api.endpoint, operation_id,
+                       api.api_version);
+}
+
 namespace {
+
+using namespace std::chrono;
+using Steady = steady_clock;
 
 // "HTTP 400 InvalidSenderUserName: ..." from ACS's error body {"error":{"code","message"}}.
 std::string describe_failure(const HttpResponse& response) {
@@ -106,138 +169,311 @@ std::string describe_failure(const HttpResponse& response) {
     return text;
 }
 
-std::vector<std::string> addresses_of(const EmailMessage& message) {
-    std::vector<std::string> out;
-    for (const auto* list : {&message.to, &message.cc, &message.bcc}) {
-        for (const auto& address : *list) out.push_back(address.address);
+// Whether the service has an operation: the answer to "was this request accepted before?".
+enum class Existence { exists, absent, unknown };
+
+// One message's conversation with the service, within its deadline.
+class Submission {
+  public:
+    Submission(const ApiSettings& api, const ApiHooks& hooks, Steady::time_point deadline,
+               ApiOutcome& counts)
+        : api_(api), hooks_(hooks), deadline_(deadline), counts_(counts) {
+        // Keep a little of the budget to ask about an ambiguous last answer.
+        auto budget = duration_cast<milliseconds>(deadline - hooks.now());
+        reserve_ = std::clamp(budget / 5, milliseconds(0), milliseconds(5000));
     }
-    return out;
-}
 
-using Clock = std::chrono::system_clock;
+    ChunkReport deliver(const std::string& operation_id, const std::string& body);
 
-// One request of the message, retried within the deadline.
-struct ChunkResult {
-    ApiOutcome::Kind kind;
-    std::string detail;
-    std::string operation_id;
+  private:
+    Result<HttpResponse> exchange(HttpRequest request, milliseconds timeout);
+    Existence check_operation(const std::string& operation_id, bool retry, std::string& why);
+    // Waits `how_long` (keeping the MTA informed) if that ends before the deadline.
+    bool wait(milliseconds how_long, std::string& why);
+    milliseconds remaining() const { return duration_cast<milliseconds>(deadline_ - hooks_.now()); }
+    milliseconds request_timeout(milliseconds keep) const {
+        return std::max(
+            std::min(remaining() - keep, duration_cast<milliseconds>(api_.request_timeout)),
+            milliseconds(1));
+    }
+    milliseconds retry_after_or(const HttpResponse& response, milliseconds fallback) const {
+        auto after =
+            parse_retry_after(response.header("Retry-After").value_or(""), hooks_.wall_clock());
+        return after ? duration_cast<milliseconds>(*after) : fallback;
+    }
+
+    const ApiSettings& api_;
+    const ApiHooks& hooks_;
+    Steady::time_point deadline_;
+    ApiOutcome& counts_;  // where requests and status checks are counted
+    milliseconds reserve_{0};
+    std::string last_token_;  // the bearer token of the last request, to drop it on a 401
 };
 
-ChunkResult submit_chunk(const ApiSettings& api, const std::string& body, const std::string& op_id,
-                         Clock::time_point deadline, const ApiHooks& hooks, int& requests) {
-    using namespace std::chrono;
-    std::string url = fmt::format("{}/emails:send?api-version={}", api.endpoint, api.api_version);
-    std::string last_failure = "no attempt made";
+Result<HttpResponse> Submission::exchange(HttpRequest request, milliseconds timeout) {
+    if (auto r = authorize_acs_request(api_, request, hooks_.wall_clock(), timeout, &last_token_);
+        !r) {
+        return r.error();
+    }
+    ++(request.method == "GET" ? counts_.status_checks : counts_.requests);
+    auto response = hooks_.send(request, timeout);
+    hooks_.progress();
+    return response;
+}
+
+bool Submission::wait(milliseconds how_long, std::string& why) {
+    if (hooks_.now() + how_long + reserve_ >= deadline_) {
+        why += fmt::format(" (retry in {} s would exceed the time budget)",
+                           duration_cast<seconds>(how_long).count());
+        return false;
+    }
+    // Sleep in slices so the MTA hears from us (smfi_progress) while we wait.
+    for (milliseconds left = how_long; left.count() > 0;) {
+        milliseconds slice = std::min(left, milliseconds(5000));
+        hooks_.sleep(slice);
+        hooks_.progress();
+        left -= slice;
+    }
+    return true;
+}
+
+Existence Submission::check_operation(const std::string& operation_id, bool retry,
+                                      std::string& why) {
+    HttpRequest request;
+    request.method = "GET";
+    request.url = acs_operation_url(api_, operation_id);
     milliseconds backoff{1000};
-    for (int attempt = 1; attempt <= api.max_attempts; ++attempt) {
-        auto now = hooks.now();
-        if (now >= deadline) break;
-        auto remaining = duration_cast<milliseconds>(deadline - now);
-        auto request_id = uuid_v4();
-        HttpRequest request;
-        request.method = "POST";
-        request.url = url;
-        request.body = body;
-        request.headers = {{"Content-Type", "application/json"},
-                           {"Operation-Id", op_id},
-                           {"x-ms-client-request-id", request_id ? *request_id : std::string()}};
-        if (api.entra) {
-            auto token = api.entra->token(
-                std::min(remaining, duration_cast<milliseconds>(api.request_timeout)));
-            if (!token) {
-                // No token is a configuration or identity-platform problem: retry later.
-                return {ApiOutcome::Kind::transient, "Entra ID token: " + token.error().message,
-                        op_id};
-            }
-            request.headers.emplace_back("Authorization", "Bearer " + *token);
-        } else {
-            auto signature =
-                sign_acs_request(request.method, request.url, request.body, api.access_key, now);
-            if (!signature) {
-                return {ApiOutcome::Kind::transient, "signing: " + signature.error().message,
-                        op_id};
-            }
-            request.headers.insert(request.headers.end(), signature->begin(), signature->end());
+    for (int attempt = 1;; ++attempt) {
+        if (remaining() <= milliseconds(0)) {
+            why = "no time left to ask the service about operation " + operation_id;
+            return Existence::unknown;
         }
-        ++requests;
-        auto response = hooks.send(
-            request, std::min(remaining, duration_cast<milliseconds>(api.request_timeout)));
-        hooks.progress();
-        milliseconds wait = backoff;
+        auto response = exchange(request, request_timeout(milliseconds(0)));
+        milliseconds pause = backoff;
         if (!response) {
-            last_failure = response.error().message;
-        } else if (response->status == 202) {
-            return {ApiOutcome::Kind::accepted, "HTTP 202", op_id};
-        } else if (response->status == 413) {
-            return {ApiOutcome::Kind::oversize, describe_failure(*response), op_id};
-        } else if (response->status == 429) {
-            last_failure = describe_failure(*response);
-            auto retry_after =
-                parse_retry_after(response->header("Retry-After").value_or(""), hooks.now());
-            wait = retry_after ? duration_cast<milliseconds>(*retry_after) : backoff;
-        } else if (response->status == 401 || response->status == 403) {
-            // The key or the app's role is wrong: not the message's fault, so never a bounce;
-            // retrying now will not help either.
-            return {ApiOutcome::Kind::transient, describe_failure(*response), op_id};
-        } else if (response->status >= 500 || response->status == 408) {
-            last_failure = describe_failure(*response);
+            why = "status check: " + response.error().message;
+        } else if (response->status == 200) {
+            return Existence::exists;
+        } else if (response->status == 404) {
+            return Existence::absent;
         } else {
-            return {ApiOutcome::Kind::permanent, describe_failure(*response), op_id};
+            why = "status check: " + describe_failure(*response);
+            if (response->status == 429) pause = retry_after_or(*response, backoff);
+            if (response->status == 401 && api_.entra) api_.entra->invalidate(last_token_);
         }
-        if (attempt == api.max_attempts) break;
-        if (hooks.now() + wait >= deadline) {
-            last_failure += fmt::format(" (retry in {} s would exceed the time budget)",
-                                        duration_cast<seconds>(wait).count());
+        if (!retry || attempt >= api_.max_attempts || !wait(pause, why)) return Existence::unknown;
+        backoff = std::min(backoff * 2, milliseconds(16000));
+    }
+}
+
+ChunkReport Submission::deliver(const std::string& operation_id, const std::string& body) {
+    ChunkReport report;
+    report.operation_id = operation_id;
+
+    // 1. Did an earlier attempt of this message (a client retry after a tempfail, a crash
+    //    between the service's 202 and our reply to the MTA) get this request accepted?
+    std::string why;
+    switch (check_operation(operation_id, true, why)) {
+        case Existence::exists:
+            report.fate = ChunkFate::already_accepted;
+            report.detail = "operation exists";
+            return report;
+        case Existence::unknown:
+            // Nothing was posted in this attempt: the service has it or not as before, and
+            // the next attempt asks again.
+            report.fate = ChunkFate::not_sent;
+            report.detail = "cannot tell whether an earlier attempt was accepted: " + why;
+            return report;
+        case Existence::absent:
+            break;
+    }
+
+    // 2. Post it, repeatably: every retry in this transaction is the same request to ACS.
+    HttpRequest request;
+    request.method = "POST";
+    request.url = fmt::format("{}/emails:send?api-version={}", api_.endpoint, api_.api_version);
+    request.body = body;
+    auto new_repeatability = [&] {
+        auto id = uuid_v4();
+        request.headers = {{"Content-Type", "application/json"},
+                           {"Operation-Id", operation_id},
+                           {"Repeatability-Request-Id", id ? *id : std::string()},
+                           {"Repeatability-First-Sent", rfc1123_date(hooks_.wall_clock())}};
+    };
+    new_repeatability();
+
+    bool ambiguous = false;  // the last attempt may have reached the service
+    bool refreshed_token = false;
+    milliseconds backoff{1000};
+    for (int attempt = 1; attempt <= api_.max_attempts; ++attempt) {
+        if (remaining() <= reserve_) {
+            why += " (time budget exhausted)";
             break;
         }
-        // Sleep in slices so the MTA hears from us (smfi_progress) while we wait.
-        for (milliseconds left = wait; left.count() > 0;) {
-            milliseconds slice = std::min(left, milliseconds(5000));
-            hooks.sleep(slice);
-            hooks.progress();
-            left -= slice;
+        auto response = exchange(request, request_timeout(reserve_));
+        milliseconds pause = backoff;
+        bool ask_first = false;  // before posting again, ask whether it went through
+        if (!response) {
+            why = response.error().message;
+            ambiguous = true;
+            ask_first = true;
+        } else {
+            long status = response->status;
+            if (status == 202) {
+                report.fate = ChunkFate::accepted;
+                report.detail = "HTTP 202";
+                return report;
+            }
+            why = describe_failure(*response);
+            if (status == 409) {
+                // The original of this repeatable request is still in progress (or another
+                // attempt of the message holds the operation id): wait, then ask.
+                ambiguous = true;
+                ask_first = true;
+                pause = retry_after_or(*response, backoff);
+            } else if (status == 412) {
+                // First-Sent left the service's 5-minute window: the service will not tell
+                // a repeat from a new request any more, so ask whether the original went
+                // through and start a new repeatable request only if it did not.
+                ambiguous = true;
+                ask_first = true;
+                pause = milliseconds(0);
+            } else if (status == 429) {
+                ambiguous = false;  // throttled: not executed
+                pause = retry_after_or(*response, backoff);
+            } else if (status == 413) {
+                report.fate = ChunkFate::oversize;
+                report.detail = why;
+                return report;
+            } else if (status == 401 && api_.entra && !refreshed_token) {
+                // A token the service no longer takes: drop it and try once with a new one.
+                api_.entra->invalidate(last_token_);
+                refreshed_token = true;
+                ambiguous = false;
+                pause = milliseconds(0);
+            } else if (status == 401 || status == 403) {
+                // The key or the app's role is wrong: not the message's fault, so never a
+                // bounce; retrying now will not help either.
+                report.fate = ChunkFate::not_sent;
+                report.detail = why;
+                return report;
+            } else if (status >= 500 || status == 408) {
+                // A 5xx may come after the message went out (a 504 from a gateway in
+                // front of a service that carried on): ask before posting again.
+                ambiguous = true;
+                ask_first = true;
+            } else {
+                // 400 included: the body is identical on every attempt, so a repeatability
+                // mismatch cannot be ours; it is the service's verdict on the message.
+                report.fate = ChunkFate::rejected;
+                report.detail = why;
+                return report;
+            }
+        }
+        if (attempt == api_.max_attempts) break;
+        if (pause.count() > 0 && !wait(pause, why)) break;
+        if (ask_first) {
+            std::string check_why;
+            Existence existence = check_operation(operation_id, false, check_why);
+            if (existence == Existence::exists) {
+                report.fate = ChunkFate::accepted;
+                report.detail = "accepted (confirmed after: " + why + ")";
+                return report;
+            }
+            if (existence == Existence::absent && response && response->status == 412) {
+                new_repeatability();
+            }
+            if (existence == Existence::absent && response && response->status != 409) {
+                // The service does not have it: the next post is a fresh execution, and a
+                // repeat of a 5xx'd request is re-executed anyway (documented).
+                ambiguous = false;
+            }
         }
         backoff = std::min(backoff * 2, milliseconds(16000));
     }
-    return {ApiOutcome::Kind::transient, last_failure, op_id};
+
+    // 3. Out of attempts or time. If the last answer left it open, ask once more.
+    if (ambiguous) {
+        std::string check_why;
+        switch (check_operation(operation_id, false, check_why)) {
+            case Existence::exists:
+                report.fate = ChunkFate::accepted;
+                report.detail = "accepted (confirmed after: " + why + ")";
+                return report;
+            case Existence::absent:
+                report.fate = ChunkFate::not_sent;
+                report.detail = why;
+                return report;
+            case Existence::unknown:
+                report.fate = ChunkFate::unresolved;
+                report.detail = why + "; " + check_why;
+                return report;
+        }
+    }
+    report.fate = ChunkFate::not_sent;
+    report.detail = why;
+    return report;
 }
 
 }  // namespace
 
-ApiOutcome submit_to_acs(const ApiSettings& api, const EmailMessage& message,
-                         const std::string& idempotency_key, const ApiHooks& hooks) {
+ApiOutcome submit_to_acs(const ApiSettings& api, EmailMessage message,
+                         const MessageIdentity& identity, Steady::time_point deadline,
+                         const ApiHooks& hooks) {
     ApiOutcome outcome;
-    auto deadline = hooks.now() + api.time_budget;
     auto chunks = split_recipients(message, api.max_recipients_per_request);
-    // Render and size-check every request before sending any, so an oversize message is
-    // refused whole instead of half-delivered.
-    std::vector<std::string> bodies;
+    AcsRequestRenderer renderer(std::move(message));
+    // Size-check every request before sending any, so an oversize message is refused whole
+    // instead of half-delivered.
     for (const auto& chunk : chunks) {
-        bodies.push_back(to_acs_json(chunk));
-        if (bodies.back().size() > api.max_request_bytes) {
+        size_t size = renderer.body_size(chunk);
+        if (size > api.max_request_bytes) {
             outcome.kind = ApiOutcome::Kind::oversize;
-            outcome.detail = fmt::format("request of {} bytes exceeds max_request_bytes {}",
-                                         bodies.back().size(), api.max_request_bytes);
+            outcome.detail = fmt::format("request of {} bytes exceeds max_request_bytes {}", size,
+                                         api.max_request_bytes);
             return outcome;
         }
     }
+    Submission submission(api, hooks, deadline, outcome);
+    bool stopped = false;
     for (size_t i = 0; i < chunks.size(); ++i) {
-        std::string op_id = operation_id(idempotency_key, i, chunks.size());
-        ChunkResult result = submit_chunk(api, bodies[i], op_id, deadline, hooks, outcome.requests);
-        if (result.kind != ApiOutcome::Kind::accepted) {
-            outcome.kind = result.kind;
-            outcome.detail = chunks.size() > 1 ? fmt::format("request {}/{}: {}", i + 1,
-                                                             chunks.size(), result.detail)
-                                               : result.detail;
-            return outcome;
+        ChunkReport report;
+        report.recipients = chunks[i].addresses();
+        report.operation_id =
+            request_operation_id(identity.content_digest, identity.sender, report.recipients);
+        if (stopped) {
+            report.fate = ChunkFate::not_sent;
+            report.detail = "not attempted after an earlier request failed";
+        } else {
+            std::vector<std::string> recipients = std::move(report.recipients);
+            report = submission.deliver(report.operation_id, renderer.body(chunks[i]));
+            report.recipients = std::move(recipients);
+            // After a failure the rest would most likely fail the same way; they go to the
+            // failure policy with it (and are asked about first on the next attempt).
+            stopped = !service_has(report.fate);
         }
-        outcome.operation_ids.push_back(result.operation_id);
-        auto accepted = addresses_of(chunks[i]);
-        outcome.accepted_recipients.insert(outcome.accepted_recipients.end(), accepted.begin(),
-                                           accepted.end());
+        outcome.chunks.push_back(std::move(report));
     }
+
+    // The overall kind: the first request the service does not have decides.
     outcome.kind = ApiOutcome::Kind::accepted;
-    outcome.detail = fmt::format("HTTP 202 x{}", chunks.size());
+    size_t count = outcome.chunks.size();
+    for (size_t i = 0; i < count; ++i) {
+        const ChunkReport& report = outcome.chunks[i];
+        if (service_has(report.fate)) continue;
+        outcome.kind = report.fate == ChunkFate::rejected   ? ApiOutcome::Kind::permanent
+                       : report.fate == ChunkFate::oversize ? ApiOutcome::Kind::oversize
+                                                            : ApiOutcome::Kind::transient;
+        outcome.detail = count > 1 ? fmt::format("request {}/{}: {}", i + 1, count, report.detail)
+                                   : report.detail;
+        return outcome;
+    }
+    int already = static_cast<int>(
+        std::count_if(outcome.chunks.begin(), outcome.chunks.end(),
+                      [](const ChunkReport& r) { return r.fate == ChunkFate::already_accepted; }));
+    outcome.detail = already ? fmt::format("HTTP 202 x{}, {} accepted by an earlier attempt",
+                                           count - already, already)
+                             : fmt::format("HTTP 202 x{}", count);
     return outcome;
 }
 
@@ -247,26 +483,6 @@ bool address_in_domains(std::string_view address, const std::vector<std::string>
     std::string_view domain = address.substr(at + 1);
     return std::any_of(domains.begin(), domains.end(),
                        [&](const std::string& d) { return iequals(d, domain); });
-}
-
-std::string idempotency_key(const Transaction& tx, std::vector<std::string> api_recipients) {
-    auto header = [&](std::string_view name) -> std::string {
-        for (const auto& h : tx.headers) {
-            if (iequals(h.name, name)) {
-                return h.value;
-            }
-        }
-        return {};
-    };
-    std::string id = header("Message-ID");
-    if (id.empty()) {
-        id = fmt::format("date={}|subject={}|from={}", header("Date"), header("Subject"),
-                         header("From"));
-    }
-    std::sort(api_recipients.begin(), api_recipients.end());
-    std::string key = fmt::format("{}|{}", id, tx.sender);
-    for (const auto& r : api_recipients) key += "|" + r;
-    return key;
 }
 
 std::string header_block(const std::vector<HeaderField>& headers) {

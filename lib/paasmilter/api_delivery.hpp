@@ -1,13 +1,29 @@
-// Submitting one converted message to Azure Communication Services Email: split into
-// requests of at most 50 recipients, sign, retry within the message's time budget, and say
-// exactly which recipients the service accepted.
+// Submitting one converted message to Azure Communication Services Email exactly once:
+// split into requests of at most 50 recipients, find out whether an earlier attempt of the
+// same message already got each request accepted, post the rest with the repeatability
+// headers ACS documents, resolve every ambiguous answer before retrying or giving up, and say
+// exactly which recipients the service has.
+//
+// What the service documents, and what this relies on (nothing else):
+// - Repeatable requests (learn.microsoft.com/rest/api/communication/repeatable-requests,
+//   "Applies to: ACS Email (Email Send API)"): with Repeatability-Request-Id and
+//   Repeatability-First-Sent, a repeat within 5 minutes gets the original's answer if it was
+//   2xx/4xx, 409 while the original is still in progress, a re-execution if it was 5xx; 412
+//   once First-Sent is older than the window; 400 for malformed headers or a different body.
+// - GET /emails/operations/{operationId} (CommunicationServicesEmail.json, "Get the status
+//   of the email send operation"): 200 for an operation the service accepted, 404 otherwise.
+//   The Operation-Id header names the operation the service creates.
+// Nothing assumes the service drops a repeated Operation-Id: a repeat is only ever posted
+// after the operations endpoint said the id does not exist.
 #pragma once
 
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "paasmilter/acs_json.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/email_message.hpp"
@@ -15,38 +31,82 @@
 
 namespace paasmilter {
 
-struct ApiOutcome {
-    enum class Kind { accepted, transient, permanent, oversize };
-    Kind kind = Kind::transient;
+// What became of one request (one chunk of at most 50 recipients).
+enum class ChunkFate {
+    accepted,          // 202 now
+    already_accepted,  // an earlier attempt of this message got it accepted (operation exists)
+    not_sent,          // not accepted, and the service does not have it: safe to send elsewhere
+    unresolved,        // may or may not have been accepted: the service could not tell us
+    rejected,          // the service refused it for good (4xx)
+    oversize,          // too large for the service
+};
+const char* to_string(ChunkFate fate);
+
+struct ChunkReport {
+    std::string operation_id;
+    std::vector<std::string> recipients;
+    ChunkFate fate = ChunkFate::not_sent;
     std::string detail;  // "HTTP 400 InvalidSenderUserName: ..." (no secrets)
-    // Envelope addresses the service accepted (all of them when kind == accepted).
-    std::vector<std::string> accepted_recipients;
-    std::vector<std::string> operation_ids;  // of the accepted requests
-    int requests = 0;                        // HTTP requests made
+};
+
+struct ApiOutcome {
+    enum class Kind {
+        accepted,   // every recipient: the local copy may go
+        transient,  // some or all not accepted, worth retrying later
+        permanent,  // the service refused the message for good
+        oversize,   // too large for the service
+    };
+    Kind kind = Kind::transient;
+    std::string detail;
+    std::vector<ChunkReport> chunks;
+    int requests = 0;       // messages posted (each attempt counts)
+    int status_checks = 0;  // operation status lookups
+
+    // Recipients the service has (accepted now or by an earlier attempt).
+    std::vector<std::string> accepted_recipients() const;
+    // Recipients whose request may or may not have been accepted.
+    std::vector<std::string> unresolved_recipients() const;
+    // Operation ids of the requests the service has.
+    std::vector<std::string> accepted_operation_ids() const;
 };
 const char* to_string(ApiOutcome::Kind kind);
 
-// Hooks, so tests can run the retry logic without a network or a clock, and the milter
-// can keep the MTA's timeout alive (smfi_progress) while waiting.
+// Hooks, so tests can run the protocol without a network or a clock, and the milter can keep
+// the MTA's timeout alive (smfi_progress) while waiting.
 struct ApiHooks {
     std::function<Result<HttpResponse>(const HttpRequest&, std::chrono::milliseconds)> send;
     std::function<void(std::chrono::milliseconds)> sleep;
-    std::function<std::chrono::system_clock::time_point()> now;
+    // Deadlines and waits run on a monotonic clock; dates sent in headers use the wall clock.
+    std::function<std::chrono::steady_clock::time_point()> now;
+    std::function<std::chrono::system_clock::time_point()> wall_clock;
     std::function<void()> progress;
 };
 ApiHooks default_api_hooks(const ApiSettings& api);
 
-// `idempotency_key` identifies the message across retries (Message-ID, envelope): the
-// Operation-Id of each request derives from it, so the service drops a repeated request
-// whose earlier copy it had accepted.
-ApiOutcome submit_to_acs(const ApiSettings& api, const EmailMessage& message,
-                         const std::string& idempotency_key, const ApiHooks& hooks);
+// The message's identity across the client's retries: the content digest (see
+// delivery/message_identity.hpp) and the envelope sender.
+struct MessageIdentity {
+    std::string content_digest;
+    std::string sender;
+};
+
+// Submits `message` (its recipients are the ones the API must deliver to) before `deadline`.
+ApiOutcome submit_to_acs(const ApiSettings& api, EmailMessage message,
+                         const MessageIdentity& identity,
+                         std::chrono::steady_clock::time_point deadline, const ApiHooks& hooks);
+
+// Adds the authentication headers (HMAC signature or Entra bearer token, fetched within
+// `timeout`) and a client request id. `bearer` receives the token used, if any.
+Result<void> authorize_acs_request(const ApiSettings& api, HttpRequest& request,
+                                   std::chrono::system_clock::time_point now,
+                                   std::chrono::milliseconds timeout,
+                                   std::string* bearer = nullptr);
+
+// GET URL of an operation's status.
+std::string acs_operation_url(const ApiSettings& api, const std::string& operation_id);
 
 // The requests' recipient split: chunks of at most `limit`, in to, cc, bcc order.
-std::vector<EmailMessage> split_recipients(const EmailMessage& message, size_t limit);
-
-// A UUID (v5) for request `index` of `count` of the message.
-std::string operation_id(const std::string& idempotency_key, size_t index, size_t count);
+std::vector<RecipientChunk> split_recipients(const EmailMessage& message, size_t limit);
 
 // Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); nullopt if absent
 // or unparsable.
@@ -55,10 +115,6 @@ std::optional<std::chrono::seconds> parse_retry_after(const std::string& value,
 
 // True when the address's domain is one of `domains` (case-insensitive, exact).
 bool address_in_domains(std::string_view address, const std::vector<std::string>& domains);
-
-// Identifies a message across the client's retries: Message-ID (or Date+Subject+From when
-// there is none), envelope sender and the API recipients.
-std::string idempotency_key(const Transaction& tx, std::vector<std::string> api_recipients);
 
 // The header block as the MTA passed it to us, ready for a MIME parser: "Name: value" lines,
 // folds kept, CRLF line ends, and the empty line that ends the header.

@@ -162,6 +162,41 @@ Result<std::string> sha256(std::string_view data) {
     return digest(EVP_sha256(), data, "SHA-256");
 }
 
+struct Sha256::Impl {
+    MdCtxPtr ctx{EVP_MD_CTX_new()};
+    bool failed = false;
+    bool finished = false;
+};
+
+Sha256::Sha256() : impl_(std::make_unique<Impl>()) {
+    if (!impl_->ctx || EVP_DigestInit_ex(impl_->ctx.get(), EVP_sha256(), nullptr) != 1) {
+        impl_->failed = true;
+    }
+}
+Sha256::~Sha256() = default;
+Sha256::Sha256(Sha256&&) noexcept = default;
+Sha256& Sha256::operator=(Sha256&&) noexcept = default;
+
+void Sha256::update(std::string_view data) {
+    if (impl_->failed || impl_->finished) {
+        impl_->failed = true;
+        return;
+    }
+    if (EVP_DigestUpdate(impl_->ctx.get(), data.data(), data.size()) != 1) impl_->failed = true;
+}
+
+Result<std::string> Sha256::finish() {
+    std::array<unsigned char, EVP_MAX_MD_SIZE> out{};
+    unsigned int length = 0;
+    if (impl_->failed || impl_->finished ||
+        EVP_DigestFinal_ex(impl_->ctx.get(), out.data(), &length) != 1) {
+        impl_->failed = true;
+        return openssl_error("SHA-256 failed");
+    }
+    impl_->finished = true;
+    return std::string(reinterpret_cast<const char*>(out.data()), length);
+}
+
 Result<std::string> sha1(std::string_view data) {
     return digest(EVP_sha1(), data, "SHA-1");
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -14,6 +15,25 @@ namespace paasmilter {
 // Raw digests (32 and 20 bytes).
 Result<std::string> sha256(std::string_view data);
 Result<std::string> sha1(std::string_view data);
+
+// Incremental SHA-256 for data that arrives in pieces (a message body from the MTA).
+class Sha256 {
+  public:
+    Sha256();
+    ~Sha256();
+    Sha256(Sha256&&) noexcept;
+    Sha256& operator=(Sha256&&) noexcept;
+    Sha256(const Sha256&) = delete;
+    Sha256& operator=(const Sha256&) = delete;
+
+    void update(std::string_view data);
+    // The raw 32-byte digest of everything given so far; the object can no longer be updated.
+    Result<std::string> finish();
+
+  private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
 
 // Raw HMAC-SHA256 (32 bytes). The key may be any length, including empty.
 Result<std::string> hmac_sha256(std::string_view key, std::string_view data);

@@ -109,6 +109,26 @@ class Accepted(ApiRouteTestCase):
         self.assert_sinks_empty()
         self.assertEqual(self.postfix.queue(), [])
 
+    def test_final_status_is_logged_with_the_queue_id(self) -> None:
+        ok = self.send()
+        failed = self.send(to=["bounce@example.net"])
+        self.assertEqual((ok.data_code, failed.data_code), (250, 250))
+        op = self.mock.wait_for_accepted(2)[1].operation_id
+        self.mock.set_operation_status(op, "Failed", error_code="EmailDroppedAllRecipientsSuppressed",
+                                       error_message="All recipients are suppressed.")
+        line = self.milter.wait_for_log(rf"{ok.queue_id}: api-status .*", timeout=30).group(0)
+        self.assertIn("status=Succeeded", line)
+        line = self.milter.wait_for_log(rf"{failed.queue_id}: api-status .*", timeout=30).group(0)
+        self.assertIn(f"operation_id={op}, status=Failed", line)
+        self.assertIn("EmailDroppedAllRecipientsSuppressed: All recipients are suppressed.", line)
+
+    def test_the_clients_routing_header_never_reaches_the_service(self) -> None:
+        result = self.send(headers=["X-PaaS-Route: acs-smtp", "X-Printer: floor-3"])
+        self.assertEqual(result.data_code, 250, result.transcript)
+        headers = self.mock.wait_for_accepted(1)[0].message.get("headers", {})
+        self.assertEqual(headers.get("X-Printer"), "floor-3")
+        self.assertNotIn("x-paas-route", [name.lower() for name in headers])
+
     def test_envelope_recipients_are_authoritative_and_local_domains_stay(self) -> None:
         result = self.send(to=["a@example.net", "hidden@example.org", "desk@local.test"],
                            headers=["To: A <a@example.net>, Not Envelope <x@example.com>",
@@ -191,19 +211,24 @@ class TempfailPolicy(ApiRouteTestCase):
         self.assertEqual(retry.data_code, 250, retry.transcript)
         self.assertEqual(len(self.mock.wait_for_accepted(1)), 1)
 
-    def test_a_retried_message_is_not_duplicated(self) -> None:
-        # The first request is accepted but its answer is lost, the retry fails too: the
-        # client is told to try again. Its retry carries the same Operation-Ids, so the
-        # service keeps exactly one copy of every part.
-        self.mock.fail_next(500, accept=True)
-        self.mock.fail_next(500)
+    def test_a_client_retry_after_a_partial_acceptance_sends_only_the_rest(self) -> None:
+        # 120 recipients make 3 requests. The first is accepted, the second keeps failing: the
+        # client is told to try again. On the retry the milter asks the service about each
+        # request first: the accepted one exists and is not posted again. The message has no
+        # Message-ID or Date: its identity is its content.
+        self.mock.fail_next(delay=0.01)  # the first request goes through
+        self.mock.fail_next(503, count=2)
         rcpts = [f"user{i:03d}@example.net" for i in range(120)]
-        message_id = ["Message-Id: <retry-test@contoso.test>"]
-        first = self.send(to=rcpts, headers=message_id)
+        data = ("From: scanner@contoso.test\r\nTo: team@example.net\r\n"
+                "Subject: scan 1\r\n\r\npage 1\r\n")
+        first = self.send(to=rcpts, data=data)
         self.assertEqual(first.data_code, 451, first.transcript)
+        line = self.milter.wait_for_log(r"chunks=accepted,not-sent,not-sent.*").group(0)
+        self.assertIn("policy=tempfail", line)
         self.assertEqual(len(self.mock.accepted_messages()), 1)
-        second = self.send(to=rcpts, headers=message_id)
+        second = self.send(to=rcpts, data=data)
         self.assertEqual(second.data_code, 250, second.transcript)
+        self.assertIn("chunks=already-accepted,accepted,accepted", self.decision(second.queue_id))
         self.mock.wait_for_accepted(3)
         time.sleep(0.5)
         accepted = self.mock.accepted_messages()
@@ -211,7 +236,22 @@ class TempfailPolicy(ApiRouteTestCase):
         got = sorted(r["address"] for m in accepted for k in ("to", "cc", "bcc")
                      for r in m.message["recipients"].get(k, []))
         self.assertEqual(got, rcpts)
-        self.assertEqual(len(self.mock.requests("send")), 5)
+        # A different message from the same client to the same recipients is not mistaken
+        # for the first one.
+        other = self.send(to=rcpts, data=data.replace("page 1", "page 2"))
+        self.assertEqual(other.data_code, 250, other.transcript)
+        self.mock.wait_for_accepted(6)
+
+    def test_a_5xx_after_the_message_went_out_is_not_sent_twice(self) -> None:
+        # Accepted by the service, but the client sees 504 (a gateway timeout in front of a
+        # service that carried on): the milter asks before posting again.
+        self.mock.fail_next(504, accept=True)
+        result = self.send()
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.assertIn("api=accepted", self.decision(result.queue_id))
+        time.sleep(0.5)
+        self.assertEqual(len(self.mock.accepted_messages()), 1)
+        self.assertEqual(len(self.mock.requests("send")), 1)
 
     def test_too_many_mime_parts_take_the_oversize_policy(self) -> None:
         parts = "".join(f"--b\r\nContent-Type: text/plain\r\n\r\npart {i}\r\n" for i in range(600))
@@ -264,11 +304,41 @@ class RelayFallback(ApiRouteTestCase):
         self.assertEqual(self.mock.requests("send"), [])
 
 
+class RejectPolicy(ApiRouteTestCase):
+    policies = 'on_failure = "reject"\nmax_attempts = 1'
+
+    def test_reject_after_a_partial_acceptance_holds_the_rest(self) -> None:
+        # The first 50 recipients have the message: a bounce would tell the sender nobody
+        # got it. The other 20 are held for the operator instead.
+        self.mock.fail_next(delay=0.01)
+        self.mock.always(503)
+        rcpts = [f"user{i:03d}@example.net" for i in range(70)]
+        result = self.send(to=rcpts)
+        self.assertEqual(result.data_code, 250, result.transcript)
+        line = self.decision(result.queue_id)
+        self.assertIn("policy=reject, partly_accepted=50", line)
+        self.assertIn("held instead", line)
+        self.postfix.wait_for_queue(lambda q: any(m.get("queue_name") == "hold" for m in q))
+        held = [m for m in self.postfix.queue() if m["queue_name"] == "hold"]
+        self.assertEqual(len(held), 1)
+        self.assertEqual(sorted(r["address"] for r in held[0]["recipients"]), rcpts[50:])
+        self.assert_sinks_empty()
+
+    def test_reject_without_any_acceptance_bounces(self) -> None:
+        self.mock.always(503)
+        result = self.send()
+        self.assertEqual(result.data_code, 550, result.transcript)
+        self.assertEqual(self.postfix.queue(), [])
+
+
 class HoldPolicy(ApiRouteTestCase):
     policies = 'on_failure = "hold"\nmax_attempts = 1'
 
     def test_failure_holds_the_message(self) -> None:
-        self.mock.fail_next(reset=True)
+        # Twice: libcurl resends a request once on a fresh connection when a reused one
+        # was closed before any answer (that resend is safe: it carries the same
+        # repeatability headers).
+        self.mock.fail_next(reset=True, count=2)
         result = self.send()
         self.assertEqual(result.data_code, 250, result.transcript)
         self.postfix.wait_for_queue(lambda q: any(m.get("queue_name") == "hold" for m in q))

@@ -7,6 +7,7 @@
 #include <set>
 #include <sstream>
 
+#include "paasmilter/acs_json.hpp"
 #include "paasmilter/api_delivery.hpp"
 #include "paasmilter/spool.hpp"
 #include "temp_dir.hpp"
@@ -37,32 +38,53 @@ ApiSettings settings() {
     return api;
 }
 
-// A scripted service: answers in order, records requests, and a fake clock that sleeping
-// advances.
+// A scripted service: POST and GET answers in order (a GET with nothing scripted is 404:
+// "no such operation"), records requests, and a fake clock that sleeping advances.
 struct FakeService {
-    std::vector<Result<HttpResponse>> answers;
+    std::vector<Result<HttpResponse>> posts;
+    std::vector<Result<HttpResponse>> gets;
     std::vector<HttpRequest> requests;
-    std::chrono::system_clock::time_point clock =
+    std::chrono::steady_clock::time_point clock{std::chrono::hours(1000)};
+    std::chrono::system_clock::time_point wall =
         std::chrono::system_clock::from_time_t(1'800'000'000);
     std::chrono::milliseconds slept{0};
+    std::vector<std::chrono::milliseconds> timeouts;
     int progress_calls = 0;
 
     ApiHooks hooks() {
         ApiHooks h;
-        h.send = [this](const HttpRequest& request, std::chrono::milliseconds) {
+        h.send = [this](const HttpRequest& request, std::chrono::milliseconds timeout) {
             requests.push_back(request);
-            REQUIRE(!answers.empty());
-            auto answer = answers.front();
-            answers.erase(answers.begin());
+            timeouts.push_back(timeout);
+            auto& queue = request.method == "GET" ? gets : posts;
+            if (queue.empty()) {
+                REQUIRE(request.method == "GET");
+                HttpResponse absent;
+                absent.status = 404;
+                return Result<HttpResponse>(absent);
+            }
+            auto answer = queue.front();
+            queue.erase(queue.begin());
             return answer;
         };
         h.sleep = [this](std::chrono::milliseconds d) {
             slept += d;
             clock += d;
+            wall += d;
         };
         h.now = [this] { return clock; };
+        h.wall_clock = [this] { return wall; };
         h.progress = [this] { ++progress_calls; };
         return h;
+    }
+    std::chrono::steady_clock::time_point deadline(std::chrono::seconds budget = 60s) const {
+        return clock + budget;
+    }
+    std::vector<HttpRequest> of(std::string_view method) const {
+        std::vector<HttpRequest> out;
+        for (const auto& r : requests)
+            if (r.method == method) out.push_back(r);
+        return out;
     }
 };
 
@@ -81,6 +103,13 @@ std::string header_of(const HttpRequest& request, std::string_view name) {
     return {};
 }
 
+const MessageIdentity kIdentity{"0123abcd", "s@contoso.test"};
+
+ApiOutcome submit(FakeService& service, const EmailMessage& message, ApiSettings api = settings(),
+                  std::chrono::seconds budget = 60s) {
+    return submit_to_acs(api, message, kIdentity, service.deadline(budget), service.hooks());
+}
+
 }  // namespace
 
 TEST_CASE("recipients are split into requests of at most 50, in to/cc/bcc order") {
@@ -93,32 +122,27 @@ TEST_CASE("recipients are split into requests of at most 50, in to/cc/bcc order"
     CHECK(chunks[2].bcc.size() == 20);
     std::set<std::string> all;
     for (const auto& c : chunks) {
-        CHECK(c.recipient_count() <= 50);
-        CHECK(c.subject == "s");
-        for (const auto* list : {&c.to, &c.cc, &c.bcc}) {
-            for (const auto& a : *list) all.insert(a.address);
-        }
+        CHECK(c.size() <= 50);
+        for (const auto& a : c.addresses()) all.insert(a);
     }
     CHECK(all.size() == 120);
     CHECK(split_recipients(message_with(50, 0, 0), 50).size() == 1);
 }
 
-TEST_CASE("operation ids are stable per message and chunk, and differ otherwise") {
-    std::string a = operation_id("<m1@x>|s@x|r@y", 0, 3);
-    CHECK(a == operation_id("<m1@x>|s@x|r@y", 0, 3));
-    CHECK(a != operation_id("<m1@x>|s@x|r@y", 1, 3));
-    CHECK(a != operation_id("<m2@x>|s@x|r@y", 0, 3));
-    REQUIRE(a.size() == 36);
-    CHECK(a[14] == '5');  // version 5
-}
-
-TEST_CASE("idempotency key: Message-ID, envelope sender and sorted recipients") {
-    Transaction tx;
-    tx.sender = "s@contoso.test";
-    tx.headers = {{"Subject", "x"}, {"message-id", "<abc@contoso.test>"}};
-    CHECK(idempotency_key(tx, {"b@y", "a@y"}) == "<abc@contoso.test>|s@contoso.test|a@y|b@y");
-    tx.headers = {{"Date", "d"}, {"Subject", "x"}, {"From", "f"}};
-    CHECK(idempotency_key(tx, {"a@y"}) == "date=d|subject=x|from=f|s@contoso.test|a@y");
+TEST_CASE("request bodies: the same JSON as a whole-message rendering, chunk by chunk") {
+    EmailMessage m = message_with(3, 1, 1);
+    m.attachments.push_back({"a.pdf", "application/pdf", "QUJD", "", 3});
+    m.reply_to.push_back({"r@contoso.test", "R"});
+    m.headers.push_back({"X-Tag", "1"});
+    AcsRequestRenderer renderer(m);
+    for (const auto& chunk : split_recipients(m, 2)) {
+        EmailMessage expected = m;
+        expected.to = chunk.to;
+        expected.cc = chunk.cc;
+        expected.bcc = chunk.bcc;
+        CHECK(renderer.body(chunk) == to_acs_json(expected));
+        CHECK(renderer.body_size(chunk) == to_acs_json(expected).size());
+    }
 }
 
 TEST_CASE("local domains") {
@@ -140,82 +164,201 @@ TEST_CASE("Retry-After") {
     CHECK_FALSE(parse_retry_after("", now).has_value());
 }
 
-TEST_CASE("submission: accepted, signed, one request per 50 recipients") {
+TEST_CASE("submission: each request is checked, then posted repeatably and signed") {
     FakeService service;
-    service.answers = {status(202), status(202), status(202)};
-    ApiSettings api = settings();
-    auto outcome = submit_to_acs(api, message_with(120, 0, 0), "key", service.hooks());
+    service.posts = {status(202), status(202), status(202)};
+    auto outcome = submit(service, message_with(120, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::accepted);
     CHECK(outcome.requests == 3);
-    CHECK(outcome.accepted_recipients.size() == 120);
-    REQUIRE(outcome.operation_ids.size() == 3);
-    REQUIRE(service.requests.size() == 3);
+    CHECK(outcome.status_checks == 3);
+    CHECK(outcome.accepted_recipients().size() == 120);
+    auto ids = outcome.accepted_operation_ids();
+    REQUIRE(ids.size() == 3);
+    CHECK(std::set<std::string>(ids.begin(), ids.end()).size() == 3);
+    REQUIRE(service.requests.size() == 6);
     for (size_t i = 0; i < 3; ++i) {
-        const auto& r = service.requests[i];
-        CHECK(r.url == "https://acs.example.test/emails:send?api-version=2023-03-31");
-        CHECK(header_of(r, "Operation-Id") == outcome.operation_ids[i]);
-        CHECK(header_of(r, "Authorization").starts_with("HMAC-SHA256 SignedHeaders="));
-        CHECK_FALSE(header_of(r, "x-ms-date").empty());
-        CHECK_FALSE(header_of(r, "x-ms-content-sha256").empty());
+        const auto& check = service.requests[2 * i];
+        const auto& post = service.requests[2 * i + 1];
+        CHECK(check.method == "GET");
+        CHECK(check.url ==
+              "https://acs.example.test/emails/operations/" + ids[i] + "?api-version=2023-03-31");
+        CHECK(header_of(check, "Authorization").starts_with("HMAC-SHA256 SignedHeaders="));
+        CHECK(post.method == "POST");
+        CHECK(post.url == "https://acs.example.test/emails:send?api-version=2023-03-31");
+        CHECK(header_of(post, "Operation-Id") == ids[i]);
+        CHECK(header_of(post, "Repeatability-Request-Id").size() == 36);
+        CHECK(header_of(post, "Repeatability-First-Sent") == "Fri, 15 Jan 2027 08:00:00 GMT");
+        CHECK(header_of(post, "Authorization").starts_with("HMAC-SHA256 SignedHeaders="));
+        CHECK_FALSE(header_of(post, "x-ms-content-sha256").empty());
     }
 }
 
-TEST_CASE("submission: 429 honours Retry-After, 5xx backs off, within the budget") {
+TEST_CASE("request ids: the same message and recipients give the same ids, anything else not") {
+    auto ids_for = [](const MessageIdentity& identity, const EmailMessage& m) {
+        FakeService service;
+        service.posts = {status(202), status(202)};
+        return submit_to_acs(settings(), m, identity, service.deadline(), service.hooks())
+            .accepted_operation_ids();
+    };
+    auto first = ids_for(kIdentity, message_with(70, 0, 0));
+    REQUIRE(first.size() == 2);
+    CHECK(first == ids_for(kIdentity, message_with(70, 0, 0)));
+    CHECK(first != ids_for({"0123abce", kIdentity.sender}, message_with(70, 0, 0)));
+    CHECK(first !=
+          ids_for({kIdentity.content_digest, "other@contoso.test"}, message_with(70, 0, 0)));
+    auto fewer = ids_for(kIdentity, message_with(69, 0, 0));
+    CHECK(first[0] == fewer[0]);  // the first 50 are the same request
+    CHECK(first[1] != fewer[1]);
+}
+
+TEST_CASE("submission: 429 honours Retry-After (and backs off without it), same request again") {
     FakeService service;
-    service.answers = {status(429, {{"Retry-After", "3"}}), status(503), status(202)};
-    auto outcome = submit_to_acs(settings(), message_with(1, 0, 0), "key", service.hooks());
+    service.posts = {status(429, {{"Retry-After", "3"}}), status(429), status(202)};
+    auto outcome = submit(service, message_with(1, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::accepted);
-    CHECK(outcome.requests == 3);
     CHECK(service.slept == 3s + 2s);  // Retry-After, then the second backoff step
     CHECK(service.progress_calls >= 3);
-    // The retry repeats the same Operation-Id, so the service can drop a duplicate.
-    CHECK(header_of(service.requests[0], "Operation-Id") ==
-          header_of(service.requests[2], "Operation-Id"));
+    auto posts = service.of("POST");
+    REQUIRE(posts.size() == 3);
+    for (const auto& name :
+         {"Operation-Id", "Repeatability-Request-Id", "Repeatability-First-Sent"}) {
+        CHECK(header_of(posts[0], name) == header_of(posts[2], name));
+    }
+    CHECK(service.of("GET").size() == 1);  // throttled requests were not executed: no check
+}
+
+TEST_CASE("submission: a 5xx or a lost answer is resolved by asking before posting again") {
+    SUBCASE("504 after the message went out: the operation exists, nothing is posted again") {
+        FakeService service;
+        service.posts = {status(504)};
+        service.gets = {status(404), status(200, {}, R"({"id":"x","status":"Running"})")};
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+        CHECK(outcome.chunks[0].fate == ChunkFate::accepted);
+        CHECK(service.of("POST").size() == 1);
+    }
+    SUBCASE("a reset before the service took it: posted again with the same repeatability") {
+        FakeService service;
+        service.posts = {make_error("connection reset"), status(202)};
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+        auto posts = service.of("POST");
+        REQUIRE(posts.size() == 2);
+        CHECK(header_of(posts[0], "Repeatability-Request-Id") ==
+              header_of(posts[1], "Repeatability-Request-Id"));
+        CHECK(service.of("GET").size() == 2);
+    }
+    SUBCASE("out of attempts after transport errors, the service says it has nothing: not sent") {
+        FakeService service;
+        for (int i = 0; i < 4; ++i) service.posts.push_back(make_error("connection reset"));
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::transient);
+        CHECK(outcome.chunks[0].fate == ChunkFate::not_sent);
+        CHECK(service.of("POST").size() == 4);
+        CHECK(service.slept == 1s + 2s + 4s);
+        CHECK(outcome.detail == "connection reset");
+    }
+    SUBCASE("out of attempts and the service cannot say: unresolved") {
+        FakeService service;
+        for (int i = 0; i < 4; ++i) service.posts.push_back(make_error("timed out"));
+        service.gets = {status(404), status(404), status(404), status(404), status(503)};
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::transient);
+        CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+        CHECK(outcome.unresolved_recipients() == std::vector<std::string>{"to0@example.net"});
+    }
+}
+
+TEST_CASE("submission: 409 means wait and ask, never permanent") {
+    FakeService service;
+    service.posts = {make_error("timed out"), status(409, {{"Retry-After", "2"}})};
+    service.gets = {status(404), status(404), status(200, {}, R"({"status":"Succeeded"})")};
+    auto outcome = submit(service, message_with(1, 0, 0));
+    CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+    CHECK(service.of("POST").size() == 2);
+    CHECK(service.slept == 1s + 2s);
+}
+
+TEST_CASE("submission: 412 (first attempt left the 5-minute window) starts a new request") {
+    FakeService service;
+    service.posts = {status(412), status(202)};
+    auto outcome = submit(service, message_with(1, 0, 0));
+    CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+    auto posts = service.of("POST");
+    REQUIRE(posts.size() == 2);
+    CHECK(header_of(posts[0], "Repeatability-Request-Id") !=
+          header_of(posts[1], "Repeatability-Request-Id"));
+    CHECK(header_of(posts[0], "Operation-Id") == header_of(posts[1], "Operation-Id"));
+}
+
+TEST_CASE("submission: a request an earlier attempt got accepted is not posted again") {
+    FakeService service;
+    service.gets = {status(200, {}, R"({"status":"Succeeded"})"), status(404)};
+    service.posts = {status(202)};
+    auto outcome = submit(service, message_with(70, 0, 0));
+    CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+    CHECK(outcome.chunks[0].fate == ChunkFate::already_accepted);
+    CHECK(outcome.chunks[1].fate == ChunkFate::accepted);
+    auto posts = service.of("POST");
+    REQUIRE(posts.size() == 1);
+    CHECK(header_of(posts[0], "Operation-Id") == outcome.chunks[1].operation_id);
+    CHECK(outcome.detail == "HTTP 202 x1, 1 accepted by an earlier attempt");
+}
+
+TEST_CASE("submission: when the service cannot say whether it has a request, nothing is posted") {
+    FakeService service;
+    for (int i = 0; i < 4; ++i) service.gets.push_back(status(503));
+    auto outcome = submit(service, message_with(1, 0, 0));
+    CHECK(outcome.kind == ApiOutcome::Kind::transient);
+    CHECK(outcome.chunks[0].fate == ChunkFate::not_sent);
+    CHECK(service.of("POST").empty());
+    CHECK(outcome.detail.find("cannot tell whether an earlier attempt was accepted") == 0);
 }
 
 TEST_CASE("submission: a Retry-After beyond the budget is a transient failure at once") {
     FakeService service;
-    service.answers = {status(429, {{"Retry-After", "600"}})};
-    auto outcome = submit_to_acs(settings(), message_with(1, 0, 0), "key", service.hooks());
+    service.posts = {status(429, {{"Retry-After", "600"}})};
+    auto outcome = submit(service, message_with(1, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::transient);
-    CHECK(outcome.requests == 1);
+    CHECK(service.of("POST").size() == 1);
     CHECK(service.slept == 0s);
     CHECK(outcome.detail.find("HTTP 429") == 0);
     CHECK(outcome.detail.find("time budget") != std::string::npos);
 }
 
-TEST_CASE("submission: transport errors are retried up to max_attempts") {
+TEST_CASE("submission: no request outlasts the deadline") {
     FakeService service;
-    for (int i = 0; i < 4; ++i) service.answers.push_back(make_error("connection reset"));
-    auto outcome = submit_to_acs(settings(), message_with(1, 0, 0), "key", service.hooks());
+    service.posts = {status(503), status(503), status(503), status(503)};
+    auto outcome = submit(service, message_with(1, 0, 0), settings(), 10s);
     CHECK(outcome.kind == ApiOutcome::Kind::transient);
-    CHECK(outcome.requests == 4);
-    CHECK(service.slept == 1s + 2s + 4s);
-    CHECK(outcome.detail == "connection reset");
+    for (auto timeout : service.timeouts) CHECK(timeout <= 10s);
+    CHECK(service.slept < 10s);
 }
 
 TEST_CASE("submission: 4xx is permanent with the service's error text, 413 is oversize") {
     FakeService service;
-    service.answers = {
+    service.posts = {
         status(400, {}, R"({"error":{"code":"InvalidSenderUserName","message":"bad sender"}})")};
-    auto outcome = submit_to_acs(settings(), message_with(1, 0, 0), "key", service.hooks());
+    auto outcome = submit(service, message_with(1, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::permanent);
     CHECK(outcome.detail == "HTTP 400 InvalidSenderUserName: bad sender");
-    service.answers = {status(413)};
-    CHECK(submit_to_acs(settings(), message_with(1, 0, 0), "key", service.hooks()).kind ==
-          ApiOutcome::Kind::oversize);
-    service.answers = {status(401)};
-    CHECK(submit_to_acs(settings(), message_with(1, 0, 0), "key", service.hooks()).kind ==
-          ApiOutcome::Kind::transient);
+    service.posts = {status(413)};
+    CHECK(submit(service, message_with(1, 0, 0)).kind == ApiOutcome::Kind::oversize);
+    service.posts = {status(401)};
+    CHECK(submit(service, message_with(1, 0, 0)).kind == ApiOutcome::Kind::transient);
 }
 
 TEST_CASE("submission: a partial failure reports exactly what was accepted") {
     FakeService service;
-    service.answers = {status(202), status(400, {}, R"({"error":{"code":"BadRequest"}})")};
-    auto outcome = submit_to_acs(settings(), message_with(70, 0, 0), "key", service.hooks());
+    service.posts = {status(202), status(400, {}, R"({"error":{"code":"BadRequest"}})")};
+    auto outcome = submit(service, message_with(120, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::permanent);
-    CHECK(outcome.accepted_recipients.size() == 50);
-    CHECK(outcome.detail == "request 2/2: HTTP 400 BadRequest");
+    CHECK(outcome.accepted_recipients().size() == 50);
+    REQUIRE(outcome.chunks.size() == 3);
+    CHECK(outcome.chunks[1].fate == ChunkFate::rejected);
+    CHECK(outcome.chunks[2].fate == ChunkFate::not_sent);
+    CHECK(outcome.detail == "request 2/3: HTTP 400 BadRequest");
+    CHECK(service.of("POST").size() == 2);
 }
 
 TEST_CASE("submission: an oversize request is refused before anything is sent") {
@@ -225,7 +368,7 @@ TEST_CASE("submission: an oversize request is refused before anything is sent") 
     EmailMessage m = message_with(1, 0, 0);
     m.attachments.push_back(
         {"big.bin", "application/octet-stream", std::string(4000, 'A'), "", 3000});
-    auto outcome = submit_to_acs(api, m, "key", service.hooks());
+    auto outcome = submit(service, m, api);
     CHECK(outcome.kind == ApiOutcome::Kind::oversize);
     CHECK(outcome.requests == 0);
 }

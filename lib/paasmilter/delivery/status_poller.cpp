@@ -1,0 +1,171 @@
+#include "paasmilter/delivery/status_poller.hpp"
+
+#include <algorithm>
+
+#include <nlohmann/json.hpp>
+
+#include "paasmilter/api_delivery.hpp"
+#include "paasmilter/log.hpp"
+
+namespace paasmilter {
+
+using namespace std::chrono;
+using Steady = steady_clock;
+
+struct StatusPoller::Job {
+    std::string queue_id;
+    std::string operation_id;
+    Fetch fetch;
+    Steady::time_point started;
+    Steady::time_point next;
+    milliseconds delay;
+    int polls = 0;
+};
+
+namespace {
+
+void log_final(const FinalStatus& s) {
+    std::string line = fmt::format("{}: api-status operation_id={}, status={}, polls={}",
+                                   s.queue_id, s.operation_id, s.status, s.polls);
+    if (!s.detail.empty()) line += ", detail=" + sanitize_for_log(s.detail, 300);
+    if (s.status == "Succeeded") {
+        log_info("{}", line);
+    } else {
+        log_warning("{}", line);
+    }
+}
+
+bool terminal(std::string_view status) {
+    return status == "Succeeded" || status == "Failed" || status == "Canceled";
+}
+
+}  // namespace
+
+std::optional<OperationStatus> parse_operation_status(std::string_view body) {
+    auto json = nlohmann::json::parse(body, nullptr, false);
+    if (!json.is_object() || !json.contains("status") || !json["status"].is_string()) {
+        return std::nullopt;
+    }
+    OperationStatus out{json["status"].get<std::string>(), {}};
+    if (json.contains("error") && json["error"].is_object()) {
+        const auto& error = json["error"];
+        if (error.contains("code") && error["code"].is_string()) out.error = error["code"];
+        if (error.contains("message") && error["message"].is_string()) {
+            out.error += (out.error.empty() ? "" : ": ") + error["message"].get<std::string>();
+        }
+    }
+    return out;
+}
+
+StatusPoller::StatusPoller(Options options, Report report)
+    : options_(options),
+      report_(report ? std::move(report) : Report(log_final)),
+      thread_([this] { loop(); }) {}
+
+StatusPoller::~StatusPoller() {
+    {
+        std::lock_guard lock(mutex_);
+        stopping_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+    if (!jobs_.empty()) {
+        log_warning("shutdown: the final status of {} accepted operation(s) was not polled",
+                    jobs_.size());
+    }
+}
+
+bool StatusPoller::watch(std::string queue_id, std::string operation_id, Fetch fetch) {
+    auto now = Steady::now();
+    auto job =
+        std::make_unique<Job>(Job{std::move(queue_id), std::move(operation_id), std::move(fetch),
+                                  now, now + options_.first_delay, options_.first_delay, 0});
+    {
+        std::lock_guard lock(mutex_);
+        if (stopping_ || jobs_.size() >= options_.max_pending) return false;
+        jobs_.push_back(std::move(job));
+    }
+    wake_.notify_all();
+    return true;
+}
+
+size_t StatusPoller::pending() const {
+    std::lock_guard lock(mutex_);
+    return jobs_.size();
+}
+
+void StatusPoller::loop() {
+    std::unique_lock lock(mutex_);
+    while (!stopping_) {
+        auto due = std::min_element(jobs_.begin(), jobs_.end(),
+                                    [](const auto& a, const auto& b) { return a->next < b->next; });
+        if (due == jobs_.end()) {
+            wake_.wait(lock);
+            continue;
+        }
+        if ((*due)->next > Steady::now()) {
+            wake_.wait_until(lock, (*due)->next);
+            continue;
+        }
+        // Poll outside the lock: watch() must never wait for the network.
+        std::unique_ptr<Job> job = std::move(*due);
+        jobs_.erase(due);
+        lock.unlock();
+        poll(*job);
+        lock.lock();
+        if (job->next != Steady::time_point::max()) jobs_.push_back(std::move(job));
+    }
+}
+
+void StatusPoller::poll(Job& job) {
+    ++job.polls;
+    auto response = job.fetch(job.operation_id, options_.request_timeout);
+    auto finish = [&](std::string status, std::string detail) {
+        report_({job.queue_id, job.operation_id, std::move(status), std::move(detail), job.polls});
+        job.next = Steady::time_point::max();
+    };
+    milliseconds wait = job.delay;
+    std::string last;
+    if (!response) {
+        last = response.error().message;
+    } else if (response->status == 200) {
+        auto status = parse_operation_status(response->body);
+        if (!status) {
+            last = "unreadable status answer";
+        } else if (terminal(status->status)) {
+            return finish(status->status, status->error);
+        } else {
+            last = "still " + status->status;
+        }
+        auto after =
+            parse_retry_after(response->header("retry-after").value_or(""), system_clock::now());
+        if (after) wait = std::max(wait, duration_cast<milliseconds>(*after));
+    } else if (response->status == 404) {
+        return finish("Unknown", "the service has no such operation (HTTP 404)");
+    } else {
+        last = fmt::format("HTTP {}", response->status);
+        auto after =
+            parse_retry_after(response->header("Retry-After").value_or(""), system_clock::now());
+        if (after) wait = std::max(wait, duration_cast<milliseconds>(*after));
+    }
+    auto now = Steady::now();
+    if (job.polls >= options_.max_polls || now + wait > job.started + options_.max_age) {
+        return finish("Unknown", "gave up polling: " + last);
+    }
+    job.next = now + wait;
+    job.delay = std::min(job.delay * 2, options_.max_delay);
+}
+
+StatusPoller::Fetch acs_status_fetch(std::shared_ptr<const ApiSettings> api) {
+    return [api](const std::string& operation_id, milliseconds timeout) -> Result<HttpResponse> {
+        HttpRequest request;
+        request.method = "GET";
+        request.url = acs_operation_url(*api, operation_id);
+        if (auto r = authorize_acs_request(*api, request, system_clock::now(), timeout); !r) {
+            return r.error();
+        }
+        return api->http->send(request, timeout);
+    };
+}
+
+}  // namespace paasmilter

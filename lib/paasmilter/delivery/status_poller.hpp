@@ -1,0 +1,83 @@
+// After the service's 202 the message still has to be delivered: ask for each operation's
+// final status in the background (never delaying the SMTP reply) and report it with the
+// Postfix queue id, so an operator sees mail that failed after it left the gateway.
+// Bounded: at most `max_pending` operations watched, `max_polls` polls each, `max_age` after
+// the 202; the service's retry-after is honoured.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "paasmilter/config.hpp"
+#include "paasmilter/http_client.hpp"
+
+namespace paasmilter {
+
+struct FinalStatus {
+    std::string queue_id;
+    std::string operation_id;
+    // "Succeeded", "Failed", "Canceled" from the service; "Unknown" when it gave no final
+    // answer within the bounds (the detail says why).
+    std::string status;
+    std::string detail;  // the service's error for Failed, or why polling stopped
+    int polls = 0;
+};
+
+class StatusPoller {
+  public:
+    struct Options {
+        size_t max_pending = 10'000;
+        int max_polls = 6;
+        std::chrono::milliseconds first_delay{5'000};
+        std::chrono::milliseconds max_delay{120'000};
+        std::chrono::milliseconds max_age{600'000};
+        std::chrono::milliseconds request_timeout{10'000};
+    };
+    // GETs an operation's status: the service-specific part (URL, authentication).
+    using Fetch = std::function<Result<HttpResponse>(const std::string& operation_id,
+                                                     std::chrono::milliseconds timeout)>;
+    using Report = std::function<void(const FinalStatus&)>;
+
+    // `report` defaults to a log line per operation.
+    explicit StatusPoller(Options options, Report report = {});
+    ~StatusPoller();  // stops polling; logs how many operations were left unpolled
+    StatusPoller(const StatusPoller&) = delete;
+    StatusPoller& operator=(const StatusPoller&) = delete;
+
+    // False (and nothing watched) when max_pending operations are already being watched.
+    bool watch(std::string queue_id, std::string operation_id, Fetch fetch);
+    size_t pending() const;
+
+  private:
+    struct Job;
+    void loop();
+    void poll(Job& job);
+
+    Options options_;
+    Report report_;
+    mutable std::mutex mutex_;
+    std::condition_variable wake_;
+    std::vector<std::unique_ptr<Job>> jobs_;
+    bool stopping_ = false;
+    std::thread thread_;  // last: started once the fields it uses exist
+};
+
+// The Fetch for an ACS route: GET {endpoint}/emails/operations/{id}, authenticated as the
+// route's requests are.
+StatusPoller::Fetch acs_status_fetch(std::shared_ptr<const ApiSettings> api);
+
+// "Failed: EmailDroppedAllRecipientsSuppressed: ..." from an operation status body
+// {"id","status","error":{"code","message"}}; nullopt when `body` has no status.
+struct OperationStatus {
+    std::string status;
+    std::string error;
+};
+std::optional<OperationStatus> parse_operation_status(std::string_view body);
+
+}  // namespace paasmilter
