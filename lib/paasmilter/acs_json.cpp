@@ -1,5 +1,7 @@
 #include "paasmilter/acs_json.hpp"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 namespace paasmilter {
@@ -20,44 +22,6 @@ Json address_list(const std::vector<EmailAddress>& addresses) {
     return out;
 }
 
-// The body in two halves around the recipients, which is where the requests of one message
-// differ. Keys keep the order the ACS documentation lists them.
-struct Halves {
-    Json before;  // senderAddress, content
-    Json after;   // replyTo, attachments, headers, userEngagementTrackingDisabled
-};
-
-Halves render_halves(EmailMessage& message, bool move_attachments) {
-    Halves out;
-    out.before["senderAddress"] = message.sender_address;
-    Json content = {{"subject", message.subject}};
-    if (message.plain_text) content["plainText"] = *message.plain_text;
-    if (message.html) content["html"] = *message.html;
-    out.before["content"] = std::move(content);
-
-    if (!message.reply_to.empty()) out.after["replyTo"] = address_list(message.reply_to);
-    if (!message.attachments.empty()) {
-        Json attachments = Json::array();
-        for (Attachment& attachment : message.attachments) {
-            Json item = {{"name", attachment.name}, {"contentType", attachment.content_type}};
-            item["contentInBase64"] =
-                move_attachments ? std::move(attachment.content_base64) : attachment.content_base64;
-            if (!attachment.content_id.empty()) item["contentId"] = attachment.content_id;
-            attachments.push_back(std::move(item));
-        }
-        out.after["attachments"] = std::move(attachments);
-    }
-    if (!message.headers.empty()) {
-        Json headers = Json::object();
-        // A JSON object holds one value per name: the first one given wins.
-        for (const auto& [name, value] : message.headers)
-            if (!headers.contains(name)) headers[name] = value;
-        out.after["headers"] = std::move(headers);
-    }
-    out.after["userEngagementTrackingDisabled"] = message.user_engagement_tracking_disabled;
-    return out;
-}
-
 // replace: dump() would throw on invalid UTF-8; ACS must get valid JSON regardless.
 std::string dump(const Json& json) {
     return json.dump(-1, ' ', false, Json::error_handler_t::replace);
@@ -72,6 +36,15 @@ std::string recipients_json(const std::vector<EmailAddress>& to,
     return dump(recipients);
 }
 
+// Base64 needs no JSON escaping: the attachment's text goes into the body as it is, without
+// a copy in a JSON tree first (the attachments are most of a large message's bytes).
+bool plain_base64(std::string_view text) {
+    return std::all_of(text.begin(), text.end(), [](char c) {
+        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+               c == '+' || c == '/' || c == '=';
+    });
+}
+
 }  // namespace
 
 std::vector<std::string> RecipientChunk::addresses() const {
@@ -84,14 +57,53 @@ std::vector<std::string> RecipientChunk::addresses() const {
 }
 
 AcsRequestRenderer::AcsRequestRenderer(EmailMessage message) {
-    Halves halves = render_halves(message, true);
-    message.attachments.clear();
-    before_recipients_ = dump(halves.before);
-    halves.before = nullptr;
+    // Keys in the order the ACS documentation lists them; the recipients go in between.
+    Json before;
+    before["senderAddress"] = message.sender_address;
+    Json content = {{"subject", message.subject}};
+    if (message.plain_text) content["plainText"] = std::move(*message.plain_text);
+    if (message.html) content["html"] = std::move(*message.html);
+    before["content"] = std::move(content);
+    before_recipients_ = dump(before);
     before_recipients_.pop_back();  // the closing brace: the recipients follow
     before_recipients_ += R"(,"recipients":)";
-    after_recipients_ = dump(halves.after);
-    after_recipients_[0] = ',';  // the opening brace: it continues the object
+
+    std::string& after = after_recipients_;
+    if (!message.reply_to.empty()) after += R"(,"replyTo":)" + dump(address_list(message.reply_to));
+    if (!message.attachments.empty()) {
+        after += R"(,"attachments":[)";
+        for (size_t i = 0; i < message.attachments.size(); ++i) {
+            Attachment& attachment = message.attachments[i];
+            if (i > 0) after += ',';
+            std::string meta =
+                dump(Json{{"name", attachment.name}, {"contentType", attachment.content_type}});
+            meta.pop_back();
+            after += meta;
+            after += R"(,"contentInBase64":)";
+            if (plain_base64(attachment.content_base64)) {
+                after += '"';
+                after += attachment.content_base64;
+                after += '"';
+            } else {
+                after += dump(Json(attachment.content_base64));
+            }
+            if (!attachment.content_id.empty()) {
+                after += R"(,"contentId":)" + dump(Json(attachment.content_id));
+            }
+            after += '}';
+            std::string().swap(attachment.content_base64);  // release it now
+        }
+        after += ']';
+    }
+    if (!message.headers.empty()) {
+        Json headers = Json::object();
+        // A JSON object holds one value per name: the first one given wins.
+        for (const auto& [name, value] : message.headers)
+            if (!headers.contains(name)) headers[name] = value;
+        after += R"(,"headers":)" + dump(headers);
+    }
+    after += R"(,"userEngagementTrackingDisabled":)";
+    after += message.user_engagement_tracking_disabled ? "true}" : "false}";
 }
 
 std::string AcsRequestRenderer::body(const RecipientChunk& chunk) const {

@@ -339,8 +339,12 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                 ask_first = true;
                 pause = milliseconds(0);
             } else if (status == 429) {
-                ambiguous = false;  // throttled: not executed
+                // Throttled: not executed. A repeat of the same repeatable request would only
+                // be answered with this 429 again (the service replays a 4xx), so the retry
+                // is a new one.
+                ambiguous = false;
                 pause = retry_after_or(*response, backoff);
+                new_repeatability();
             } else if (status == 413) {
                 report.fate = ChunkFate::oversize;
                 report.detail = why;
@@ -351,6 +355,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                 refreshed_token = true;
                 ambiguous = false;
                 pause = milliseconds(0);
+                new_repeatability();  // a repeat would replay the 401
             } else if (status == 401 || status == 403) {
                 // The key or the app's role is wrong: not the message's fault, so never a
                 // bounce; retrying now will not help either.
