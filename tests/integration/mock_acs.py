@@ -16,6 +16,7 @@ Library use:
 Process use (demo, benchmark):
 
     python3 mock_acs.py --port 8443 --access-key KEY --state-dir DIR [--verified-domain D]...
+        [--reexecute-repeated-operation-id] [--repeatability-window SECONDS]
 
 prints `endpoint=...`, `ca_file=...`, `token_url=...` and then `ready` on stdout; every accepted
 message is also written to DIR/accepted/NNNNNN-<operation id>.json and the whole setup (with
@@ -61,12 +62,72 @@ What the service does that the spec does NOT say, and the choice made here (all 
 * Bad credentials: 401 {"error": {"code": "Denied", "message": "Denied by the resource
   provider."}}; the precise reason is in the request record (`auth_error`) and in an
   `x-mock-auth-error` response header.
-* A repeated Operation-Id that was already accepted: the spec is silent. Default: 202 with
-  the same id and status, nothing recorded twice (`duplicate_status = 202`); set
-  `duplicate_status = 409` to answer 409 "Conflict" instead (seen in some clients' handling),
-  a client should treat both as "already accepted".
-* Faults scripted with fail_next()/always() apply after the body was read and BEFORE
-  authentication and validation.
+* A repeated Operation-Id that was already accepted: the spec is silent (it only says the
+  header names the operation; NOTHING documents that a repeat is dropped). Three modes:
+  default 202 with the same id and status, nothing recorded twice (`duplicate_status = 202`);
+  `duplicate_status = 409` answers 409 "Conflict" instead; and the worst legal case,
+  `reexecute_repeated_operation_id = True` (CLI --reexecute-repeated-operation-id): the POST
+  is executed AGAIN and a second AcceptedMessage is recorded (`execution` 2, 3, ...,
+  `duplicate` True), as a service that does not deduplicate would. A client's correctness
+  must hold in that mode: ask GET /emails/operations/{id} before posting an id again.
+  GET /emails/operations/{id} is 200 for an id accepted at least once (also by an
+  `accept=True` fault), 404 for one that never was (only 4xx/5xx/401/scripted faults).
+* Scripted faults (fail_next()/always()) apply after the body was read and BEFORE
+  authentication and validation - except for a request with valid repeatability headers,
+  which is authenticated first (see below).
+
+Repeatable requests (OASIS Repeatable Requests 1.0 as documented for ACS at
+learn.microsoft.com/rest/api/communication/repeatable-requests, "Applies to: ACS Email (Email
+Send API)"), on POST /emails:send only, exactly per the documented table:
+* `Repeatability-Request-Id` (a GUID; compared case-insensitively as a GUID) and
+  `Repeatability-First-Sent` (IMF-fixdate, "Fri, 04 Dec 2026 12:00:00 GMT", weekday checked).
+  Both absent: an ordinary, non-repeatable request. Either malformed, only one of the two, or
+  one sent twice: 400, `Repeatability-Result: rejected`.
+* First-Sent older than `repeatability_window` (300 s: "the tracked duration is 5 minutes")
+  -> 412 "PreconditionFailed", rejected. First-Sent more than `max_clock_skew` in the FUTURE
+  is also outside the tracked duration: 412 as well (the mock's choice; the page names no
+  other status for a valid date outside the window).
+* Time for all of this is `self.clock()` (default time.time; HMAC dates keep real time), so
+  tests move past the window by setting `mock.clock = lambda: time.time() + 301`.
+* Authentication comes BEFORE the repeatability lookup: a 401 is never remembered and a repeat
+  must authenticate itself (else anybody could read a stored answer). Inferred, not documented.
+* New id within the window: executed normally (`accepted`), the id registered as IN PROGRESS
+  from before any scripted fault/delay until the final answer, whose status, body and headers
+  are then remembered. "Same request" = same SHA-256 of the body bytes (auth headers, x-ms-date
+  and the signature change per attempt and are ignored). A repeat of a tracked id:
+  different body -> 400 rejected; original still in progress -> 409 "Conflict" (accepted);
+  original answered 2xx or 4xx -> that same answer again (same status, body, Operation-Location,
+  Retry-After, x-ms-error-code; a new x-ms-request-id), nothing executed or recorded
+  (`RecordedRequest.replayed`) - note this includes a 429 or a 409: a client that got a 4xx
+  must use a NEW id to try again; original answered 5xx -> executed AGAIN (`reexecuted`):
+  with an `accept=True` 5xx fault that sends the message twice unless Operation-Id dedup
+  catches it. Only requests that are executed (new, re-executed) take a scripted fault.
+* Worst legal tracking: an entry is forgotten `repeatability_window` seconds after the
+  ORIGINAL's First-Sent. A repeat that carries a newer First-Sent than its original (a client
+  bug) can therefore arrive after the entry is gone and be executed as new: a duplicate.
+* A request whose connection was reset or dropped BEFORE it was processed (`reset=True`
+  without accept, a delay cut by stop()) leaves no entry: the service never saw it.
+* `Repeatability-Result: accepted|rejected` is set as OASIS specifies (column "Repeatability
+  Result" of the table); 401s and requests without the headers carry none.
+
+Ambiguous outcomes and how to script them (fail_next()/always() keywords; `count`, `endpoint`):
+    status=S                    not processed; answer S (429 with/without retry_after=N;
+                                409; 5xx ...). Remembered for repeatability like any answer.
+    reset=True                  not processed; TCP RST, no answer. Not remembered.
+    delay=N                     in progress N s BEFORE processing, then normal processing:
+                                the message is accepted only after N s (after a short client
+                                timeout: "timed out, yet accepted later"). With status S: S.
+    accept=True, status=S       (b)/(c) processed and ACCEPTED, then answer S instead of the
+                                202 (504 from a gateway, 500/503: "5xx after it went out");
+                                S is what is remembered, so a repeat is RE-EXECUTED.
+    accept=True, reset=True     (b) accepted, then TCP RST; the 202 is remembered (a repeat
+                                gets the 202 again).
+    hold=N                      accepted, then in progress N s, then the (202) answer; with
+                                status S / reset=True: S / RST after the hold.
+    stall=N                     (a) accepted, then NOTHING sent for N s (the client times out),
+                                then the connection is closed without an answer; in progress
+                                for the N s, then the 202 is remembered.
+hold and stall imply accept=True.
 
 HMAC (Azure SDK for Python azure-communication-email `_shared/policy.py`, HMACCredentialsPolicy):
     string_to_sign = VERB "\\n" path_and_query "\\n" x_ms_date ";" host ";" content_hash
@@ -115,7 +176,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -133,6 +194,8 @@ _RFC1123_RE = re.compile(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{2}) "
                          r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) (\d{4}) "
                          r"(\d{2}):(\d{2}):(\d{2}) GMT$")
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                      r"[0-9a-fA-F]{12}$")
 _OPERATION_PATH_RE = re.compile(r"^/emails/operations/([^/?]+)$")
 _TOKEN_PATH_RE = re.compile(r"^/([^/?]+)/oauth2/v2\.0/token$")
 _CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
@@ -144,6 +207,7 @@ _DEFAULT_CODES = {
     404: ("NotFound", "The requested resource was not found."),
     408: ("RequestTimeout", "The request timed out."),
     409: ("Conflict", "The request conflicts with the current state."),
+    412: ("PreconditionFailed", "A precondition of the request was not met."),
     413: ("RequestEntityTooLarge", "The request body is too large."),
     429: ("TooManyRequests", "Too many requests. Retry after the time given in Retry-After."),
     500: ("InternalServerError", "An internal server error occurred."),
@@ -236,11 +300,13 @@ def _run_openssl(*args: str, input: bytes | None = None) -> subprocess.Completed
 
 @dataclasses.dataclass
 class Fault:
-    """A scripted answer. status: answer with this error; delay: sleep first (then the fault,
-    or normal processing when there is neither status nor reset); reset: close the TCP
-    connection (RST) without answering; accept: process the request normally first (so the
-    message IS accepted) and only then apply status/reset - the "accepted but the client
-    never heard" case."""
+    """A scripted answer (the table "Ambiguous outcomes" in the module doc). status: answer
+    with this error; delay: sleep first (then the fault, or normal processing when there is
+    neither status nor reset); reset: close the TCP connection (RST) without answering;
+    accept: process the request normally first (so the message IS accepted) and only then
+    apply status/reset - the "accepted but the client never heard" case; hold: after
+    processing, wait this long before answering; stall: after processing, send nothing for
+    this long and then close the connection without answering (hold/stall imply accept)."""
     status: int | None = None
     code: str | None = None
     message: str | None = None
@@ -249,6 +315,8 @@ class Fault:
     reset: bool = False
     accept: bool = False
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    hold: float = 0.0
+    stall: float = 0.0
 
 
 @dataclasses.dataclass
@@ -271,10 +339,18 @@ class RecordedRequest:
     status: int | None = None   # None: no answer (connection reset / dropped)
     error_code: str | None = None
     accepted: bool = False      # this request created a new accepted message
-    duplicate: bool = False     # a repeat of an already accepted Operation-Id
+    duplicate: bool = False     # a repeat of an already accepted Operation-Id (re-executed
+                                # too when reexecute_repeated_operation_id: then accepted)
     operation_id: str | None = None
     api_version: str | None = None
     fault: Fault | None = None
+    repeatability_id: str | None = None  # Repeatability-Request-Id as a lower-case GUID
+    # what the repeatability layer made of it: None (no headers, or 401 before the lookup),
+    # "new", "reexecuted" (original got 5xx), "replayed" (stored 2xx/4xx sent again),
+    # "in-progress" (409), "mismatch" (400, other body), "malformed" (400),
+    # "expired" / "future" (412)
+    repeatability: str | None = None
+    replayed: bool = False      # answered from a stored response, nothing executed
 
     def summary(self) -> str:
         bits = [f"#{self.seq} conn={self.connection_id}:{self.client_port}",
@@ -287,6 +363,8 @@ class RecordedRequest:
             bits.append(f"accepted op={self.operation_id}")
         if self.duplicate:
             bits.append(f"duplicate op={self.operation_id}")
+        if self.repeatability:
+            bits.append(f"repeatability={self.repeatability}:{self.repeatability_id}")
         if self.fault:
             bits.append(f"fault={self.fault}")
         return " ".join(bits)
@@ -299,6 +377,13 @@ class AcceptedMessage:
     message: dict
     auth: str                   # "hmac" | "bearer"
     request: RecordedRequest
+    execution: int = 1          # 1st, 2nd, ... execution of this operation id (>1 only with
+                                # reexecute_repeated_operation_id)
+
+    @property
+    def duplicate(self) -> bool:
+        """This message repeats an operation id that had already been accepted."""
+        return self.execution > 1
 
     @property
     def sender(self) -> str:
@@ -310,6 +395,24 @@ class AcceptedMessage:
 
     def addresses(self, kind: str = "to") -> list[str]:
         return [r["address"] for r in (self.message.get("recipients") or {}).get(kind) or []]
+
+    def recipients(self) -> list[str]:
+        """to + cc + bcc addresses, in that order."""
+        return [a for kind in ("to", "cc", "bcc") for a in self.addresses(kind)]
+
+
+@dataclasses.dataclass
+class TrackedRequest:
+    """One Repeatability-Request-Id the mock remembers (see repeatability_entry())."""
+    request_id: str             # lower-case GUID
+    first_sent: float           # the ORIGINAL's Repeatability-First-Sent (epoch seconds)
+    body_sha256: str            # hex
+    state: str                  # "in-progress" | "done"
+    owner: int                  # seq of the request executing it now / last
+    executions: int = 1         # 1 + re-executions after a 5xx
+    status: int | None = None   # the remembered final status (None while never completed)
+    reply: "_Reply | None" = dataclasses.field(default=None, repr=False)
+    requests: list[int] = dataclasses.field(default_factory=list)  # seqs that carried the id
 
 
 @dataclasses.dataclass
@@ -444,7 +547,9 @@ class MockAcs:
 
     Settings that may be changed while it runs (plain attributes): max_clock_skew,
     max_request_bytes, max_recipients, retry_after, polls_before_success, duplicate_status,
-    unlinked_domain_status, token_lifetime, verified_domains (a set), sender_usernames."""
+    reexecute_repeated_operation_id, repeatability_window, clock (a () -> epoch seconds
+    callable for the repeatability window), unlinked_domain_status, token_lifetime,
+    verified_domains (a set), sender_usernames."""
 
     def __init__(self, access_key: str | None = None,
                  verified_domains: Iterable[str] = ("contoso.test",), *,
@@ -457,6 +562,9 @@ class MockAcs:
                  retry_after: int = 20,
                  polls_before_success: int = 0,
                  duplicate_status: int = 202,
+                 reexecute_repeated_operation_id: bool = False,
+                 repeatability_window: float = 300.0,
+                 clock: Callable[[], float] | None = None,
                  unlinked_domain_status: int = 404,
                  tenant_id: str | None = None,
                  client_id: str | None = None,
@@ -484,6 +592,9 @@ class MockAcs:
         self.retry_after = retry_after
         self.polls_before_success = polls_before_success
         self.duplicate_status = duplicate_status
+        self.reexecute_repeated_operation_id = reexecute_repeated_operation_id
+        self.repeatability_window = repeatability_window
+        self.clock: Callable[[], float] = clock or time.time
         self.unlinked_domain_status = unlinked_domain_status
         self.tenant_id = tenant_id or str(uuid.uuid4())
         self.client_id = client_id or str(uuid.uuid4())
@@ -501,6 +612,7 @@ class MockAcs:
         self._requests: list[RecordedRequest] = []
         self._accepted: list[AcceptedMessage] = []
         self._operations: dict[str, dict[str, Any]] = {}
+        self._tracked: dict[str, TrackedRequest] = {}
         self._tokens: dict[str, dict[str, Any]] = {}
         self._token_requests: list[TokenRequest] = []
         self._tls_failures: list[str] = []
@@ -686,27 +798,34 @@ class MockAcs:
     def fail_next(self, status: int | None = None, *, code: str | None = None,
                   message: str | None = None, retry_after: float | None = None,
                   delay: float = 0.0, reset: bool = False, accept: bool = False,
-                  headers: Mapping[str, str] | None = None, count: int = 1,
-                  endpoint: str = "send") -> None:
-        """Script the answer to the next COUNT requests to ENDPOINT ("send", "status",
-        "token"). Examples: fail_next(429, retry_after=2); fail_next(503); fail_next(delay=5);
-        fail_next(reset=True); fail_next(400, code="InvalidSenderUserName");
-        fail_next(reset=True, accept=True) (accepted, but the client gets no answer)."""
-        fault = self._make_fault(status, code, message, retry_after, delay, reset, accept,
-                                 headers, endpoint)
+                  headers: Mapping[str, str] | None = None, hold: float = 0.0,
+                  stall: float = 0.0, count: int = 1, endpoint: str = "send") -> None:
+        """Script the answer to the next COUNT executed requests to ENDPOINT ("send",
+        "status", "token"); see "Ambiguous outcomes" in the module doc. Examples:
+        fail_next(429, retry_after=2); fail_next(429) (no Retry-After); fail_next(409);
+        fail_next(503); fail_next(delay=5); fail_next(reset=True);
+        fail_next(400, code="InvalidSenderUserName");
+        fail_next(reset=True, accept=True) (accepted, then RST);
+        fail_next(504, accept=True) (accepted, then 504);
+        fail_next(hold=2) (accepted, in progress for 2 s, then 202);
+        fail_next(stall=30) (accepted, then silence until the client gives up)."""
+        fault = self._make_fault(status, code=code, message=message, retry_after=retry_after,
+                                 delay=delay, reset=reset, accept=accept, headers=headers,
+                                 hold=hold, stall=stall, endpoint=endpoint)
         with self._lock:
             for _ in range(count):
                 self._faults[endpoint].append(dataclasses.replace(fault))
 
-    def always(self, status: int | None = None, **kw: Any) -> None:
-        """A permanent fault for an endpoint (after the queued ones), until clear_faults()."""
-        endpoint = kw.pop("endpoint", "send")
-        fault = self._make_fault(status, kw.pop("code", None), kw.pop("message", None),
-                                 kw.pop("retry_after", None), kw.pop("delay", 0.0),
-                                 kw.pop("reset", False), kw.pop("accept", False),
-                                 kw.pop("headers", None), endpoint)
-        if kw:
-            raise TypeError(f"unexpected arguments {sorted(kw)}")
+    def always(self, status: int | None = None, *, code: str | None = None,
+               message: str | None = None, retry_after: float | None = None,
+               delay: float = 0.0, reset: bool = False, accept: bool = False,
+               headers: Mapping[str, str] | None = None, hold: float = 0.0,
+               stall: float = 0.0, endpoint: str = "send") -> None:
+        """A permanent fault for an endpoint (after the queued ones), until clear_faults().
+        Same keywords as fail_next() (no count); e.g. always(hold=0.5) delays every answer."""
+        fault = self._make_fault(status, code=code, message=message, retry_after=retry_after,
+                                 delay=delay, reset=reset, accept=accept, headers=headers,
+                                 hold=hold, stall=stall, endpoint=endpoint)
         with self._lock:
             self._permanent[endpoint] = fault
 
@@ -720,16 +839,24 @@ class MockAcs:
             return len(self._faults[endpoint])
 
     @staticmethod
-    def _make_fault(status, code, message, retry_after, delay, reset, accept, headers,
-                    endpoint) -> Fault:
+    def _make_fault(status: int | None, code: str | None = None, message: str | None = None,
+                    retry_after: float | None = None, delay: float = 0.0, reset: bool = False,
+                    accept: bool = False, headers: Mapping[str, str] | None = None,
+                    endpoint: str = "send", *, hold: float = 0.0, stall: float = 0.0) -> Fault:
+        # (the positional order is kept as it was: tests/integration/soak_api.py calls it so)
         if endpoint not in ("send", "status", "token"):
             raise ValueError(f"unknown endpoint {endpoint!r}")
-        if status is None and not delay and not reset:
-            raise ValueError("a fault needs status, delay or reset")
+        if status is None and not delay and not reset and not hold and not stall:
+            raise ValueError("a fault needs status, delay, reset, hold or stall")
         if status is not None and not 100 <= status <= 599:
             raise ValueError(f"bad status {status}")
+        if min(delay, hold, stall) < 0:
+            raise ValueError("delay, hold and stall must not be negative")
+        if stall and (status is not None or reset):
+            raise ValueError("stall sends no answer: it cannot have a status or reset")
         return Fault(status=status, code=code, message=message, retry_after=retry_after,
-                     delay=float(delay), reset=reset, accept=accept, headers=dict(headers or {}))
+                     delay=float(delay), reset=reset, accept=accept or bool(hold or stall),
+                     headers=dict(headers or {}), hold=float(hold), stall=float(stall))
 
     def _take_fault(self, endpoint: str) -> Fault | None:
         with self._lock:
@@ -768,6 +895,30 @@ class MockAcs:
         with self._lock:
             return list(self._accepted)
 
+    def recipient_counts(self, *, fold_case: bool = False) -> dict[str, int]:
+        """address -> how many accepted messages (re-executions and duplicates included)
+        named it in to + cc + bcc (twice in one message counts twice). For reconciliation:
+        "every recipient exactly once" is set(counts.values()) == {1}. FOLD_CASE lower-cases
+        the addresses first."""
+        counts: collections.Counter[str] = collections.Counter()
+        for acc in self.accepted_messages():
+            for address in acc.recipients():
+                counts[address.lower() if fold_case else address] += 1
+        return dict(counts)
+
+    def duplicate_recipients(self, *, fold_case: bool = False) -> dict[str, int]:
+        """The entries of recipient_counts() above 1."""
+        return {a: n for a, n in self.recipient_counts(fold_case=fold_case).items() if n > 1}
+
+    def repeatability_entry(self, request_id: str) -> TrackedRequest | None:
+        """A snapshot of what is tracked for a Repeatability-Request-Id (None: nothing, or
+        forgotten because the window passed by self.clock())."""
+        key = request_id.strip().lower()
+        with self._lock:
+            self._purge_tracked(self.clock())
+            entry = self._tracked.get(key)
+            return dataclasses.replace(entry, requests=list(entry.requests)) if entry else None
+
     def token_requests(self) -> list[TokenRequest]:
         with self._lock:
             return list(self._token_requests)
@@ -802,6 +953,7 @@ class MockAcs:
             self._requests.clear()
             self._accepted.clear()
             self._operations.clear()
+            self._tracked.clear()
             self._tokens.clear()
             self._token_requests.clear()
             self._tls_failures.clear()
@@ -975,6 +1127,22 @@ class MockAcs:
             self._send(h, rec, reply)
             return
 
+        entry: TrackedRequest | None = None
+        if route == "send":
+            early, entry = self._repeatability_begin(h, rec, body)
+            if early is not None:
+                self._send(h, rec, early)
+                return
+        try:
+            self._execute(h, rec, route, params, body, entry)
+        finally:
+            if entry is not None:
+                self._repeatability_release(entry, rec)
+
+    def _execute(self, h: _Handler, rec: RecordedRequest, route: str, params: list[str],
+                 body: bytes, entry: TrackedRequest | None) -> None:
+        """Faults, then the endpoint's handler; ENTRY (a tracked repeatable request) gets the
+        final answer before it is written, so a repeat right after it finds it done."""
         fault = self._take_fault(route)
         rec.fault = fault
         if fault is not None:
@@ -985,7 +1153,9 @@ class MockAcs:
                 self._drop(h, rec, reset=True)
                 return
             if not fault.accept and fault.status is not None:
-                self._send(h, rec, self._fault_reply(route, fault))
+                reply = self._fault_reply(route, fault)
+                self._repeatability_complete(entry, reply)
+                self._send(h, rec, reply)
                 return
 
         try:
@@ -999,13 +1169,130 @@ class MockAcs:
             reply = self._error_reply(err.status, err.code, err.message, err.target)
 
         if fault is not None and fault.accept:
+            wait = fault.stall or fault.hold
+            if wait and self._stopping.wait(wait):
+                self._repeatability_complete(entry, reply)
+                self._drop(h, rec)
+                return
+            if fault.stall:
+                # processed, then silence: the connection closes without an answer
+                self._repeatability_complete(entry, reply)
+                self._drop(h, rec)
+                return
             if fault.reset:
-                rec.status = None
+                # the service's answer is what it remembers; the transport lost it
+                self._repeatability_complete(entry, reply)
                 self._drop(h, rec, reset=True)
                 return
             if fault.status is not None:
                 reply = self._fault_reply(route, fault)
+        self._repeatability_complete(entry, reply)
         self._send(h, rec, reply)
+
+    # ---- repeatable requests (OASIS; see the module doc) ----------------------------------------
+
+    def _purge_tracked(self, now: float) -> None:
+        """Forget ids whose ORIGINAL First-Sent left the window (under self._lock)."""
+        for key in [k for k, e in self._tracked.items()
+                    if now - e.first_sent > self.repeatability_window]:
+            del self._tracked[key]
+
+    def _repeatability_begin(self, h: _Handler, rec: RecordedRequest,
+                             body: bytes) -> tuple[_Reply | None, TrackedRequest | None]:
+        """(an answer to send now, None) or (None, the entry this request executes for);
+        (None, None) for a request without repeatability headers."""
+        ids = h.headers.get_all("Repeatability-Request-Id") or []
+        sents = h.headers.get_all("Repeatability-First-Sent") or []
+        if not ids and not sents:
+            return None, None
+
+        def rejected(status: int, code: str, message: str, outcome: str,
+                     target: str) -> tuple[_Reply, None]:
+            rec.repeatability = outcome
+            return self._error_reply(status, code, message, target), None
+
+        if len(ids) != 1 or len(sents) != 1:
+            missing = "Repeatability-Request-Id" if len(ids) != 1 else "Repeatability-First-Sent"
+            return rejected(400, "BadRequest", f"Exactly one {missing} header is required with "
+                            f"the other repeatability header.", "malformed", missing)
+        rid, sent = ids[0].strip(), sents[0].strip()
+        if not _GUID_RE.match(rid):
+            return rejected(400, "BadRequest", "Repeatability-Request-Id must be a GUID.",
+                            "malformed", "Repeatability-Request-Id")
+        rec.repeatability_id = rid = rid.lower()
+        first_sent = _parse_rfc1123(sent)
+        if first_sent is None:
+            return rejected(400, "BadRequest", "Repeatability-First-Sent must be an IMF-fixdate "
+                            "(e.g. \"Fri, 04 Dec 2026 12:00:00 GMT\").", "malformed",
+                            "Repeatability-First-Sent")
+        now = self.clock()
+        if now - first_sent > self.repeatability_window:
+            return rejected(412, "PreconditionFailed", f"Repeatability-First-Sent header is not "
+                            f"within the {self.repeatability_window:g} seconds window.",
+                            "expired", "Repeatability-First-Sent")
+        if first_sent - now > self.max_clock_skew:
+            return rejected(412, "PreconditionFailed", "Repeatability-First-Sent is in the "
+                            "future, outside the tracked duration.", "future",
+                            "Repeatability-First-Sent")
+
+        # Only an authenticated request may see or create tracked state.
+        self._authenticate_into(rec, h, body)
+        if not rec.auth_ok:
+            return self._error_reply(401, "Denied", "Denied by the resource provider."), None
+
+        digest = hashlib.sha256(body).hexdigest()
+        with self._lock:
+            self._purge_tracked(now)
+            entry = self._tracked.get(rid)
+            if entry is None:
+                entry = TrackedRequest(request_id=rid, first_sent=first_sent, body_sha256=digest,
+                                       state="in-progress", owner=rec.seq, requests=[rec.seq])
+                self._tracked[rid] = entry
+                rec.repeatability = "new"
+                return None, entry
+            entry.requests.append(rec.seq)
+            if not hmac.compare_digest(entry.body_sha256, digest):
+                return rejected(400, "BadRequest", "Repeatability-Request-Id was already used "
+                                "for a different request.", "mismatch", "Repeatability-Request-Id")
+            if entry.state == "in-progress":
+                rec.repeatability = "in-progress"
+                return self._error_reply(409, "Conflict", "The original request with this "
+                                         "Repeatability-Request-Id is still in progress."), None
+            assert entry.reply is not None and entry.status is not None
+            if entry.status < 500:
+                rec.repeatability = "replayed"
+                rec.replayed = True
+                stored = entry.reply
+                if isinstance(stored.obj, dict) and isinstance(stored.obj.get("id"), str):
+                    rec.operation_id = stored.obj["id"]
+                return _Reply(stored.status, json.loads(json.dumps(stored.obj)), stored.headers,
+                              stored.error_code), None
+            entry.state = "in-progress"
+            entry.owner = rec.seq
+            entry.executions += 1
+            rec.repeatability = "reexecuted"
+            return None, entry
+
+    def _repeatability_complete(self, entry: TrackedRequest | None, reply: _Reply) -> None:
+        """Remember REPLY as the final answer of ENTRY's execution."""
+        if entry is None:
+            return
+        with self._lock:
+            entry.reply = _Reply(reply.status, json.loads(json.dumps(reply.obj)),
+                                 reply.headers, reply.error_code)
+            entry.status = reply.status
+            entry.state = "done"
+
+    def _repeatability_release(self, entry: TrackedRequest, rec: RecordedRequest) -> None:
+        """After the execution: an entry still in progress was never processed (reset before
+        processing, stop()): forget it - or go back to the 5xx it had before."""
+        with self._lock:
+            if entry.state != "in-progress" or entry.owner != rec.seq:
+                return
+            if entry.reply is not None:
+                entry.state = "done"
+            elif self._tracked.get(entry.request_id) is entry:
+                del self._tracked[entry.request_id]
 
     def _drop(self, h: _Handler, rec: RecordedRequest, reset: bool = False) -> None:
         """Close the connection without answering (with a TCP RST when RESET)."""
@@ -1044,6 +1331,10 @@ class MockAcs:
                 headers["x-ms-error-code"] = reply.error_code
             if rec.auth_error and reply.status == 401:
                 headers["x-mock-auth-error"] = rec.auth_error
+            if rec.repeatability in ("malformed", "expired", "future", "mismatch"):
+                headers["Repeatability-Result"] = "rejected"
+            elif rec.repeatability is not None:
+                headers["Repeatability-Result"] = "accepted"
         headers.update(reply.headers)
         if close or h.close_connection:
             headers["Connection"] = "close"
@@ -1089,10 +1380,14 @@ class MockAcs:
     # ---- authentication --------------------------------------------------------------------------
 
     def _authenticate(self, h: _Handler, rec: RecordedRequest, body: bytes) -> None:
+        if rec.auth_ok is None:
+            self._authenticate_into(rec, h, body)
+        if not rec.auth_ok:
+            raise _ApiError(401, "Denied", "Denied by the resource provider.")
+
+    def _authenticate_into(self, rec: RecordedRequest, h: _Handler, body: bytes) -> None:
         kind, error = self._check_auth(h, body)
         rec.auth, rec.auth_ok, rec.auth_error = kind, error is None, error
-        if error is not None:
-            raise _ApiError(401, "Denied", "Denied by the resource provider.")
 
     def _check_auth(self, h: _Handler, body: bytes) -> tuple[str, str | None]:
         auth = h.headers.get("Authorization")
@@ -1170,8 +1465,7 @@ class MockAcs:
                             f"Content-Type must be application/json, not {ctype!r}.")
         op_header = h.headers.get("Operation-Id")
         if op_header is not None:
-            if not re.fullmatch(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-                                r"[0-9a-fA-F]{12}", op_header.strip()):
+            if not _GUID_RE.match(op_header.strip()):
                 raise _ApiError(400, "BadRequest", "Operation-Id must be a UUID.", "Operation-Id")
             operation_id = op_header.strip()
         else:
@@ -1188,18 +1482,28 @@ class MockAcs:
         key = self._op_key(operation_id)
         location = f"{self.endpoint}/emails/operations/{operation_id}?api-version={api_version}"
         with self._cond:
-            if key in self._operations:
+            op = self._operations.get(key)
+            if op is not None:
                 rec.duplicate = True
-                if self.duplicate_status == 409:
-                    return self._error_reply(409, "Conflict",
-                                             f"An operation with id '{operation_id}' already exists.")
-                op = self._operations[key]
-                return _Reply(202, {"id": op["id"], "status": "Running"},
-                              {"Operation-Location": location, "retry-after": str(self.retry_after)})
-            self._operations[key] = {"id": operation_id, "status": "Running", "polls": 0,
-                                     "error": None, "scripted": False}
+                if not self.reexecute_repeated_operation_id:
+                    if self.duplicate_status == 409:
+                        return self._error_reply(409, "Conflict", f"An operation with id "
+                                                 f"'{operation_id}' already exists.")
+                    return _Reply(202, {"id": op["id"], "status": "Running"},
+                                  {"Operation-Location": location,
+                                   "retry-after": str(self.retry_after)})
+                # a service that does not deduplicate: executed again, same operation
+                operation_id = op["id"]
+                location = (f"{self.endpoint}/emails/operations/{operation_id}"
+                            f"?api-version={api_version}")
+            else:
+                op = self._operations[key] = {"id": operation_id, "status": "Running",
+                                              "polls": 0, "error": None, "scripted": False,
+                                              "executions": 0}
+            op["executions"] += 1
             acc = AcceptedMessage(operation_id=operation_id, api_version=api_version,
-                                  message=msg, auth=rec.auth, request=rec)
+                                  message=msg, auth=rec.auth, request=rec,
+                                  execution=op["executions"])
             self._accepted.append(acc)
             rec.accepted = True
             seq = len(self._accepted)
@@ -1339,7 +1643,8 @@ class MockAcs:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"operation_id": acc.operation_id, "api_version": acc.api_version,
-                       "auth": acc.auth, "connection_id": acc.request.connection_id,
+                       "execution": acc.execution,
+                       "repeatability_id": acc.request.repeatability_id, "auth": acc.auth, "connection_id": acc.request.connection_id,
                        "received": acc.request.time, "message": acc.message}, f, indent=1)
         os.replace(tmp, path)
 
@@ -1566,6 +1871,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-request-bytes", type=int, default=10 * 1024 * 1024)
     ap.add_argument("--max-clock-skew", type=float, default=300.0)
     ap.add_argument("--retry-after", type=int, default=20)
+    ap.add_argument("--reexecute-repeated-operation-id", action="store_true",
+                    help="execute a POST whose Operation-Id was already accepted AGAIN (a "
+                         "second accepted message), as a service that does not deduplicate")
+    ap.add_argument("--repeatability-window", type=float, default=300.0,
+                    help="seconds a Repeatability-Request-Id is tracked (documented: 5 minutes)")
     ap.add_argument("--quiet", action="store_true", help="no per-request log on stderr")
     args = ap.parse_args(argv)
 
@@ -1574,7 +1884,8 @@ def main(argv: list[str] | None = None) -> int:
                    client_secret=args.client_secret, client_certificate=args.client_certificate,
                    token_lifetime=args.token_lifetime, max_request_bytes=args.max_request_bytes,
                    max_clock_skew=args.max_clock_skew, retry_after=args.retry_after,
-                   keep=True, echo_log=not args.quiet)
+                   reexecute_repeated_operation_id=args.reexecute_repeated_operation_id,
+                   repeatability_window=args.repeatability_window, keep=True, echo_log=not args.quiet)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

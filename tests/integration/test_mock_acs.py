@@ -202,6 +202,17 @@ def addresses(n: int, prefix: str = "r") -> list[dict]:
     return [{"address": f"{prefix}{i}@example.net"} for i in range(n)]
 
 
+def repeat_headers(request_id: str, first_sent: float | str | None = None) -> dict[str, str]:
+    """The OASIS repeatability headers; FIRST_SENT: epoch seconds or a literal header value."""
+    if not isinstance(first_sent, str):
+        first_sent = rfc1123(first_sent)
+    return {"Repeatability-Request-Id": request_id, "Repeatability-First-Sent": first_sent}
+
+
+TRANSPORT_ERRORS = (urllib.error.URLError, ConnectionError, http.client.HTTPException,
+                    ssl.SSLError, TimeoutError, socket.timeout)
+
+
 def openssl(*args: str, input: bytes | None = None) -> bytes:
     proc = subprocess.run([OPENSSL, *args], input=input, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=60)
@@ -266,8 +277,11 @@ class MockAcsTest(unittest.TestCase):
         self.mock.reset()
         saved = {k: getattr(self.mock, k) for k in (
             "max_clock_skew", "max_request_bytes", "duplicate_status", "token_lifetime",
-            "polls_before_success")}
+            "polls_before_success", "reexecute_repeated_operation_id", "repeatability_window",
+            "clock")}
+        saved["verified_domains"] = set(self.mock.verified_domains)
         self.addCleanup(lambda: [setattr(self.mock, k, v) for k, v in saved.items()])
+        self.addCleanup(self.mock.clear_faults)
 
     def assertAcsError(self, resp: Resp, status: int, code: str, target: str | None = None):
         self.assertEqual(resp.status, status, resp.body)
@@ -553,6 +567,431 @@ class MockAcsTest(unittest.TestCase):
         self.assertAcsError(self.client.send(message(), operation_id=op), 409, "Conflict")
         self.assertEqual(len(self.mock.accepted_messages()), 4)
 
+    def test_operation_id_reexecution_mode(self):
+        m = self.mock
+        m.reexecute_repeated_operation_id = True
+        m.duplicate_status = 409   # ignored in this mode
+        op = str(uuid.uuid4())
+        answers = [self.client.send(message(), operation_id=o) for o in (op, op, op.upper())]
+        for r in answers:
+            self.assertEqual(r.status, 202, r.body)
+            self.assertEqual(r.json, {"id": op, "status": "Running"})
+        accepted = m.accepted_messages()
+        self.assertEqual([a.operation_id for a in accepted], [op] * 3)
+        self.assertEqual([a.execution for a in accepted], [1, 2, 3])
+        self.assertEqual([a.duplicate for a in accepted], [False, True, True])
+        recs = m.requests("send")
+        self.assertEqual([(r.accepted, r.duplicate) for r in recs],
+                         [(True, False), (True, True), (True, True)])
+        self.assertEqual(m.recipient_counts(), {"a@example.net": 3})
+        self.assertEqual(m.duplicate_recipients(), {"a@example.net": 3})
+        self.assertEqual(self.client.get(f"/emails/operations/{op}?api-version=2023-03-31").status,
+                         200)
+        # back to the default: deduplicated again, nothing more recorded
+        m.reexecute_repeated_operation_id = False
+        m.duplicate_status = 202
+        self.assertEqual(self.client.send(message(), operation_id=op).status, 202)
+        self.assertEqual(len(m.accepted_messages()), 3)
+
+    def test_operation_status_is_404_unless_accepted_at_least_once(self):
+        m = self.mock
+        never: dict[str, int] = {}
+
+        def post(expect: int, **kw: Any) -> str:
+            op = str(uuid.uuid4())
+            try:
+                r = self.client.send(kw.pop("msg", message()), operation_id=op, **kw)
+                self.assertEqual(r.status, expect, r.body)
+            except TRANSPORT_ERRORS:
+                self.assertIsNone(expect)
+            return op
+
+        m.fail_next(503)
+        never["503 fault"] = post(503)
+        m.fail_next(500)
+        never["500 fault"] = post(500)
+        m.fail_next(429, retry_after=1)
+        never["429 fault"] = post(429)
+        m.fail_next(409)
+        never["409 fault"] = post(409)
+        m.fail_next(reset=True)
+        never["reset"] = post(None)
+        never["schema 400"] = post(400, msg=message(recipients={"to": [{"address": "bad"}]}))
+        never["unlinked 404"] = post(404, msg=message(senderAddress="x@unverified.test"))
+        never["401"] = post(401, sign_it=False)
+        never["412"] = post(412, extra=repeat_headers(str(uuid.uuid4()), time.time() - 400))
+        m.fail_next(504, accept=True)
+        went_out = post(504)
+        plain = post(202)
+        for name, op in never.items():
+            with self.subTest(name):
+                self.assertAcsError(self.client.get(f"/emails/operations/{op}?api-version=2023-03-31"),
+                                    404, "NotFound")
+        for op in (went_out, plain):
+            s = self.client.get(f"/emails/operations/{op}?api-version=2023-03-31")
+            self.assertEqual((s.status, s.json["id"]), (200, op))
+        self.assertEqual([a.operation_id for a in m.accepted_messages()], [went_out, plain])
+
+    def test_recipient_counts(self):
+        m = self.mock
+        self.assertEqual(m.recipient_counts(), {})
+        first = message(recipients={"to": [{"address": "x@example.net"}, {"address": "y@example.net"}],
+                                    "cc": [{"address": "z@example.net"}],
+                                    "bcc": [{"address": "x@example.net"}]})
+        self.assertEqual(self.client.send(first).status, 202)
+        self.assertEqual(self.client.send(message(recipients={"bcc": [{"address": "Y@example.net"}]})).status,
+                         202)
+        self.assertEqual(m.accepted_messages()[0].recipients(),
+                         ["x@example.net", "y@example.net", "z@example.net", "x@example.net"])
+        self.assertEqual(m.recipient_counts(), {"x@example.net": 2, "y@example.net": 1,
+                                                "z@example.net": 1, "Y@example.net": 1})
+        self.assertEqual(m.recipient_counts(fold_case=True),
+                         {"x@example.net": 2, "y@example.net": 2, "z@example.net": 1})
+        self.assertEqual(m.duplicate_recipients(), {"x@example.net": 2})
+        # rejected and faulted requests count for nothing
+        m.fail_next(503)
+        self.assertEqual(self.client.send(message()).status, 503)
+        self.assertEqual(self.client.send(message(senderAddress="x@unverified.test")).status, 404)
+        self.assertNotIn("a@example.net", m.recipient_counts())
+
+    # ---- repeatable requests (OASIS, learn.microsoft.com/rest/api/communication/repeatable-requests)
+
+    def rsend(self, rid: str, first_sent: float | str | None = None, msg: Any = None,
+              **kw: Any) -> Resp:
+        extra = dict(kw.pop("extra", None) or {})
+        extra.update(repeat_headers(rid, first_sent))
+        return self.client.send(message() if msg is None else msg, extra=extra, **kw)
+
+    def wait_until(self, what, timeout: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting\n{self.mock.diagnostics()}")
+            time.sleep(0.01)
+
+    def test_repeatability_malformed_headers_are_400(self):
+        m = self.mock
+        m.fail_next(503)   # not taken: the headers are checked first
+        guid, date = str(uuid.uuid4()), rfc1123()
+        cases = {
+            "only the id": ({"Repeatability-Request-Id": guid}, "Repeatability-First-Sent"),
+            "only First-Sent": ({"Repeatability-First-Sent": date}, "Repeatability-Request-Id"),
+            "id not a GUID": (repeat_headers("request-1", date), "Repeatability-Request-Id"),
+            "id in braces": (repeat_headers("{" + guid + "}", date), "Repeatability-Request-Id"),
+            "empty id": (repeat_headers("", date), "Repeatability-Request-Id"),
+            "ISO date": (repeat_headers(guid, "2026-12-04T12:00:00Z"), "Repeatability-First-Sent"),
+            "wrong weekday": (repeat_headers(guid, "Thu, 04 Dec 2026 12:00:00 GMT"),
+                              "Repeatability-First-Sent"),
+            "offset not GMT": (repeat_headers(guid, "Fri, 04 Dec 2026 12:00:00 +0000"),
+                               "Repeatability-First-Sent"),
+            "epoch seconds": (repeat_headers(guid, str(int(time.time()))), "Repeatability-First-Sent"),
+        }
+        for name, (headers, target) in cases.items():
+            with self.subTest(name):
+                r = self.client.send(message(), extra=headers)
+                self.assertAcsError(r, 400, "BadRequest", target)
+                self.assertEqual(r.headers.get("repeatability-result"), "rejected")
+                self.assertEqual(m.requests("send")[-1].repeatability, "malformed")
+        self.assertEqual(m.accepted_messages(), [])
+        self.assertIsNone(m.repeatability_entry(guid))
+        self.assertEqual(m.pending_faults(), 1)
+        # the real date of the example is a Friday: fine (inside the window per the clock)
+        m.clock = lambda: email.utils.parsedate_to_datetime(
+            "Fri, 04 Dec 2026 12:00:30 GMT").timestamp()
+        m.clear_faults()
+        r = self.client.send(message(), extra=repeat_headers(guid, "Fri, 04 Dec 2026 12:00:00 GMT"))
+        self.assertEqual(r.status, 202, r.body)
+        self.assertEqual(r.headers.get("repeatability-result"), "accepted")
+        # without any repeatability header: no Repeatability-Result
+        self.assertNotIn("repeatability-result", self.client.send(message()).headers)
+
+    def test_repeatability_first_sent_window(self):
+        m = self.mock
+        now = time.time()
+        r = self.rsend(str(uuid.uuid4()), now - 301)
+        self.assertAcsError(r, 412, "PreconditionFailed", "Repeatability-First-Sent")
+        self.assertEqual(r.headers["repeatability-result"], "rejected")
+        r = self.rsend(str(uuid.uuid4()), now + m.max_clock_skew + 100)
+        self.assertAcsError(r, 412, "PreconditionFailed", "Repeatability-First-Sent")
+        self.assertEqual([x.repeatability for x in m.requests("send")], ["expired", "future"])
+        self.assertEqual(m.accepted_messages(), [])
+        self.assertEqual(self.rsend(str(uuid.uuid4()), now - 290).status, 202)
+        self.assertEqual(self.rsend(str(uuid.uuid4()), now + 10).status, 202)
+        m.repeatability_window = 10
+        self.assertEqual(self.rsend(str(uuid.uuid4()), now - 20).status, 412)
+        m.repeatability_window = 300
+
+        # the window, with an injected clock instead of sleeping
+        rid, first = str(uuid.uuid4()), time.time()
+        original = self.rsend(rid, first, msg=message(recipients={"to": [{"address": "w@example.net"}]}))
+        self.assertEqual(original.status, 202)
+        m.clock = lambda: time.time() + 250
+        again = self.rsend(rid, first, msg=message(recipients={"to": [{"address": "w@example.net"}]}))
+        self.assertEqual((again.status, again.json), (202, original.json))
+        self.assertTrue(m.requests("send")[-1].replayed)
+        m.clock = lambda: time.time() + 302
+        late = self.rsend(rid, first, msg=message(recipients={"to": [{"address": "w@example.net"}]}))
+        self.assertAcsError(late, 412, "PreconditionFailed")
+        self.assertIsNone(m.repeatability_entry(rid))            # forgotten
+        self.assertEqual(m.recipient_counts()["w@example.net"], 1)
+        # worst legal case: a client that refreshes First-Sent on its repeat is no longer
+        # recognised once the original's window is over - executed again, sent twice
+        bug = self.rsend(rid, m.clock(), msg=message(recipients={"to": [{"address": "w@example.net"}]}))
+        self.assertEqual(bug.status, 202)
+        self.assertNotEqual(bug.json["id"], original.json["id"])
+        self.assertEqual(m.requests("send")[-1].repeatability, "new")
+        self.assertEqual(m.recipient_counts()["w@example.net"], 2)
+
+    def test_repeat_of_a_2xx_is_the_same_answer(self):
+        m = self.mock
+        rid, first = str(uuid.uuid4()), time.time()
+        r1 = self.rsend(rid, first, extra={"x-ms-client-request-id": "one"})
+        self.assertEqual(r1.status, 202, r1.body)
+        self.assertEqual(r1.headers["repeatability-result"], "accepted")
+        m.fail_next(503)   # a replay is not executed: it takes no fault
+        # a later attempt: signed anew (other x-ms-date, other signature), same body
+        r2 = self.rsend(rid.upper(), first, date=rfc1123(time.time() - 60),
+                        extra={"x-ms-client-request-id": "two"})
+        self.assertEqual((r2.status, r2.json), (202, r1.json))
+        for h in ("operation-location", "retry-after", "repeatability-result"):
+            self.assertEqual(r2.headers[h], r1.headers[h], h)
+        self.assertNotEqual(r2.headers["x-ms-request-id"], r1.headers["x-ms-request-id"])
+        self.assertEqual(r2.headers["x-ms-client-request-id"], "two")
+        self.assertEqual(m.pending_faults(), 1)
+        self.assertEqual(len(m.accepted_messages()), 1)
+        rec1, rec2 = m.requests("send")
+        self.assertEqual((rec1.repeatability, rec1.accepted, rec1.replayed), ("new", True, False))
+        self.assertEqual((rec2.repeatability, rec2.accepted, rec2.replayed), ("replayed", False, True))
+        self.assertEqual(rec2.operation_id, r1.json["id"])
+        self.assertEqual(rec2.repeatability_id, rid)
+        entry = m.repeatability_entry(rid.upper())
+        self.assertEqual((entry.state, entry.status, entry.executions, entry.requests),
+                         ("done", 202, 1, [rec1.seq, rec2.seq]))
+        self.assertEqual(entry.body_sha256, hashlib.sha256(rec1.body).hexdigest())
+
+    def test_repeat_of_a_4xx_is_the_same_answer(self):
+        m = self.mock
+        with self.subTest("404 DomainNotLinked stays 404"):
+            rid, first = str(uuid.uuid4()), time.time()
+            msg = message(senderAddress="info@later.test")
+            self.assertAcsError(self.rsend(rid, first, msg=msg), 404, "DomainNotLinked")
+            m.verified_domains.add("later.test")     # would be accepted now...
+            r = self.rsend(rid, first, msg=msg)
+            self.assertAcsError(r, 404, "DomainNotLinked", "senderAddress")   # ...but is replayed
+            self.assertEqual(r.headers["repeatability-result"], "accepted")
+            self.assertTrue(m.requests("send")[-1].replayed)
+            self.assertEqual(self.rsend(str(uuid.uuid4()), msg=msg).status, 202)  # a new id runs
+        accepted = len(m.accepted_messages())
+        with self.subTest("429 with Retry-After stays 429"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(429, retry_after=3)
+            for _ in range(2):
+                r = self.rsend(rid, first)
+                self.assertAcsError(r, 429, "TooManyRequests")
+                self.assertEqual(r.headers["retry-after"], "3")
+            self.assertEqual(m.pending_faults(), 0)
+            self.assertEqual([x.repeatability for x in m.requests("send")[-2:]], ["new", "replayed"])
+        with self.subTest("429 without Retry-After"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(429)
+            for _ in range(2):
+                r = self.rsend(rid, first)
+                self.assertAcsError(r, 429, "TooManyRequests")
+                self.assertNotIn("retry-after", r.headers)
+        with self.subTest("409 stays 409"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(409, code="Conflict")
+            self.assertAcsError(self.rsend(rid, first), 409, "Conflict")
+            self.assertAcsError(self.rsend(rid, first), 409, "Conflict")
+            self.assertTrue(m.requests("send")[-1].replayed)
+        self.assertEqual(len(m.accepted_messages()), accepted)
+
+    def test_repeat_of_a_5xx_is_executed_again(self):
+        m = self.mock
+
+        def to(addr: str) -> dict:
+            return message(recipients={"to": [{"address": addr}]})
+
+        with self.subTest("503 before processing: the repeat is the first execution"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(503)
+            self.assertEqual(self.rsend(rid, first, msg=to("p@example.net")).status, 503)
+            r = self.rsend(rid, first, msg=to("p@example.net"))
+            self.assertEqual((r.status, r.headers["repeatability-result"]), (202, "accepted"))
+            self.assertEqual(m.requests("send")[-1].repeatability, "reexecuted")
+            self.assertEqual(self.rsend(rid, first, msg=to("p@example.net")).json, r.json)  # now replayed
+            entry = m.repeatability_entry(rid)
+            self.assertEqual((entry.status, entry.executions), (202, 2))
+            self.assertEqual(m.recipient_counts()["p@example.net"], 1)
+        with self.subTest("503 AFTER the message went out, no Operation-Id: sent twice"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(503, accept=True)
+            r1 = self.rsend(rid, first, msg=to("q@example.net"))
+            self.assertAcsError(r1, 503, "ServiceUnavailable")
+            r2 = self.rsend(rid, first, msg=to("q@example.net"))
+            self.assertEqual(r2.status, 202)
+            self.assertEqual(m.recipient_counts()["q@example.net"], 2)
+            ops = [a.operation_id for a in m.accepted_messages() if a.recipients() == ["q@example.net"]]
+            self.assertEqual(len(set(ops)), 2)
+        with self.subTest("504 after it went out, same Operation-Id, dedup mode: once"):
+            rid, first, op = str(uuid.uuid4()), time.time(), str(uuid.uuid4())
+            m.fail_next(504, accept=True)
+            self.assertEqual(self.rsend(rid, first, msg=to("s@example.net"), operation_id=op).status, 504)
+            r = self.rsend(rid, first, msg=to("s@example.net"), operation_id=op)
+            self.assertEqual((r.status, r.json["id"]), (202, op))
+            self.assertTrue(m.requests("send")[-1].duplicate)
+            self.assertEqual(m.recipient_counts()["s@example.net"], 1)
+        with self.subTest("500 after it went out, same Operation-Id, re-execute mode: twice"):
+            m.reexecute_repeated_operation_id = True
+            rid, first, op = str(uuid.uuid4()), time.time(), str(uuid.uuid4())
+            m.fail_next(500, accept=True)
+            self.assertEqual(self.rsend(rid, first, msg=to("t@example.net"), operation_id=op).status, 500)
+            self.assertEqual(self.rsend(rid, first, msg=to("t@example.net"), operation_id=op).status, 202)
+            mine = [a for a in m.accepted_messages() if a.operation_id == op]
+            self.assertEqual([a.execution for a in mine], [1, 2])
+            self.assertEqual(m.duplicate_recipients(), {"q@example.net": 2, "t@example.net": 2})
+
+    def test_repeat_with_another_body_is_400(self):
+        m = self.mock
+        rid, first = str(uuid.uuid4()), time.time()
+        r1 = self.rsend(rid, first)
+        self.assertEqual(r1.status, 202)
+        other = message(content={"subject": "hello", "plainText": "hi there!"})
+        r = self.rsend(rid, first, msg=other)
+        self.assertAcsError(r, 400, "BadRequest", "Repeatability-Request-Id")
+        self.assertEqual(r.headers["repeatability-result"], "rejected")
+        self.assertEqual(m.requests("send")[-1].repeatability, "mismatch")
+        # the same JSON serialised differently is other bytes: also a mismatch
+        raw = json.dumps(message(), indent=1).encode()
+        self.assertEqual(self.client.send(raw=raw, extra=repeat_headers(rid, first)).status, 400)
+        self.assertEqual(len(m.accepted_messages()), 1)
+        self.assertEqual(self.rsend(rid, first).json, r1.json)   # the original still replays
+
+    def test_repeat_while_the_original_is_in_progress_is_409(self):
+        m = self.mock
+        for kind in ("hold", "delay"):
+            with self.subTest(kind):
+                m.reset()
+                rid, first = str(uuid.uuid4()), time.time()
+                m.fail_next(**{kind: 1.0})
+                out: dict[str, Any] = {}
+
+                def original() -> None:
+                    started = time.monotonic()
+                    out["resp"] = self.rsend(rid, first)
+                    out["took"] = time.monotonic() - started
+                t = threading.Thread(target=original)
+                t.start()
+                self.wait_until(lambda: m.repeatability_entry(rid) is not None)
+                self.assertEqual(len(m.accepted_messages()), 1 if kind == "hold" else 0)
+                r = self.rsend(rid, first)
+                self.assertAcsError(r, 409, "Conflict")
+                self.assertEqual(r.headers["repeatability-result"], "accepted")
+                self.assertEqual(m.requests("send")[-1].repeatability, "in-progress")
+                self.assertEqual(m.repeatability_entry(rid).state, "in-progress")
+                t.join(5)
+                self.assertEqual(out["resp"].status, 202)
+                self.assertGreaterEqual(out["took"], 0.9)
+                after = self.rsend(rid, first)
+                self.assertEqual((after.status, after.json), (202, out["resp"].json))
+                self.assertEqual(len(m.accepted_messages()), 1)
+                self.assertEqual([x.repeatability for x in m.requests("send")],
+                                 ["new", "in-progress", "replayed"])
+
+    def test_repeatability_needs_authentication(self):
+        m = self.mock
+        rid, first = str(uuid.uuid4()), time.time()
+        r = self.rsend(rid, first, sign_it=False)
+        self.assertEqual((r.status, r.json), (401, DENIED))
+        self.assertNotIn("repeatability-result", r.headers)
+        self.assertIsNone(m.repeatability_entry(rid))          # a 401 is not remembered
+        ok = self.rsend(rid, first)
+        self.assertEqual(ok.status, 202)
+        self.assertEqual(m.requests("send")[-1].repeatability, "new")
+        bad = self.rsend(rid, first, key=mock_acs.generate_access_key())
+        self.assertEqual((bad.status, bad.json), (401, DENIED))  # no replay without auth
+        self.assertEqual(m.repeatability_entry(rid).requests, [m.requests("send")[1].seq])
+        self.assertEqual(self.rsend(rid, first).json, ok.json)
+
+    def test_ambiguous_outcomes_with_repeats(self):
+        m = self.mock
+        with self.subTest("reset before processing: not remembered, the repeat runs"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(reset=True)
+            with self.assertRaises(TRANSPORT_ERRORS):
+                self.rsend(rid, first)
+            self.assertIsNone(m.repeatability_entry(rid))
+            self.assertEqual(m.accepted_messages(), [])
+            self.assertEqual(self.rsend(rid, first).status, 202)
+            self.assertEqual(m.requests("send")[-1].repeatability, "new")
+        m.reset()
+        with self.subTest("(b) accepted, then reset: the repeat gets the 202"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(reset=True, accept=True)
+            with self.assertRaises(TRANSPORT_ERRORS):
+                self.rsend(rid, first)
+            [acc] = m.accepted_messages()
+            self.assertIsNone(acc.request.status)
+            op = acc.operation_id
+            self.assertEqual(self.client.get(f"/emails/operations/{op}?api-version=2023-03-31").status,
+                             200)
+            r = self.rsend(rid, first)
+            self.assertEqual((r.status, r.json["id"]), (202, op))
+            self.assertTrue(m.requests("send")[-1].replayed)
+            self.assertEqual(len(m.accepted_messages()), 1)
+        m.reset()
+        with self.subTest("(a) accepted, then no answer until the client gives up"):
+            rid, first = str(uuid.uuid4()), time.time()
+            m.fail_next(stall=1.5)
+            started = time.monotonic()
+            with self.assertRaises(TRANSPORT_ERRORS):
+                self.rsend(rid, first, timeout=0.3)
+            self.assertLess(time.monotonic() - started, 1.2)
+            [acc] = m.accepted_messages()
+            op = acc.operation_id
+            self.assertEqual(self.client.get(f"/emails/operations/{op}?api-version=2023-03-31").status,
+                             200)
+            self.assertAcsError(self.rsend(rid, first), 409, "Conflict")   # still in progress
+            self.wait_until(lambda: m.repeatability_entry(rid).state == "done", timeout=3)
+            stalled = m.requests("send")[0]
+            self.assertIsNone(stalled.status)
+            r = self.rsend(rid, first)
+            self.assertEqual((r.status, r.json["id"]), (202, op))
+            self.assertEqual(len(m.accepted_messages()), 1)
+        m.reset()
+        with self.subTest("(c) accepted, then 500/503/504"):
+            for status in (500, 503, 504):
+                m.fail_next(status, accept=True)
+                op = str(uuid.uuid4())
+                self.assertEqual(self.client.send(message(), operation_id=op).status, status)
+                self.assertEqual(m.accepted_messages()[-1].operation_id, op)
+                self.assertEqual(
+                    self.client.get(f"/emails/operations/{op}?api-version=2023-03-31").json["id"], op)
+            self.assertEqual(len(m.accepted_messages()), 3)
+
+    def test_fault_keywords(self):
+        m = self.mock
+        for kw in (dict(), dict(status=503, stall=1), dict(reset=True, stall=1), dict(hold=-1),
+                   dict(status=200, endpoint="nope")):
+            with self.subTest(kw):
+                with self.assertRaises(ValueError):
+                    m.fail_next(**kw)
+        with self.assertRaises(TypeError):
+            m.always(503, bogus=1)
+        # the positional order soak_api.py relies on
+        f = MockAcs._make_fault(504, None, None, None, 0.0, False, True, None, "send")
+        self.assertEqual((f.status, f.accept, f.reset, f.hold, f.stall), (504, True, False, 0.0, 0.0))
+        self.assertEqual(m.pending_faults(), 0)
+        m.always(hold=0.3)
+        started = time.monotonic()
+        self.assertEqual([self.client.send(message()).status for _ in range(2)], [202, 202])
+        self.assertGreaterEqual(time.monotonic() - started, 0.55)
+        m.clear_faults()
+        # hold with a status: accepted, in progress, then the error
+        m.fail_next(503, hold=0.2)
+        self.assertEqual(self.client.send(message()).status, 503)
+        self.assertEqual(len(m.accepted_messages()), 3)
+
     # ---- Entra tokens -----------------------------------------------------------------------
 
     def secret_form(self, **over: str) -> dict[str, str]:
@@ -769,7 +1208,8 @@ class MockAcsProcessTest(unittest.TestCase):
         key = mock_acs.generate_access_key()
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mock_acs.py"), "--port", "0",
                                  "--access-key", key, "--state-dir", state,
-                                 "--verified-domain", "contoso.test", "--quiet"],
+                                 "--verified-domain", "contoso.test", "--quiet",
+                                 "--reexecute-repeated-operation-id"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
@@ -793,12 +1233,16 @@ class MockAcsProcessTest(unittest.TestCase):
         self.assertTrue(os.path.isfile(info["ca_file"]))
 
         client = Client(info["endpoint"], info["ca_file"], key)
-        r = client.send(message(), operation_id="8540c0de-899f-5cce-acb5-3ec493af3800")
-        self.assertEqual(r.status, 202, r.body)
-        files = os.listdir(os.path.join(state, "accepted"))
-        self.assertEqual(files, ["000001-8540c0de-899f-5cce-acb5-3ec493af3800.json"])
-        with open(os.path.join(state, "accepted", files[0])) as f:
-            self.assertEqual(json.load(f)["message"], message())
+        for _ in range(2):   # executed twice: --reexecute-repeated-operation-id
+            r = client.send(message(), operation_id="8540c0de-899f-5cce-acb5-3ec493af3800")
+            self.assertEqual(r.status, 202, r.body)
+        files = sorted(os.listdir(os.path.join(state, "accepted")))
+        self.assertEqual(files, ["000001-8540c0de-899f-5cce-acb5-3ec493af3800.json",
+                                 "000002-8540c0de-899f-5cce-acb5-3ec493af3800.json"])
+        for i, name in enumerate(files):
+            with open(os.path.join(state, "accepted", name)) as f:
+                saved = json.load(f)
+            self.assertEqual((saved["message"], saved["execution"]), (message(), i + 1))
         setup = os.path.join(state, "mock-acs.json")
         self.assertEqual(stat.S_IMODE(os.stat(setup).st_mode), 0o600)
         with open(setup) as f:
@@ -806,7 +1250,7 @@ class MockAcsProcessTest(unittest.TestCase):
 
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
-        self.assertIn("1 messages accepted", proc.stderr.read())
+        self.assertIn("2 messages accepted", proc.stderr.read())
 
 
 if __name__ == "__main__":
