@@ -71,7 +71,7 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     Envelope envelope{message.tx.sender, remote};
     auto converted = message.spool->in_memory()
                          ? convert_message(message.spool->memory(), envelope, options)
-                         : convert_message_file(message.spool->path(), envelope, options);
+                         : convert_message_fd(message.spool->fd(), envelope, options);
     if (!converted) {
         const std::string& why = converted.error().message;
         result.failure =

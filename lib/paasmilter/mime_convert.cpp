@@ -5,9 +5,14 @@
 
 #include <fcntl.h>
 #include <gmime/gmime.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -74,9 +79,34 @@ std::string clean_utf8(std::string_view text) {
     return valid ? std::string(valid.get()) : std::string();
 }
 
+// Text for a one-line field (subject, display name, file name). RFC 2047 and 2231 decode to any
+// character, CR and LF included: each run of control or line-separating characters, with the
+// spaces around it, becomes one space. `utf8` must be valid UTF-8.
+std::string single_line(std::string_view utf8) {
+    std::string out;
+    out.reserve(utf8.size());
+    bool fold = false;
+    const char* const end = utf8.data() + utf8.size();
+    for (const char* at = utf8.data(); at < end; at = g_utf8_next_char(at)) {
+        const gunichar c = g_utf8_get_char(at);
+        if (c < 0x20 || (c >= 0x7f && c <= 0x9f) || c == 0x2028 || c == 0x2029) {
+            while (!out.empty() && out.back() == ' ') out.pop_back();
+            fold = true;
+            continue;
+        }
+        if (fold) {
+            if (c == ' ') continue;
+            if (!out.empty()) out += ' ';
+            fold = false;
+        }
+        out.append(at, static_cast<size_t>(g_utf8_next_char(at) - at));
+    }
+    return out;
+}
+
 // A display name or subject: GMime already decoded RFC 2047 to UTF-8; make sure of it.
 std::string clean_text(const char* text) {
-    return std::string(trim(clean_utf8(or_empty(text))));
+    return std::string(trim(single_line(clean_utf8(or_empty(text)))));
 }
 
 // ---- MIME entity helpers ----
@@ -107,10 +137,11 @@ std::string file_name(GMimeObject* object) {
 enum class BodyKind { none, plain, html };
 
 // text/plain or text/html that a mail client would show as the message text: not marked as an
-// attachment and without a file name (a named text part is a file someone attached).
-BodyKind body_kind(GMimeObject* object) {
+// attachment and, unless `named_too`, without a file name (a named text part is usually a file
+// someone attached).
+BodyKind body_kind(GMimeObject* object, bool named_too) {
     if (!GMIME_IS_PART(object) || is_attachment_disposition(object)) return BodyKind::none;
-    if (!file_name(object).empty()) return BodyKind::none;
+    if (!named_too && !file_name(object).empty()) return BodyKind::none;
     const std::string type = media_type(object);
     if (type == "text/plain") return BodyKind::plain;
     if (type == "text/html") return BodyKind::html;
@@ -206,12 +237,11 @@ std::string extension_for(std::string_view type) {
     return "bin";
 }
 
-// The last path component, without control characters (names come from untrusted mail).
+// The last path component, on one line (names come from untrusted mail).
 std::string clean_file_name(std::string_view raw) {
-    std::string name = clean_utf8(raw);
+    std::string name = single_line(clean_utf8(raw));
     if (const auto slash = name.find_last_of("/\\"); slash != std::string::npos)
         name.erase(0, slash + 1);
-    std::erase_if(name, [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
     name = std::string(trim(name));
     if (name == "." || name == "..") name.clear();
     return name;
@@ -402,7 +432,10 @@ class Converter {
     }
 
     void convert(GMimeObject* root, EmailMessage& out) {
-        const Selection body = select(root);
+        Selection body = select(root, false);
+        // No unnamed text: a named inline text part is then what mail clients show as the body
+        // (printers and scanners send their text that way).
+        if (body.empty()) body = select(root, true);
         if (body.plain) out.plain_text = text_content(body.plain, parser_options_);
         if (body.html) out.html = text_content(body.html, parser_options_);
         chosen_ = {body.plain, body.html};
@@ -452,7 +485,7 @@ class Converter {
     }
 
     // Which leaves are the message text.
-    Selection select(GMimeObject* object) {
+    Selection select(GMimeObject* object, bool named_too) {
         if (GMIME_IS_MULTIPART(object)) {
             GMimeMultipart* multipart = GMIME_MULTIPART(object);
             const int count = g_mime_multipart_get_count(multipart);
@@ -462,7 +495,8 @@ class Converter {
                 // last HTML rendering, since ACS carries both.
                 Selection best;
                 for (int i = 0; i < count; ++i) {
-                    const Selection candidate = select(g_mime_multipart_get_part(multipart, i));
+                    const Selection candidate =
+                        select(g_mime_multipart_get_part(multipart, i), named_too);
                     if (candidate.plain) best.plain = candidate.plain;
                     if (candidate.html) best.html = candidate.html;
                 }
@@ -470,24 +504,25 @@ class Converter {
                 // attaching them. Other alternatives (text/calendar invitations) are attached.
                 for (int i = 0; i < count; ++i) {
                     GMimeObject* part = g_mime_multipart_get_part(multipart, i);
-                    if (body_kind(part) != BodyKind::none && part != GMIME_OBJECT(best.plain) &&
-                        part != GMIME_OBJECT(best.html))
+                    if (body_kind(part, named_too) != BodyKind::none &&
+                        part != GMIME_OBJECT(best.plain) && part != GMIME_OBJECT(best.html))
                         dropped_.insert(part);
                 }
                 return best;
             }
             if (type == "multipart/related") {
                 GMimeObject* root = related_root(multipart);
-                return root ? select(root) : Selection{};
+                return root ? select(root, named_too) : Selection{};
             }
             // mixed, signed, report, unknown multiparts: the first entity with text is the body.
             for (int i = 0; i < count; ++i) {
-                const Selection candidate = select(g_mime_multipart_get_part(multipart, i));
+                const Selection candidate =
+                    select(g_mime_multipart_get_part(multipart, i), named_too);
                 if (!candidate.empty()) return candidate;
             }
             return {};
         }
-        switch (body_kind(object)) {
+        switch (body_kind(object, named_too)) {
             case BodyKind::plain:
                 return {GMIME_PART(object), nullptr};
             case BodyKind::html:
@@ -545,6 +580,253 @@ class Converter {
     std::unordered_set<GMimeObject*> dropped_;
     Selection chosen_;
 };
+
+// ---- RFC 2045 default type ----
+
+std::string_view trim_left(std::string_view text) {
+    while (!text.empty() && (text.front() == ' ' || text.front() == '\t')) text.remove_prefix(1);
+    return text;
+}
+
+// RFC 2045 5.2: a syntactically invalid Content-Type means text/plain. GMime makes
+// application/octet-stream of "text" without a subtype; such a part becomes text/plain with
+// the parameters it declared (charset, name), which GMime reads. Other invalid types stay
+// application/octet-stream: a binary part must not become the message text.
+void default_text_subtype(GMimeObject* root, GMimeParserOptions* parser_options) {
+    std::vector<GMimeObject*> pending{root};
+    while (!pending.empty()) {
+        GMimeObject* object = pending.back();
+        pending.pop_back();
+        if (GMIME_IS_MULTIPART(object)) {
+            GMimeMultipart* multipart = GMIME_MULTIPART(object);
+            for (int i = g_mime_multipart_get_count(multipart) - 1; i >= 0; --i)
+                pending.push_back(g_mime_multipart_get_part(multipart, i));
+            continue;
+        }
+        if (!GMIME_IS_PART(object) || media_type(object) != "application/octet-stream") continue;
+        const std::string_view value =
+            trim(or_empty(g_mime_object_get_header(object, "Content-Type")));
+        if (!istarts_with(value, "text")) continue;
+        std::string_view parameters = trim_left(value.substr(4));
+        if (!parameters.empty() && parameters.front() == '/')
+            parameters = trim_left(parameters.substr(1));
+        if (!parameters.empty() && parameters.front() != ';') continue;  // not type "text"
+        const std::string fixed = "text/plain" + std::string(parameters);
+        GObjectPtr<GMimeContentType> type(g_mime_content_type_parse(parser_options, fixed.c_str()));
+        if (type) g_mime_object_set_content_type(object, type.get());
+    }
+}
+
+// ---- the part limit, before GMime builds anything ----
+
+// Calls `visit(line)` for each line of `text`, without its '\n'.
+template <class Visit>
+void for_each_line(std::string_view text, Visit&& visit) {
+    size_t at = 0;
+    while (at < text.size()) {
+        size_t end = text.find('\n', at);
+        if (end == std::string_view::npos) end = text.size();
+        visit(text.substr(at, end - at));
+        at = end + 1;
+    }
+}
+
+// GMime takes a line as a delimiter of boundary B when it is "--", B, then only white space
+// (" \t\r\n"): the text after "--" without trailing white space is B without it.
+std::string_view delimiter_key(std::string_view text) {
+    const auto last = text.find_last_not_of(" \t\r\n");
+    return last == std::string_view::npos ? std::string_view() : text.substr(0, last + 1);
+}
+
+// Where the header field starting at `at` ends: after its line and the folded lines that
+// continue it (starting with a blank, as GMime's header parser joins them).
+size_t field_end(std::string_view source, size_t at) {
+    size_t end = source.find('\n', at);
+    while (end != std::string_view::npos && end + 1 < source.size() &&
+           (source[end + 1] == ' ' || source[end + 1] == '\t'))
+        end = source.find('\n', end + 1);
+    return end == std::string_view::npos ? source.size() : end + 1;
+}
+
+struct StringHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view text) const { return std::hash<std::string_view>{}(text); }
+};
+using BoundarySet = std::unordered_set<std::string, StringHash, std::equal_to<>>;
+
+// The boundaries declared by every Content-Type field anywhere in `source`, each read by GMime
+// from the field as GMime's header parser delimits it (name, optional blanks, ':', value with
+// its folded lines); body lines that look like such fields only add boundaries, never hide one.
+// nullopt past `cap` of them.
+std::optional<BoundarySet> declared_boundaries(std::string_view source,
+                                               GMimeParserOptions* parser_options, size_t cap) {
+    constexpr std::string_view kName = "content-type";
+    BoundarySet out;
+    size_t at = 0;
+    while (at < source.size()) {
+        size_t colon = at + kName.size();
+        if (!istarts_with(source.substr(at), kName)) {
+            const size_t end = source.find('\n', at);
+            at = end == std::string_view::npos ? source.size() : end + 1;
+            continue;
+        }
+        while (colon < source.size() && (source[colon] == ' ' || source[colon] == '\t')) ++colon;
+        const size_t end = field_end(source, at);
+        if (colon < source.size() && source[colon] == ':') {
+            // As GMime reads the field for the part (g_mime_header_get_value): unfolded and
+            // RFC 2047-decoded as a whole, then parsed.
+            const std::string raw(source.substr(colon + 1, end - (colon + 1)));
+            GCharPtr unfolded(g_mime_utils_header_unfold(raw.c_str()));
+            GCharPtr value(g_mime_utils_header_decode_text(parser_options, unfolded.get()));
+            GObjectPtr<GMimeContentType> type(
+                g_mime_content_type_parse(parser_options, value.get()));
+            const char* boundary =
+                type ? g_mime_content_type_get_parameter(type.get(), "boundary") : nullptr;
+            if (boundary) {
+                out.emplace(delimiter_key(boundary));
+                if (out.size() > cap) return std::nullopt;
+            }
+        }
+        at = end;
+    }
+    return out;
+}
+
+// Whether GMime could build more than `max` entities from `source`, known before it builds any.
+// GMime starts each child of a multipart at a delimiter line of a boundary in scope, one line
+// per child, so the root plus the delimiter lines of the declared boundaries bound the count.
+// Lines in bodies may be counted too: over, never under.
+bool more_parts_than(std::string_view source, GMimeParserOptions* parser_options, size_t max) {
+    // Every line starting with "--" is a bound already; most messages stop here.
+    size_t dashes = 0;
+    for_each_line(source, [&](std::string_view line) { dashes += line.starts_with("--"); });
+    if (dashes < max) return false;
+    // Each boundary GMime uses is a multipart of its own: more than `max` is too many.
+    const auto boundaries = declared_boundaries(source, parser_options, max);
+    if (!boundaries) return true;
+    size_t delimiters = 0;
+    for_each_line(source, [&](std::string_view line) {
+        if (line.starts_with("--") && boundaries->contains(delimiter_key(line.substr(2))))
+            ++delimiters;
+    });
+    return delimiters >= max;
+}
+
+// ---- header blocks without their blank line ----
+
+// The lines GMime dropped from header blocks for not being header fields, which it reports
+// with their offsets (GMIME_CRIT_INVALID_HEADER_NAME), as the starts of runs of adjacent lines:
+// a memory cost per run, not per line. Lines after a stray first line of a block are reported
+// at that line's offset, which the run already holds.
+struct DroppedLines {
+    std::string_view source;
+    std::vector<gint64> starts;
+    gint64 last_end = -1;  // where the last run ends
+};
+
+void note_dropped_line(gint64 offset, GMimeParserWarning warning, const gchar*, gpointer data) {
+    auto& dropped = *static_cast<DroppedLines*>(data);
+    if (warning != GMIME_CRIT_INVALID_HEADER_NAME || offset < 0 ||
+        offset >= static_cast<gint64>(dropped.source.size()))
+        return;
+    const auto end = static_cast<gint64>(field_end(dropped.source, static_cast<size_t>(offset)));
+    if (dropped.starts.empty() || offset < dropped.starts.back() || offset > dropped.last_end)
+        dropped.starts.push_back(offset);
+    dropped.last_end = std::max(dropped.last_end, end);
+}
+
+GObjectPtr<GMimeMessage> parse(GMimeStream* stream, GMimeParserOptions* parser_options,
+                               DroppedLines* dropped_lines) {
+    if (dropped_lines)
+        g_mime_parser_options_set_warning_callback(parser_options, note_dropped_line,
+                                                   dropped_lines);
+    GObjectPtr<GMimeParser> parser(g_mime_parser_new_with_stream(stream));
+    g_mime_parser_set_format(parser.get(), GMIME_FORMAT_MESSAGE);
+    GObjectPtr<GMimeMessage> message(g_mime_parser_construct_message(parser.get(), parser_options));
+    g_mime_parser_options_set_warning_callback(parser_options, nullptr, nullptr);
+    return message;
+}
+
+// The stream offsets of every header field GMime kept, sorted.
+std::vector<gint64> header_offsets(GMimeMessage* message) {
+    std::vector<gint64> out;
+    std::vector<GMimeObject*> pending{GMIME_OBJECT(message)};
+    while (!pending.empty()) {
+        GMimeObject* object = pending.back();
+        pending.pop_back();
+        GMimeHeaderList* list = g_mime_object_get_header_list(object);
+        for (int i = 0, n = list ? g_mime_header_list_get_count(list) : 0; i < n; ++i)
+            out.push_back(g_mime_header_get_offset(g_mime_header_list_get_header_at(list, i)));
+        if (GMIME_IS_MESSAGE(object)) {
+            if (GMimeObject* part = g_mime_message_get_mime_part(GMIME_MESSAGE(object)))
+                pending.push_back(part);
+        } else if (GMIME_IS_MULTIPART(object)) {
+            GMimeMultipart* multipart = GMIME_MULTIPART(object);
+            for (int i = 0, n = g_mime_multipart_get_count(multipart); i < n; ++i)
+                pending.push_back(g_mime_multipart_get_part(multipart, i));
+        } else if (GMIME_IS_MESSAGE_PART(object)) {
+            if (GMimeMessage* inner = g_mime_message_part_get_message(GMIME_MESSAGE_PART(object)))
+                pending.push_back(GMIME_OBJECT(inner));
+        }
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+// Where blank lines are missing: the first of the dropped lines that no header field follows
+// in their header block. Those lines are the text the header block ran into (a part's body
+// written right after its fields, a body after the message header). Dropped lines with a
+// field after them are broken fields: GMime's dropping them loses no text of the message.
+std::vector<gint64> missing_blank_lines(std::string_view source, GMimeMessage* message,
+                                        std::vector<gint64> dropped) {
+    std::sort(dropped.begin(), dropped.end());
+    dropped.erase(std::unique(dropped.begin(), dropped.end()), dropped.end());
+    const gint64 size = static_cast<gint64>(source.size());
+    const std::vector<gint64> fields = header_offsets(message);
+    // GMime ends a header block at an empty line or at a boundary, which starts with "--".
+    auto block_ends = [&](gint64 from, gint64 to) {
+        const std::string_view gap =
+            source.substr(static_cast<size_t>(from), static_cast<size_t>(to - from));
+        return gap.find("\n\n") != std::string_view::npos ||
+               gap.find("\n\r\n") != std::string_view::npos ||
+               gap.find("\n--") != std::string_view::npos;
+    };
+    std::vector<gint64> out;
+    gint64 run = -1;  // the first dropped line of the current header block, or -1
+    for (size_t i = 0; i < dropped.size() && dropped[i] < size; ++i) {
+        const gint64 at = dropped[i];
+        if (run < 0) run = at;
+        // Not after but at: GMime dates the field after a stray first line at that line.
+        const auto field = std::lower_bound(fields.begin(), fields.end(), at);
+        const gint64 next_field = field != fields.end() ? std::min(*field, size) : size;
+        const gint64 next_dropped = i + 1 < dropped.size() ? std::min(dropped[i + 1], size) : size;
+        const gint64 next = std::min(next_field, next_dropped);
+        if (next == size || block_ends(at, next)) {
+            out.push_back(run);
+            run = -1;
+        } else if (next_field <= next_dropped) {
+            run = -1;
+        }
+    }
+    return out;
+}
+
+// `stream` with an empty line inserted at each offset of `at` (ascending).
+GObjectPtr<GMimeStream> with_blank_lines(GMimeStream* stream, const std::vector<gint64>& at) {
+    GObjectPtr<GMimeStream> joined(g_mime_stream_cat_new());
+    auto add = [&](GMimeStream* piece) {
+        g_mime_stream_cat_add_source(GMIME_STREAM_CAT(joined.get()), piece);
+        g_object_unref(piece);
+    };
+    gint64 from = 0;
+    for (const gint64 offset : at) {
+        if (offset > from) add(g_mime_stream_substream(stream, from, offset));
+        add(g_mime_stream_mem_new_with_buffer("\n", 1));
+        from = offset;
+    }
+    add(g_mime_stream_substream(stream, from, -1));
+    return joined;
+}
 
 // ---- the whole message ----
 
@@ -627,6 +909,7 @@ Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* p
     if (root) {
         Converter converter(parser_options, options);
         if (converter.too_many_parts(root)) return make_error(std::string(kTooManyMimeParts));
+        default_text_subtype(root, parser_options);
         converter.convert(root, out);
     }
     // ACS requires content.subject and at least one of plainText/html: a message without any
@@ -635,16 +918,50 @@ Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* p
     return out;
 }
 
-Result<EmailMessage> convert_stream(GMimeStream* stream, const Envelope& envelope,
-                                    const ConversionOptions& options) {
+// `stream` is what GMime parses, `source` the same bytes for the scans GMime cannot do.
+Result<EmailMessage> convert_source(std::string_view source, GMimeStream* stream,
+                                    const Envelope& envelope, const ConversionOptions& options) {
     ParserOptionsPtr parser_options = make_parser_options();
-    GObjectPtr<GMimeParser> parser(g_mime_parser_new_with_stream(stream));
-    g_mime_parser_set_format(parser.get(), GMIME_FORMAT_MESSAGE);
-    GObjectPtr<GMimeMessage> message(
-        g_mime_parser_construct_message(parser.get(), parser_options.get()));
+    if (more_parts_than(source, parser_options.get(), options.max_mime_parts))
+        return make_error(std::string(kTooManyMimeParts));
+    DroppedLines dropped{source, {}};
+    GObjectPtr<GMimeMessage> message = parse(stream, parser_options.get(), &dropped);
+    if (message && !dropped.starts.empty()) {
+        const std::vector<gint64> blank_lines =
+            missing_blank_lines(source, message.get(), std::move(dropped.starts));
+        // Text GMime would drop: parse again with the blank lines GMime expected where it met it.
+        if (!blank_lines.empty()) {
+            GObjectPtr<GMimeStream> repaired = with_blank_lines(stream, blank_lines);
+            message = parse(repaired.get(), parser_options.get(), nullptr);
+        }
+    }
     if (!message) return make_error("not a MIME message (GMime could not parse it)");
     return convert_parsed(message.get(), parser_options.get(), envelope, options);
 }
+
+// A read-only view of a file open on a descriptor.
+class FileView {
+  public:
+    ~FileView() {
+        if (data_ != MAP_FAILED) ::munmap(data_, size_);
+    }
+    Result<void> map(int fd, size_t size) {
+        if (size == 0) return {};
+        data_ = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+        if (data_ == MAP_FAILED)
+            return make_error(std::string("cannot map the message: ") + std::strerror(errno));
+        size_ = size;
+        return {};
+    }
+    std::string_view view() const {
+        if (data_ == MAP_FAILED) return {};
+        return {static_cast<const char*>(data_), size_};
+    }
+
+  private:
+    void* data_ = MAP_FAILED;
+    size_t size_ = 0;
+};
 
 // A message touching every kind of entity, charset filter and decoder used above.
 constexpr std::string_view kWarmUpMessage =
@@ -670,7 +987,7 @@ void init_gmime_once() {
         options.sender = "a@example.net";
         GObjectPtr<GMimeStream> stream(
             g_mime_stream_mem_new_with_buffer(kWarmUpMessage.data(), kWarmUpMessage.size()));
-        (void)convert_stream(stream.get(), envelope, options);
+        (void)convert_source(kWarmUpMessage, stream.get(), envelope, options);
     });
 }
 
@@ -682,21 +999,38 @@ Result<EmailMessage> convert_message(std::string_view source, const Envelope& en
     // GMime's memory stream copies the buffer: the string_view need not outlive this call
     // anyway, and the parser keeps referencing the stream for part contents.
     GObjectPtr<GMimeStream> stream(g_mime_stream_mem_new_with_buffer(source.data(), source.size()));
-    return convert_stream(stream.get(), envelope, options);
+    return convert_source(source, stream.get(), envelope, options);
 }
 
 Result<EmailMessage> convert_message_file(const std::string& path, const Envelope& envelope,
                                           const ConversionOptions& options) {
+    struct File {
+        int fd;
+        ~File() {
+            if (fd >= 0) ::close(fd);
+        }
+    } file{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+    if (file.fd < 0) return make_error(std::strerror(errno), path);
+    return convert_message_fd(file.fd, envelope, options);
+}
+
+Result<EmailMessage> convert_message_fd(int fd, const Envelope& envelope,
+                                        const ConversionOptions& options) {
     init_gmime_once();
-    GError* raw_error = nullptr;
-    // A seekable file stream: the parser keeps offsets into it instead of copying part contents.
-    GObjectPtr<GMimeStream> stream(g_mime_stream_fs_open(path.c_str(), O_RDONLY, 0, &raw_error));
-    if (!stream) {
-        std::string reason = raw_error ? raw_error->message : "cannot open";
-        if (raw_error) g_error_free(raw_error);
-        return make_error(reason, path);
-    }
-    return convert_stream(stream.get(), envelope, options);
+    struct stat status {};
+    if (::fstat(fd, &status) != 0)
+        return make_error(std::string("cannot read the message: ") + std::strerror(errno));
+    const auto size = static_cast<size_t>(status.st_size);
+    FileView file;
+    if (auto mapped = file.map(fd, size); !mapped) return mapped.error();
+    // GMime's stream closes its descriptor: give it a duplicate. Bounded reads seek from offset
+    // 0, whatever offset the descriptor (shared with the duplicate) has; a seekable file stream
+    // lets the parser keep offsets into it instead of copying part contents.
+    const int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0) return make_error(std::string("cannot read the message: ") + std::strerror(errno));
+    GObjectPtr<GMimeStream> stream(
+        g_mime_stream_fs_new_with_bounds(own, 0, static_cast<gint64>(size)));
+    return convert_source(file.view(), stream.get(), envelope, options);
 }
 
 }  // namespace paasmilter

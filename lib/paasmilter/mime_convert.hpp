@@ -36,7 +36,9 @@ struct ConversionOptions {
     // routing header, for one).
     std::vector<std::string> never_pass_headers;
     // More MIME entities (multiparts and leaves) than this is an error (kTooManyMimeParts): a
-    // message built to make the conversion expensive, for the caller's oversize policy.
+    // message built to make the conversion expensive, for the caller's oversize policy. Checked
+    // before GMime builds anything, on an upper bound: the message's lines that delimit a
+    // declared boundary, wherever they are (forwarded messages included).
     size_t max_mime_parts = 500;
 };
 
@@ -56,5 +58,9 @@ Result<EmailMessage> convert_message(std::string_view source, const Envelope& en
 // The same, reading the message from a file (large messages are spooled to disk).
 Result<EmailMessage> convert_message_file(const std::string& path, const Envelope& envelope,
                                           const ConversionOptions& options);
+// The same, reading the whole file open on `fd` from offset 0 (MessageSpool::fd()). The fd's
+// file offset is not used; the caller keeps the fd.
+Result<EmailMessage> convert_message_fd(int fd, const Envelope& envelope,
+                                        const ConversionOptions& options);
 
 }  // namespace paasmilter

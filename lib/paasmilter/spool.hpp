@@ -1,5 +1,5 @@
-// The message body of an API-routed message, kept in memory up to a threshold and in a
-// temporary file beyond it, so a 15 MB message does not sit in RAM once per thread.
+// The message body of an API-routed message, kept in memory up to a threshold and in an
+// unnamed temporary file beyond it, so a 15 MB message does not sit in RAM once per thread.
 #pragma once
 
 #include <string>
@@ -24,7 +24,11 @@ class MessageSpool {
     bool oversize() const { return oversize_; }
     bool in_memory() const { return fd_ < 0; }
     const std::string& memory() const { return memory_; }
-    // The temporary file (only when !in_memory()); removed by the destructor.
+    // The spool file (only when !in_memory()), open read-write; closed by the destructor. It has
+    // no name in the directory (unlinked as it is created), so nothing outlives a crash. Read it
+    // from offset 0 (convert_message_fd); appends go to its end whatever the offset.
+    int fd() const { return fd_; }
+    // "/proc/self/fd/N": a path that opens the spool file while the spool lives (Linux).
     const std::string& path() const { return path_; }
 
   private:

@@ -1,8 +1,12 @@
 #include <doctest/doctest.h>
 #include <glib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -550,4 +554,298 @@ TEST_CASE("convert_message_file: a missing file is an error naming it") {
     auto message = convert_message_file(written, envelope({"alice@example.net"}), base_options());
     REQUIRE(message.ok());
     CHECK(message->attachments.size() == 1);
+}
+
+// ---- RFC 2045 defaults, named inline text, missing blank lines, folded controls ----
+
+TEST_CASE("MIME body: Content-Type text without a subtype is text/plain (RFC 2045 5.2)") {
+    SUBCASE("the whole message") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\nContent-Type: text\n\n"
+            "hello\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "hello\n");
+        CHECK(message.attachments.empty());
+    }
+    SUBCASE("its parameters still count: the charset converts") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: TEXT ; charset=\"iso-8859-15\"\n\n5 \xa4, caf\xe9\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "5 €, café\n");
+    }
+    SUBCASE("a part, with an empty subtype") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/mixed; boundary=m\n\n"
+            "--m\nContent-Type: text/\n\nthe text\n"
+            "--m\nContent-Type: application/pdf; name=a.pdf\n\n%PDF\n--m--\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "the text");
+        REQUIRE(message.attachments.size() == 1);
+        CHECK(message.attachments[0].name == "a.pdf");
+    }
+    SUBCASE("another type without a subtype stays an attachment") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/mixed; boundary=m\n\n"
+            "--m\nContent-Type: text/plain\n\nbody\n--m\nContent-Type: image\n\nGIF89a\n--m--\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "body");
+        REQUIRE(message.attachments.size() == 1);
+        CHECK(message.attachments[0].content_type == "application/octet-stream");
+    }
+}
+
+TEST_CASE("MIME body: a named inline text part is the body when there is no other") {
+    SUBCASE("inline disposition with a file name, beside a PDF (scanners send this)") {
+        const auto message = convert_ok(
+            "From: scan@printers.local\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/mixed; boundary=m\n\n"
+            "--m\nContent-Type: text/plain; name=\"body.txt\"\n"
+            "Content-Disposition: inline; filename=\"body.txt\"\n\nScanned.\n"
+            "--m\nContent-Type: application/pdf; name=scan.pdf\n"
+            "Content-Disposition: attachment; filename=scan.pdf\n\n%PDF\n--m--\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "Scanned.");
+        REQUIRE(message.attachments.size() == 1);
+        CHECK(message.attachments[0].name == "scan.pdf");
+    }
+    SUBCASE("no disposition, only name=, as the whole message") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: text/html; charset=utf-8; name=report.html\n\n<p>report</p>\n",
+            envelope({"a@example.net"}));
+        CHECK(message.html == "<p>report</p>\n");
+        CHECK(message.attachments.empty());
+    }
+    SUBCASE("a body found elsewhere keeps the named part an attachment") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: multipart/mixed; boundary=m\n\n"
+            "--m\nContent-Type: text/plain; name=log.txt\nContent-Disposition: inline\n\nlog\n"
+            "--m\nContent-Type: text/plain\n\nthe body\n--m--\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "the body");
+        REQUIRE(message.attachments.size() == 1);
+        CHECK(message.attachments[0].name == "log.txt");
+    }
+    SUBCASE("an attachment disposition is never the body") {
+        const auto message = convert_ok(
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+            "Content-Type: text/plain; name=log.txt\nContent-Disposition: attachment\n\nlog\n",
+            envelope({"a@example.net"}));
+        CHECK(message.plain_text == "");
+        REQUIRE(message.attachments.size() == 1);
+        CHECK(message.attachments[0].name == "log.txt");
+    }
+}
+
+TEST_CASE("MIME malformed: a header block without its blank line keeps its text") {
+    const Envelope to_a = envelope({"a@example.net"});
+    const std::string top = "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n";
+    const std::string pdf =
+        "--b\nContent-Type: application/pdf; name=r.pdf\nContent-Transfer-Encoding: base64\n\n"
+        "JVBERi0xLjQKJSVFT0YK\n--b--\n";
+    // Each message with LF and with CRLF line ends (Postfix hands the milter CRLF).
+    auto convert_both = [&](const std::string& text) {
+        std::vector<EmailMessage> out;
+        for (const std::string& source : {text, crlf(text)})
+            out.push_back(convert_ok(source, to_a));
+        return out;
+    };
+    auto plain = [](const EmailMessage& m) {
+        std::string text = m.plain_text.value_or("<none>");
+        std::erase(text, '\r');
+        return text;
+    };
+
+    SUBCASE("a part whose text follows its header directly") {
+        for (const auto& message :
+             convert_both(top +
+                          "Content-Type: multipart/mixed; boundary=b\n\n"
+                          "--b\nContent-Type: text/plain\nHello world\nMore text\n" +
+                          pdf)) {
+            CHECK(plain(message) == "Hello world\nMore text");
+            REQUIRE(message.attachments.size() == 1);
+            CHECK(message.attachments[0].name == "r.pdf");
+        }
+    }
+    SUBCASE("a part without any header, text right after the boundary") {
+        for (const auto& message : convert_both(top +
+                                                "Content-Type: multipart/mixed; boundary=b\n\n"
+                                                "--b\nHello there\nsecond line\n" +
+                                                pdf)) {
+            CHECK(plain(message) == "Hello there\nsecond line");
+            CHECK(message.attachments.size() == 1);
+        }
+    }
+    SUBCASE("the message's own body right after its header") {
+        for (const auto& message :
+             convert_both(top + "Subject: x\nHello world\nsecond\n\nthird\n")) {
+            CHECK(message.subject == "x");
+            CHECK(plain(message) == "Hello world\nsecond\n\nthird\n");
+        }
+    }
+    SUBCASE("a header block that ends at the end of the data") {
+        for (const auto& message : convert_both(top + "Subject: x\nHello world")) {
+            CHECK(message.subject == "x");
+            CHECK(plain(message) == "Hello world");
+        }
+        for (const auto& message : convert_both(top + "Subject: only a header"))
+            CHECK(plain(message) == "");
+    }
+    SUBCASE("a broken header line followed by more headers is only dropped") {
+        for (const auto& message :
+             convert_both("From: app@contoso.com\nTo: a@example.net\nBroken line\nSubject: x\n"
+                          "X-Tag: t\n\nbody\n")) {
+            CHECK(message.subject == "x");
+            CHECK(plain(message) == "body\n");
+            CHECK(message.headers ==
+                  std::vector<std::pair<std::string, std::string>>{{"X-Tag", "t"}});
+        }
+    }
+    SUBCASE("a part opening with a stray line, then its header") {
+        for (const auto& message :
+             convert_both(top +
+                          "Content-Type: multipart/mixed; boundary=b\n\n"
+                          "--b\nstray line\nContent-Type: text/plain\n\nbody\n" +
+                          pdf)) {
+            CHECK(plain(message) == "body");
+            CHECK(message.attachments.size() == 1);
+        }
+    }
+    SUBCASE("text GMime cannot take apart at all is an error, not an empty message") {
+        for (const std::string& source :
+             {top + "Subject: x\nHello", crlf(top + "Subject: x\nHello")}) {
+            auto result = convert_message(source, to_a, base_options());
+            REQUIRE_FALSE(result.ok());
+            CHECK_FALSE(result.error().message.empty());
+        }
+    }
+    SUBCASE("the same from a file") {
+        paasmilter::testing::TempDir dir;
+        const std::string path =
+            dir.write("m.eml", top +
+                                   "Content-Type: multipart/mixed; boundary=b\n\n"
+                                   "--b\nContent-Type: text/plain\nHello world\n" +
+                                   pdf);
+        auto result = convert_message_file(path, to_a, base_options());
+        REQUIRE(result.ok());
+        CHECK(result->plain_text == "Hello world");
+        CHECK(result->attachments.size() == 1);
+    }
+}
+
+TEST_CASE("MIME text: CR, LF and other controls from RFC 2047 fold to one space") {
+    const auto message = convert_ok(
+        "From: app@contoso.com\n"
+        "To: =?utf-8?q?Bob=0D=0A_Smith?= <bob@example.net>\n"
+        "Cc: =?utf-8?b?QW5uCkJjYzogZXZpbEBleGFtcGxlLm9yZw==?= <ann@example.net>\n"
+        "Reply-To: =?utf-8?q?Help=0Ddesk=09?= <help@contoso.com>\n"
+        "Subject: =?utf-8?q?hello=0D=0Aworld?= =?utf-8?q?_and=C2=85next=E2=80=A8line?=\n"
+        "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=m\n\n"
+        "--m\nContent-Type: text/plain\n\nbody\n"
+        "--m\nContent-Type: application/pdf; name=\"=?utf-8?q?a=0D=0Ab.pdf?=\"\n\n%PDF\n"
+        "--m\nContent-Type: application/pdf\n"
+        "Content-Disposition: attachment; filename*=utf-8''c%0D%0A%0Dd%E2%80%A9e.pdf\n\n%PDF\n"
+        "--m--\n",
+        envelope({"bob@example.net", "ann@example.net"}));
+    CHECK(message.subject == "hello world and next line");
+    REQUIRE(message.to.size() == 1);
+    CHECK(message.to[0].display_name == "Bob Smith");
+    REQUIRE(message.cc.size() == 1);
+    CHECK(message.cc[0].display_name == "Ann Bcc: evil@example.org");
+    REQUIRE(message.reply_to.size() == 1);
+    CHECK(message.reply_to[0].display_name == "Help desk");
+    REQUIRE(message.attachments.size() == 2);
+    CHECK(message.attachments[0].name == "a b.pdf");
+    CHECK(message.attachments[1].name == "c d e.pdf");
+}
+
+namespace {
+
+// Bytes of address space this process has mapped now.
+size_t address_space_size() {
+    std::ifstream statm("/proc/self/statm");
+    size_t pages = 0;
+    statm >> pages;
+    return pages * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// Runs `body` in a child process that may map at most `headroom` more bytes: its wait status,
+// exit code 0 when it returned true. GLib aborts on a failed allocation, so a conversion that
+// needs more dies.
+template <class Body>
+int in_child_with_memory_limit(size_t headroom, Body body) {
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        // The default action, not doctest's handlers: the parent reports.
+        for (const int signal : {SIGABRT, SIGSEGV, SIGTRAP, SIGBUS}) std::signal(signal, SIG_DFL);
+        const rlim_t limit = address_space_size() + headroom;
+        const struct rlimit rl { limit, limit };
+        if (::setrlimit(RLIMIT_AS, &rl) != 0) ::_exit(3);
+        ::_exit(body() ? 0 : 1);
+    }
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    return status;
+}
+
+}  // namespace
+
+TEST_CASE("MIME limits: a flood of empty parts is refused before GMime builds them") {
+    auto flood = [](const std::string& content_type, int parts) {
+        std::string source =
+            "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n" + content_type + "\n\n";
+        source.reserve(source.size() + static_cast<size_t>(parts) * 5 + 16);
+        for (int i = 0; i < parts; ++i) source += "--b\n\n";
+        return source + "--b--\n";
+    };
+    // The boundary as a plain parameter, RFC 2231-encoded and (GMime decodes whole fields
+    // first) RFC 2047-encoded: all are GMime's to read.
+    const std::vector<std::string> types = {
+        "Content-Type: multipart/mixed; boundary=b",
+        "Content-Type: multipart/mixed;\n boundary*=us-ascii''%62",
+        "Content-Type: multipart/mixed; boundary==?us-ascii?q?b?=",
+        "Content-Type: multipart/mixed; =?us-ascii?q?boundary=3Db?="};
+    const Envelope to_a = envelope({"a@example.net"});
+    const ConversionOptions options = base_options();
+    for (const std::string& type : types) {
+        CAPTURE(type);
+        auto result = convert_message(flood(type, 600), to_a, options);
+        REQUIRE_FALSE(result.ok());
+        CHECK(result.error().message == kTooManyMimeParts);
+    }
+
+    // 200,000 empty parts in a megabyte: GMime's tree of them would take some 250 MB.
+    std::vector<std::string> floods;
+    for (const std::string& type : types) floods.push_back(flood(type, 200'000));
+    paasmilter::testing::TempDir dir;
+    const std::string path = dir.write("flood.eml", floods[1]);
+    const int status = in_child_with_memory_limit(64u << 20, [&] {
+        for (const std::string& source : floods) {
+            auto result = convert_message(source, to_a, options);
+            if (result.ok() || result.error().message != kTooManyMimeParts) return false;
+        }
+        auto result = convert_message_file(path, to_a, options);
+        return !result.ok() && result.error().message == kTooManyMimeParts;
+    });
+    CHECK_MESSAGE((WIFEXITED(status) && WEXITSTATUS(status) == 0), "child wait status ", status);
+}
+
+TEST_CASE("MIME limits: lines that only look like boundaries are not parts") {
+    std::string text;
+    for (int i = 0; i < 2000; ++i) text += "-- comment " + std::to_string(i) + "\n--\n";
+    const auto message = convert_ok(
+        "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/mixed; boundary=\"b b\"\n\n"
+        "--b b\nContent-Type: text/plain\n\n" +
+            text + "--b b \nContent-Type: text/x-sql; name=q.sql\n\n" + text + "--b b--\n",
+        envelope({"a@example.net"}));
+    REQUIRE(message.plain_text);
+    CHECK(message.plain_text->size() == text.size() - 1);
+    REQUIRE(message.attachments.size() == 1);
+    CHECK(message.attachments[0].name == "q.sql");
 }
