@@ -187,9 +187,11 @@ class Submission {
 
   private:
     Result<HttpResponse> exchange(HttpRequest request, milliseconds timeout);
-    Existence check_operation(const std::string& operation_id, bool retry, std::string& why);
-    // Waits `how_long` (keeping the MTA informed) if that ends before the deadline.
-    bool wait(milliseconds how_long, std::string& why);
+    // Asks (with retries while `keep` of the budget remains) whether the service has it.
+    Existence check_operation(const std::string& operation_id, bool retry, std::string& why,
+                              milliseconds keep);
+    // Waits `how_long` (keeping the MTA informed) if that leaves `keep` of the budget.
+    bool wait(milliseconds how_long, std::string& why, milliseconds keep);
     milliseconds remaining() const { return duration_cast<milliseconds>(deadline_ - hooks_.now()); }
     milliseconds request_timeout(milliseconds keep) const {
         return std::max(
@@ -221,8 +223,8 @@ Result<HttpResponse> Submission::exchange(HttpRequest request, milliseconds time
     return response;
 }
 
-bool Submission::wait(milliseconds how_long, std::string& why) {
-    if (hooks_.now() + how_long + reserve_ >= deadline_) {
+bool Submission::wait(milliseconds how_long, std::string& why, milliseconds keep) {
+    if (hooks_.now() + how_long + keep >= deadline_) {
         why += fmt::format(" (retry in {} s would exceed the time budget)",
                            duration_cast<seconds>(how_long).count());
         return false;
@@ -237,8 +239,8 @@ bool Submission::wait(milliseconds how_long, std::string& why) {
     return true;
 }
 
-Existence Submission::check_operation(const std::string& operation_id, bool retry,
-                                      std::string& why) {
+Existence Submission::check_operation(const std::string& operation_id, bool retry, std::string& why,
+                                      milliseconds keep) {
     HttpRequest request;
     request.method = "GET";
     request.url = acs_operation_url(api_, operation_id);
@@ -261,7 +263,9 @@ Existence Submission::check_operation(const std::string& operation_id, bool retr
             if (response->status == 429) pause = retry_after_or(*response, backoff);
             if (response->status == 401 && api_.entra) api_.entra->invalidate(last_token_);
         }
-        if (!retry || attempt >= api_.max_attempts || !wait(pause, why)) return Existence::unknown;
+        if (!retry || attempt >= api_.max_attempts || !wait(pause, why, keep)) {
+            return Existence::unknown;
+        }
         backoff = std::min(backoff * 2, milliseconds(16000));
     }
 }
@@ -273,7 +277,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     // 1. Did an earlier attempt of this message (a client retry after a tempfail, a crash
     //    between the service's 202 and our reply to the MTA) get this request accepted?
     std::string why;
-    switch (check_operation(operation_id, true, why)) {
+    switch (check_operation(operation_id, true, why, reserve_)) {
         case Existence::exists:
             report.fate = ChunkFate::already_accepted;
             report.detail = "operation exists";
@@ -302,7 +306,12 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     };
     new_repeatability();
 
-    bool ambiguous = false;  // the last attempt may have reached the service
+    // What the last attempt leaves open. `finished`: the service answered without accepting
+    // it (500, 503, 412), so an absent operation proves it was not sent. `in_flight`: no
+    // answer, a gateway timeout or 409, so the original may still be running and an absent
+    // operation proves nothing yet.
+    enum class Doubt { none, finished, in_flight };
+    Doubt doubt = Doubt::none;
     bool refreshed_token = false;
     milliseconds backoff{1000};
     for (int attempt = 1; attempt <= api_.max_attempts; ++attempt) {
@@ -315,7 +324,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         bool ask_first = false;  // before posting again, ask whether it went through
         if (!response) {
             why = response.error().message;
-            ambiguous = true;
+            doubt = Doubt::in_flight;
             ask_first = true;
         } else {
             long status = response->status;
@@ -328,21 +337,21 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             if (status == 409) {
                 // The original of this repeatable request is still in progress (or another
                 // attempt of the message holds the operation id): wait, then ask.
-                ambiguous = true;
+                doubt = Doubt::in_flight;
                 ask_first = true;
                 pause = retry_after_or(*response, backoff);
             } else if (status == 412) {
                 // First-Sent left the service's 5-minute window: the service will not tell
                 // a repeat from a new request any more, so ask whether the original went
                 // through and start a new repeatable request only if it did not.
-                ambiguous = true;
+                doubt = Doubt::finished;
                 ask_first = true;
                 pause = milliseconds(0);
             } else if (status == 429) {
                 // Throttled: not executed. A repeat of the same repeatable request would only
                 // be answered with this 429 again (the service replays a 4xx), so the retry
                 // is a new one.
-                ambiguous = false;
+                doubt = Doubt::none;
                 pause = retry_after_or(*response, backoff);
                 new_repeatability();
             } else if (status == 413) {
@@ -353,7 +362,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                 // A token the service no longer takes: drop it and try once with a new one.
                 api_.entra->invalidate(last_token_);
                 refreshed_token = true;
-                ambiguous = false;
+                doubt = Doubt::none;
                 pause = milliseconds(0);
                 new_repeatability();  // a repeat would replay the 401
             } else if (status == 401 || status == 403) {
@@ -365,7 +374,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             } else if (status >= 500 || status == 408) {
                 // A 5xx may come after the message went out (a 504 from a gateway in
                 // front of a service that carried on): ask before posting again.
-                ambiguous = true;
+                doubt = (status == 504 || status == 408) ? Doubt::in_flight : Doubt::finished;
                 ask_first = true;
             } else {
                 // 400 included: the body is identical on every attempt, so a repeatability
@@ -376,36 +385,40 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             }
         }
         if (attempt == api_.max_attempts) break;
-        if (pause.count() > 0 && !wait(pause, why)) break;
+        if (pause.count() > 0 && !wait(pause, why, reserve_)) break;
         if (ask_first) {
+            // Only the operations endpoint can say whether the last attempt went through:
+            // posting again without its answer could send the message twice (a repeat of a
+            // request that got a 5xx is executed again, as documented).
             std::string check_why;
-            Existence existence = check_operation(operation_id, false, check_why);
+            Existence existence = check_operation(operation_id, true, check_why, reserve_);
             if (existence == Existence::exists) {
                 report.fate = ChunkFate::accepted;
                 report.detail = "accepted (confirmed after: " + why + ")";
                 return report;
             }
-            if (existence == Existence::absent && response && response->status == 412) {
-                new_repeatability();
+            if (existence == Existence::unknown) {
+                report.fate = ChunkFate::unresolved;
+                report.detail = why + "; " + check_why;
+                return report;
             }
-            if (existence == Existence::absent && response && response->status != 409) {
-                // The service does not have it: the next post is a fresh execution, and a
-                // repeat of a 5xx'd request is re-executed anyway (documented).
-                ambiguous = false;
-            }
+            // Absent: post again, repeatably. If the original is still running the service
+            // answers 409; if it failed with a 5xx the repeat is executed (documented).
+            if (response && response->status == 412) new_repeatability();
         }
         backoff = std::min(backoff * 2, milliseconds(16000));
     }
 
     // 3. Out of attempts or time. If the last answer left it open, ask once more.
-    if (ambiguous) {
+    if (doubt != Doubt::none) {
         std::string check_why;
-        switch (check_operation(operation_id, false, check_why)) {
+        switch (check_operation(operation_id, true, check_why, milliseconds(0))) {
             case Existence::exists:
                 report.fate = ChunkFate::accepted;
                 report.detail = "accepted (confirmed after: " + why + ")";
                 return report;
             case Existence::absent:
+                if (doubt == Doubt::in_flight) break;  // it may still arrive
                 report.fate = ChunkFate::not_sent;
                 report.detail = why;
                 return report;
@@ -414,6 +427,11 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                 report.detail = why + "; " + check_why;
                 return report;
         }
+        report.fate = ChunkFate::unresolved;
+        report.detail = why +
+                        "; the service has no operation yet, but the last request may "
+                        "still be in progress";
+        return report;
     }
     report.fate = ChunkFate::not_sent;
     report.detail = why;

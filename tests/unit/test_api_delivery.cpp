@@ -275,24 +275,45 @@ TEST_CASE("submission: a 5xx or a lost answer is resolved by asking before posti
               header_of(posts[1], "Repeatability-Request-Id"));
         CHECK(service.of("GET").size() == 2);
     }
-    SUBCASE("out of attempts after transport errors, the service says it has nothing: not sent") {
+    SUBCASE("out of attempts after 500s, and the service has nothing: not sent") {
         FakeService service;
-        for (int i = 0; i < 4; ++i) service.posts.push_back(make_error("connection reset"));
+        service.posts = {status(500), status(500), status(500), status(500)};
         auto outcome = submit(service, message_with(1, 0, 0));
         CHECK(outcome.kind == ApiOutcome::Kind::transient);
         CHECK(outcome.chunks[0].fate == ChunkFate::not_sent);
         CHECK(service.of("POST").size() == 4);
         CHECK(service.slept == 1s + 2s + 4s);
-        CHECK(outcome.detail == "connection reset");
+        CHECK(outcome.detail == "HTTP 500");
+    }
+    SUBCASE("out of attempts after timeouts: an absent operation may still be on its way") {
+        FakeService service;
+        for (int i = 0; i < 4; ++i) service.posts.push_back(make_error("timed out"));
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+        CHECK(service.of("POST").size() == 4);
+        CHECK(outcome.detail.find("timed out; the service has no operation yet") == 0);
     }
     SUBCASE("out of attempts and the service cannot say: unresolved") {
         FakeService service;
         for (int i = 0; i < 4; ++i) service.posts.push_back(make_error("timed out"));
-        service.gets = {status(404), status(404), status(404), status(404), status(503)};
+        service.gets = {status(404), status(404), status(404), status(404)};
+        for (int i = 0; i < 4; ++i) service.gets.push_back(status(503));
         auto outcome = submit(service, message_with(1, 0, 0));
         CHECK(outcome.kind == ApiOutcome::Kind::transient);
         CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
         CHECK(outcome.unresolved_recipients() == std::vector<std::string>{"to0@example.net"});
+    }
+    SUBCASE("a 5xx the service cannot explain is never posted again") {
+        // The worst legal case: the message went out despite the 504, the status endpoint
+        // is down, and a repeat of the 5xx'd request would be executed again.
+        FakeService service;
+        service.posts = {status(504)};
+        service.gets = {status(404)};
+        for (int i = 0; i < 4; ++i) service.gets.push_back(status(503));
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+        CHECK(service.of("POST").size() == 1);
+        CHECK(outcome.detail.find("HTTP 504") == 0);
     }
 }
 

@@ -128,15 +128,26 @@ TEST_CASE("plan: reject after a partial acceptance holds the rest instead") {
     CHECK(plan.quarantine_reason.has_value());
     CHECK(plan.delete_recipients == std::vector<std::string>{"<r0@example.net>"});
     CHECK(plan.log.find("held instead") != std::string::npos);
+}
 
-    ApiResult unknown;
-    unknown.failure = ApiFailure::transient;
-    unknown.unresolved = {f.recipients[2]};
-    f.api.on_failure = policy(FailurePolicy::Kind::reject);
-    plan = f.plan(unknown);
-    CHECK(plan.disposition == MtaPlan::Disposition::accept);
-    CHECK(plan.quarantine_reason.has_value());
-    CHECK(plan.delete_recipients.empty());  // unresolved stay: a duplicate beats a loss
+TEST_CASE("plan: when the service cannot say whether it has a request, every policy tempfails") {
+    for (auto kind : {FailurePolicy::Kind::reject, FailurePolicy::Kind::hold,
+                      FailurePolicy::Kind::relay, FailurePolicy::Kind::tempfail}) {
+        Fixture f;
+        f.add(3, 1);
+        f.api.on_failure = policy(kind);
+        ApiResult unknown;
+        unknown.failure = ApiFailure::transient;
+        unknown.accepted = {f.recipients[0]};
+        unknown.unresolved = {f.recipients[2]};
+        MtaPlan plan = f.plan(unknown);
+        CAPTURE(to_string(policy(kind)));
+        CHECK(plan.disposition == MtaPlan::Disposition::tempfail);
+        CHECK(plan.delete_recipients.empty());
+        CHECK(plan.add_headers.empty());
+        CHECK_FALSE(plan.quarantine_reason.has_value());
+        CHECK(plan.log.find("unresolved requests: tempfail") != std::string::npos);
+    }
 }
 
 // Every failure, policy, partial acceptance and mix of local recipients: nobody the service
@@ -173,6 +184,9 @@ TEST_CASE("plan: invariants over every combination") {
                         CHECK(plan.delete_routing_headers == 1);
                         if (accepted + unresolved > 0) {
                             CHECK(plan.disposition != MtaPlan::Disposition::reject);
+                        }
+                        if (unresolved > 0) {
+                            CHECK(plan.disposition == MtaPlan::Disposition::tempfail);
                         }
                         if (plan.disposition == MtaPlan::Disposition::accept) {
                             // The MTA keeps the message: it must go somewhere deliberate.

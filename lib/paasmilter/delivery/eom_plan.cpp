@@ -147,9 +147,15 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
                                 remote.size() - result.accepted.size() - result.unresolved.size());
     }
 
+    if (!result.unresolved.empty()) {
+        // The service could not say whether it has some of them: sending those elsewhere
+        // (relay, hold) could deliver twice, a bounce could lie. The retry asks again.
+        plan.log += " (unresolved requests: tempfail, the retry asks the service again)";
+        tempfail(plan, result.detail);
+        return plan;
+    }
     FailurePolicy::Kind kind = policy->kind;
-    if (kind == FailurePolicy::Kind::reject &&
-        (!result.accepted.empty() || !result.unresolved.empty())) {
+    if (kind == FailurePolicy::Kind::reject && !result.accepted.empty()) {
         // Some recipients have (or may have) the message: a bounce would tell the sender that
         // nobody got it. Hold the rest for the operator instead.
         kind = FailurePolicy::Kind::hold;
@@ -168,8 +174,7 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
             plan.reply_text = reply_text("Rejected by the mail service: " + result.detail);
             return plan;
         case FailurePolicy::Kind::hold:
-            // Recipients the service has leave the MTA's copy; unresolved ones stay (a
-            // duplicate beats a loss).
+            // Recipients the service has leave the MTA's copy.
             delete_recipients(plan, recipients, recipient_args, result.accepted);
             plan.quarantine_reason = reply_text("paas-milter: " + result.detail);
             return plan;
