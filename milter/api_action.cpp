@@ -74,8 +74,9 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
                          : convert_message_fd(message.spool->fd(), envelope, options);
     if (!converted) {
         const std::string& why = converted.error().message;
-        result.failure =
-            why == kTooManyMimeParts ? ApiFailure::oversize : ApiFailure::unconvertible;
+        result.failure = converted.error().kind == ErrorKind::too_many_mime_parts
+                             ? ApiFailure::oversize
+                             : ApiFailure::unconvertible;
         result.detail = why;
         result.log = fmt::format(", api=conversion-failed ({})", sanitize_for_log(why, 200));
         return result;
@@ -83,6 +84,7 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
 
     ApiHooks hooks = default_api_hooks(api);
     hooks.progress = [ctx] { smfi_progress(ctx); };
+    hooks.posted = &posted_requests();
     auto digest = message.digest->finish();
     if (!digest) {
         result.failure = ApiFailure::internal;
@@ -121,6 +123,11 @@ StatusPoller& status_poller() {
     // settings stay alive through the shared_ptr each watched operation holds.
     static StatusPoller poller(StatusPoller::Options{});
     return poller;
+}
+
+PostedRequests& posted_requests() {
+    static PostedRequests posted;  // a long-lived service, like the poller
+    return posted;
 }
 
 Result<void> start_api_spool(MessageState& message, const std::string& queue_id) {

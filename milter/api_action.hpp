@@ -21,6 +21,10 @@ Result<void> start_api_spool(MessageState& message, const std::string& queue_id)
 class StatusPoller;
 StatusPoller& status_poller();
 
+// The requests this process posted (started on first use).
+class PostedRequests;
+PostedRequests& posted_requests();
+
 // A piece of the body of a message start_api_spool() started.
 Result<void> append_api_body(MessageState& message, std::string_view data);
 

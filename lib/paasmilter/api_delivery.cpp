@@ -126,13 +126,18 @@ Result<void> authorize_acs_request(const ApiSettings& api, HttpRequest& request,
                                    std::chrono::milliseconds timeout, std::string* bearer) {
     if (api.entra) {
         auto token = api.entra->token(timeout);
-        if (!token) return make_error("Entra ID token: " + token.error().message);
+        if (!token) {
+            return make_error(ErrorKind::request_not_sent,
+                              "Entra ID token: " + token.error().message);
+        }
         if (bearer) *bearer = *token;
         request.headers.emplace_back("Authorization", "Bearer " + *token);
     } else {
         auto signature =
             sign_acs_request(request.method, request.url, request.body, api.access_key, now);
-        if (!signature) return make_error("signing: " + signature.error().message);
+        if (!signature) {
+            return make_error(ErrorKind::request_not_sent, "signing: " + signature.error().message);
+        }
         request.headers.insert(request.headers.end(), signature->begin(), signature->end());
     }
     auto client_request_id = uuid_v4();
@@ -283,10 +288,14 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             report.detail = "operation exists";
             return report;
         case Existence::unknown:
-            // Nothing was posted in this attempt: the service has it or not as before, and
-            // the next attempt asks again.
-            report.fate = ChunkFate::not_sent;
-            report.detail = "cannot tell whether an earlier attempt was accepted: " + why;
+            // Nothing was posted in this attempt. If no earlier attempt posted it either,
+            // the service certainly lacks it; otherwise only the service could tell, and the
+            // next attempt asks again.
+            report.fate = hooks_.posted && !hooks_.posted->maybe_posted(operation_id)
+                              ? ChunkFate::not_sent
+                              : ChunkFate::unresolved;
+            report.detail =
+                "cannot ask the service whether an earlier attempt was accepted: " + why;
             return report;
         case Existence::absent:
             break;
@@ -305,6 +314,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                            {"Repeatability-First-Sent", rfc1123_date(hooks_.wall_clock())}};
     };
     new_repeatability();
+    if (hooks_.posted) hooks_.posted->remember(operation_id);
 
     // What the last attempt leaves open. `finished`: the service answered without accepting
     // it (500, 503, 412), so an absent operation proves it was not sent. `in_flight`: no
@@ -322,7 +332,10 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         auto response = exchange(request, request_timeout(reserve_));
         milliseconds pause = backoff;
         bool ask_first = false;  // before posting again, ask whether it went through
-        if (!response) {
+        if (!response && response.error().kind == ErrorKind::request_not_sent) {
+            // Nothing reached the service (DNS, connect, TLS, token): a plain retry.
+            why = response.error().message;
+        } else if (!response) {
             why = response.error().message;
             doubt = Doubt::in_flight;
             ask_first = true;
@@ -348,12 +361,15 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                 ask_first = true;
                 pause = milliseconds(0);
             } else if (status == 429) {
-                // Throttled: not executed. A repeat of the same repeatable request would only
-                // be answered with this 429 again (the service replays a 4xx), so the retry
-                // is a new one.
-                doubt = Doubt::none;
+                // Throttled: this attempt was not executed. A repeat of the same repeatable
+                // request would only be answered with this 429 again (the service replays a
+                // 4xx), so the retry is a new one -- unless an earlier attempt may still be
+                // running: then only a repeat is safe.
                 pause = retry_after_or(*response, backoff);
-                new_repeatability();
+                if (doubt != Doubt::in_flight) {
+                    doubt = Doubt::none;
+                    new_repeatability();
+                }
             } else if (status == 413) {
                 report.fate = ChunkFate::oversize;
                 report.detail = why;
@@ -362,9 +378,11 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                 // A token the service no longer takes: drop it and try once with a new one.
                 api_.entra->invalidate(last_token_);
                 refreshed_token = true;
-                doubt = Doubt::none;
                 pause = milliseconds(0);
-                new_repeatability();  // a repeat would replay the 401
+                if (doubt != Doubt::in_flight) {
+                    doubt = Doubt::none;
+                    new_repeatability();  // a repeat would replay the 401
+                }
             } else if (status == 401 || status == 403) {
                 // The key or the app's role is wrong: not the message's fault, so never a
                 // bounce; retrying now will not help either.

@@ -26,6 +26,7 @@
 #include "paasmilter/acs_json.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
+#include "paasmilter/delivery/posted_requests.hpp"
 #include "paasmilter/email_message.hpp"
 #include "paasmilter/http_client.hpp"
 
@@ -80,6 +81,9 @@ struct ApiHooks {
     std::function<std::chrono::steady_clock::time_point()> now;
     std::function<std::chrono::system_clock::time_point()> wall_clock;
     std::function<void()> progress;
+    // Requests this process posted (see delivery/posted_requests.hpp); null: every request
+    // counts as possibly posted before.
+    PostedRequests* posted = nullptr;
 };
 ApiHooks default_api_hooks(const ApiSettings& api);
 

@@ -178,8 +178,8 @@ Result<HttpResponse> HttpClient::send(const HttpRequest& request,
                                       std::chrono::milliseconds timeout) {
     using std::chrono::milliseconds;
     const std::string host = host_of(request.url);
-    const auto fail = [&](const std::string& why) {
-        return make_error("HTTPS request to " + host + " failed: " + why);
+    const auto fail = [&](const std::string& why, ErrorKind kind = ErrorKind::request_not_sent) {
+        return make_error(kind, "HTTPS request to " + host + " failed: " + why);
     };
     if (impl_->init_result != CURLE_OK)
         return fail(std::string("libcurl initialisation: ") +
@@ -271,20 +271,27 @@ Result<HttpResponse> HttpClient::send(const HttpRequest& request,
     const CURLcode code = curl_easy_perform(curl);
     long status = 0;
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+    // Zero until the transfer is about to send the request: a failure before that point
+    // (DNS, connect, proxy, TLS handshake) left nothing at the server.
+    curl_off_t pretransfer = 0;
+    curl_easy_getinfo(curl, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
     impl_->give_back(std::move(handle));
 
     if (transfer.body_too_large) {
-        return fail("response body larger than " + std::to_string(options.max_response_bytes) +
-                    " bytes");
+        return fail(
+            "response body larger than " + std::to_string(options.max_response_bytes) + " bytes",
+            ErrorKind::no_answer);
     }
     if (code != CURLE_OK) {
+        const ErrorKind kind =
+            pretransfer == 0 ? ErrorKind::request_not_sent : ErrorKind::no_answer;
         // The error buffer says more ("SSL certificate problem: ..."); it often already ends
         // with the generic text.
         const std::string generic = curl_easy_strerror(code);
         const std::string detail(trim(error_buffer));
-        if (detail.empty()) return fail(generic);
-        if (detail.find(generic) != std::string::npos) return fail(detail);
-        return fail(generic + ": " + detail);
+        if (detail.empty()) return fail(generic, kind);
+        if (detail.find(generic) != std::string::npos) return fail(detail, kind);
+        return fail(generic + ": " + detail, kind);
     }
     transfer.response.status = status;
     return std::move(transfer.response);

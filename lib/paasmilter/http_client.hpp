@@ -49,7 +49,8 @@ class HttpClient {
 
     // Performs one request; `timeout` bounds the whole exchange. Any HTTP status is a
     // success here; an Error means no HTTP answer (DNS, connect, TLS, timeout, reset), and
-    // its message says which. Thread-safe.
+    // its message says which. Its kind is request_not_sent when the request certainly never
+    // reached the server, no_answer when it may have. Thread-safe.
     Result<HttpResponse> send(const HttpRequest& request, std::chrono::milliseconds timeout);
 
   private:

@@ -908,7 +908,8 @@ Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* p
     GMimeObject* root = g_mime_message_get_mime_part(message);
     if (root) {
         Converter converter(parser_options, options);
-        if (converter.too_many_parts(root)) return make_error(std::string(kTooManyMimeParts));
+        if (converter.too_many_parts(root))
+            return make_error(ErrorKind::too_many_mime_parts, std::string(kTooManyMimeParts));
         default_text_subtype(root, parser_options);
         converter.convert(root, out);
     }
@@ -923,7 +924,7 @@ Result<EmailMessage> convert_source(std::string_view source, GMimeStream* stream
                                     const Envelope& envelope, const ConversionOptions& options) {
     ParserOptionsPtr parser_options = make_parser_options();
     if (more_parts_than(source, parser_options.get(), options.max_mime_parts))
-        return make_error(std::string(kTooManyMimeParts));
+        return make_error(ErrorKind::too_many_mime_parts, std::string(kTooManyMimeParts));
     DroppedLines dropped{source, {}};
     GObjectPtr<GMimeMessage> message = parse(stream, parser_options.get(), &dropped);
     if (message && !dropped.starts.empty()) {

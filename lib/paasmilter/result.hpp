@@ -8,10 +8,24 @@
 
 namespace paasmilter {
 
+// What a caller may need to decide on, beyond the text for humans.
+enum class ErrorKind {
+    other,
+    // An HTTP request that certainly never reached the server (no connection slot, DNS,
+    // connect, TLS handshake, no credentials): nothing can have been executed.
+    request_not_sent,
+    // An HTTP request that may have reached the server, without a complete answer (timeout,
+    // reset): the server may have executed it.
+    no_answer,
+    // A message with more MIME parts than allowed: too expensive to convert.
+    too_many_mime_parts,
+};
+
 struct Error {
     std::string message;
     std::string file;  // empty when the error is not tied to a file
     int line = 0;      // 0 when unknown
+    ErrorKind kind = ErrorKind::other;
 
     // "file:line: message", "file: message" or "message".
     std::string to_string() const {
@@ -23,6 +37,10 @@ struct Error {
 
 inline Error make_error(std::string message, std::string file = {}, int line = 0) {
     return Error{std::move(message), std::move(file), line};
+}
+
+inline Error make_error(ErrorKind kind, std::string message) {
+    return Error{std::move(message), {}, 0, kind};
 }
 
 template <class T>

@@ -293,6 +293,18 @@ class RelayFallback(ApiRouteTestCase):
         line = self.decision(result.queue_id)
         self.assertIn("policy=relay:acs-smtp", line)
 
+    def test_an_unreachable_service_falls_back_to_the_relay_route(self) -> None:
+        # Nothing listens: the request never left, and this process never posted it before,
+        # so the service certainly lacks it and the fallback may carry it.
+        self.mock.stop()
+        result = self.send()
+        self.assertEqual(result.data_code, 250, result.transcript)
+        self.postfix.wait_for_status(result.queue_id, "sent")
+        self.assertEqual(len(self.acs_sink.wait_for(1)), 1)
+        line = self.decision(result.queue_id)
+        self.assertIn("chunks=not-sent", line)
+        self.assertIn("policy=relay:acs-smtp", line)
+
     def test_oversize_falls_back_to_the_relay_route(self) -> None:
         big = "y" * 76 + "\r\n"
         data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\nSubject: big\r\n\r\n"

@@ -1,5 +1,9 @@
 #include <doctest/doctest.h>
 
+// GCC 12 reports a false "may be used uninitialized" inside std::variant when scripted
+// answers (Result<HttpResponse>) are pushed in a loop.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <filesystem>
 #include <fstream>
 
@@ -266,7 +270,7 @@ TEST_CASE("submission: a 5xx or a lost answer is resolved by asking before posti
     }
     SUBCASE("a reset before the service took it: posted again with the same repeatability") {
         FakeService service;
-        service.posts = {make_error("connection reset"), status(202)};
+        service.posts = {make_error(ErrorKind::no_answer, "connection reset"), status(202)};
         auto outcome = submit(service, message_with(1, 0, 0));
         CHECK(outcome.kind == ApiOutcome::Kind::accepted);
         auto posts = service.of("POST");
@@ -287,7 +291,8 @@ TEST_CASE("submission: a 5xx or a lost answer is resolved by asking before posti
     }
     SUBCASE("out of attempts after timeouts: an absent operation may still be on its way") {
         FakeService service;
-        for (int i = 0; i < 4; ++i) service.posts.push_back(make_error("timed out"));
+        for (int i = 0; i < 4; ++i)
+            service.posts.push_back(make_error(ErrorKind::no_answer, "timed out"));
         auto outcome = submit(service, message_with(1, 0, 0));
         CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
         CHECK(service.of("POST").size() == 4);
@@ -295,7 +300,8 @@ TEST_CASE("submission: a 5xx or a lost answer is resolved by asking before posti
     }
     SUBCASE("out of attempts and the service cannot say: unresolved") {
         FakeService service;
-        for (int i = 0; i < 4; ++i) service.posts.push_back(make_error("timed out"));
+        for (int i = 0; i < 4; ++i)
+            service.posts.push_back(make_error(ErrorKind::no_answer, "timed out"));
         service.gets = {status(404), status(404), status(404), status(404)};
         for (int i = 0; i < 4; ++i) service.gets.push_back(status(503));
         auto outcome = submit(service, message_with(1, 0, 0));
@@ -317,9 +323,35 @@ TEST_CASE("submission: a 5xx or a lost answer is resolved by asking before posti
     }
 }
 
+TEST_CASE("submission: a request that never left is retried without asking") {
+    FakeService service;
+    service.posts = {make_error(ErrorKind::request_not_sent, "connection refused"),
+                     make_error(ErrorKind::request_not_sent, "connection refused"),
+                     make_error(ErrorKind::request_not_sent, "connection refused"),
+                     make_error(ErrorKind::request_not_sent, "connection refused")};
+    auto outcome = submit(service, message_with(1, 0, 0));
+    // Certainly not at the service: the failure policy may send it elsewhere.
+    CHECK(outcome.chunks[0].fate == ChunkFate::not_sent);
+    CHECK(service.of("GET").size() == 1);  // only the check before the first post
+    CHECK(outcome.detail == "connection refused");
+}
+
+TEST_CASE("submission: after a lost answer, a 429 is retried as a repeat, not a new request") {
+    FakeService service;
+    service.posts = {make_error(ErrorKind::no_answer, "timed out"), status(429), status(202)};
+    auto outcome = submit(service, message_with(1, 0, 0));
+    CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+    auto posts = service.of("POST");
+    REQUIRE(posts.size() == 3);
+    // The first attempt may still be running: only a repeat of it is safe.
+    CHECK(header_of(posts[0], "Repeatability-Request-Id") ==
+          header_of(posts[2], "Repeatability-Request-Id"));
+}
+
 TEST_CASE("submission: 409 means wait and ask, never permanent") {
     FakeService service;
-    service.posts = {make_error("timed out"), status(409, {{"Retry-After", "2"}})};
+    service.posts = {make_error(ErrorKind::no_answer, "timed out"),
+                     status(409, {{"Retry-After", "2"}})};
     service.gets = {status(404), status(404), status(200, {}, R"({"status":"Succeeded"})")};
     auto outcome = submit(service, message_with(1, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::accepted);
@@ -354,13 +386,40 @@ TEST_CASE("submission: a request an earlier attempt got accepted is not posted a
 }
 
 TEST_CASE("submission: when the service cannot say whether it has a request, nothing is posted") {
+    PostedRequests posted;
+    auto run = [&posted] {
+        FakeService service;
+        for (int i = 0; i < 4; ++i) service.gets.push_back(status(503));
+        ApiHooks hooks = service.hooks();
+        hooks.posted = &posted;
+        auto outcome =
+            submit_to_acs(settings(), message_with(1, 0, 0), kIdentity, service.deadline(), hooks);
+        CHECK(service.of("POST").empty());
+        CHECK(outcome.kind == ApiOutcome::Kind::transient);
+        CHECK(outcome.detail.find("cannot ask the service whether an earlier attempt") == 0);
+        return outcome.chunks[0];
+    };
+    // Never posted by this process: certainly not at the service, the policy may apply.
+    auto first = run();
+    CHECK(first.fate == ChunkFate::not_sent);
+    // Posted by an earlier attempt: only the service knows.
+    posted.remember(first.operation_id);
+    CHECK(run().fate == ChunkFate::unresolved);
+    // Without a record of what was posted, every request counts as possibly posted.
     FakeService service;
     for (int i = 0; i < 4; ++i) service.gets.push_back(status(503));
-    auto outcome = submit(service, message_with(1, 0, 0));
-    CHECK(outcome.kind == ApiOutcome::Kind::transient);
-    CHECK(outcome.chunks[0].fate == ChunkFate::not_sent);
-    CHECK(service.of("POST").empty());
-    CHECK(outcome.detail.find("cannot tell whether an earlier attempt was accepted") == 0);
+    CHECK(submit(service, message_with(1, 0, 0)).chunks[0].fate == ChunkFate::unresolved);
+}
+
+TEST_CASE("posted requests: remembered, expired by count (then unknown ids count as posted)") {
+    PostedRequests posted(2);
+    CHECK_FALSE(posted.maybe_posted("a"));
+    posted.remember("a");
+    posted.remember("b");
+    CHECK(posted.maybe_posted("a"));
+    CHECK_FALSE(posted.maybe_posted("c"));
+    posted.remember("c");  // "a" is dropped for room
+    CHECK(posted.maybe_posted("x"));
 }
 
 TEST_CASE("submission: a Retry-After beyond the budget is a transient failure at once") {

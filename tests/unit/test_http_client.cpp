@@ -188,6 +188,26 @@ TEST_CASE("HttpClient: the timeout bounds the whole exchange") {
     CHECK(client.send(get("/echo"), 5s).ok());
 }
 
+TEST_CASE("HttpClient: a failure says whether the request can have reached the server") {
+    HttpClient client(trusting());
+    HttpRequest post = get("/sleep?ms=3000");
+    post.method = "POST";
+    post.body = "{}";
+    // Sent, then no answer in time: the server may have acted on it.
+    auto timed_out = client.send(post, 300ms);
+    REQUIRE_FALSE(timed_out.ok());
+    CHECK(timed_out.error().kind == ErrorKind::no_answer);
+    // Nothing listens on port 1, and an untrusted certificate stops the handshake: never sent.
+    post.url = "https://127.0.0.1:1/echo";
+    auto refused = client.send(post, 2s);
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.error().kind == ErrorKind::request_not_sent);
+    HttpClient untrusting{HttpClientOptions{}};
+    auto untrusted = untrusting.send(get("/echo"), 5s);
+    REQUIRE_FALSE(untrusted.ok());
+    CHECK(untrusted.error().kind == ErrorKind::request_not_sent);
+}
+
 TEST_CASE("HttpClient: max_concurrency caps requests in flight; waiting counts as time") {
     REQUIRE(HttpClient(trusting()).send(get("/peak?reset=1"), 5s).ok());
     HttpClient client(trusting(2));
@@ -216,6 +236,7 @@ TEST_CASE("HttpClient: max_concurrency caps requests in flight; waiting counts a
     busy.join();
     REQUIRE_FALSE(starved.ok());
     CHECK(starved.error().message.find("slot") != std::string::npos);
+    CHECK(starved.error().kind == ErrorKind::request_not_sent);
 }
 
 TEST_CASE("HttpClient: response size cap") {

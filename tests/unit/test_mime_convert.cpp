@@ -469,6 +469,7 @@ TEST_CASE("limits: too many MIME parts is an error the caller can recognise") {
     auto result = convert_message(source, envelope({"a@example.net"}), base_options());
     REQUIRE_FALSE(result.ok());
     CHECK(result.error().message == kTooManyMimeParts);
+    CHECK(result.error().kind == ErrorKind::too_many_mime_parts);
 
     // The cap counts the multipart and its leaves: 1 + 4 parts.
     std::string small =
@@ -494,6 +495,7 @@ TEST_CASE("limits: deep nesting, giant headers and garbage do not crash") {
     auto result = convert_message(deep, envelope({"a@example.net"}), base_options());
     REQUIRE_FALSE(result.ok());
     CHECK(result.error().message == kTooManyMimeParts);
+    CHECK(result.error().kind == ErrorKind::too_many_mime_parts);
 
     const std::string giant =
         "From: app@contoso.com\nTo: a@example.net\nSubject: " + std::string(2'000'000, 'S') +
@@ -817,6 +819,7 @@ TEST_CASE("MIME limits: a flood of empty parts is refused before GMime builds th
         auto result = convert_message(flood(type, 600), to_a, options);
         REQUIRE_FALSE(result.ok());
         CHECK(result.error().message == kTooManyMimeParts);
+        CHECK(result.error().kind == ErrorKind::too_many_mime_parts);
     }
 
     // 200,000 empty parts in a megabyte: GMime's tree of them would take some 250 MB.
