@@ -359,15 +359,49 @@ EntraTokenProvider::EntraTokenProvider(EntraCredentials credentials,
                                        std::shared_ptr<HttpClient> http, Clock clock)
     : credentials_(std::move(credentials)), http_(std::move(http)), clock_(std::move(clock)) {}
 
-Result<std::string> EntraTokenProvider::token(std::chrono::milliseconds timeout) {
-    // Held across the refresh: the other threads wait for its result instead of each asking
-    // the token endpoint.
-    std::lock_guard lock(mutex_);
-    const auto started = clock_();
-    if (!token_.empty() && started < refresh_after_) return token_;
+std::optional<Result<std::string>> EntraTokenProvider::cached_answer(
+    std::chrono::steady_clock::time_point now) {
+    const bool valid = !token_.empty() && now < expires_at_;
+    if (valid && (now < refresh_after_ || fetching_)) return Result<std::string>(token_);
+    if (failure_ && now < failure_until_) {
+        if (valid) return Result<std::string>(token_);
+        return Result<std::string>(*failure_);
+    }
+    return std::nullopt;
+}
 
-    auto fetched = http_ ? request_token(credentials_, *http_, timeout)
-                         : Result<FetchedToken>(make_error("Entra ID: no HTTP client"));
+Result<std::string> EntraTokenProvider::token(std::chrono::milliseconds timeout) {
+    // Waits use the real clock: clock_ only ages the cache (tests substitute it).
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::unique_lock lock(mutex_);
+    while (fetching_) {
+        if (auto answer = cached_answer(clock_())) return std::move(*answer);
+        const uint64_t generation = generation_;
+        if (!fetched_.wait_until(lock, deadline, [&] { return generation_ != generation; }))
+            return make_error("Entra ID: timed out waiting for the token");
+    }
+    // The fetch we waited for (if any) has ended: its token or its failure is cached.
+    const auto started = clock_();
+    if (auto answer = cached_answer(started)) return std::move(*answer);
+    const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (remaining <= 0ms) return make_error("Entra ID: timed out waiting for the token");
+
+    fetching_ = true;
+    lock.unlock();
+    Result<FetchedToken> fetched = make_error("Entra ID: no HTTP client");
+    try {
+        if (http_) fetched = request_token(credentials_, *http_, remaining);
+    } catch (const std::exception& e) {
+        fetched = make_error(std::string("Entra ID token request failed: ") + e.what());
+    } catch (...) {  // fetching_ must be reset whatever happens, or every caller waits
+        fetched = make_error("Entra ID token request failed");
+    }
+    lock.lock();
+    fetching_ = false;
+    ++generation_;
+    fetched_.notify_all();
+
     if (fetched) {
         // Counted from before the request, so the cache never outlives the token.
         const auto lifetime = fetched->lifetime;
@@ -375,9 +409,12 @@ Result<std::string> EntraTokenProvider::token(std::chrono::milliseconds timeout)
         token_ = std::move(fetched->access_token);
         expires_at_ = started + lifetime;
         refresh_after_ = expires_at_ - margin;
+        failure_.reset();
         return token_;
     }
     const auto now = clock_();
+    failure_ = fetched.error();
+    failure_until_ = now + kFailurePause;
     if (!token_.empty() && now < expires_at_) {
         // Keep serving the cached token, and wait a little before asking again so that an
         // outage of the token endpoint does not add a failed request to every message.

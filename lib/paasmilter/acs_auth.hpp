@@ -4,9 +4,12 @@
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -60,31 +63,44 @@ Result<std::string> make_client_assertion(std::string_view certificate_pem,
                                           std::chrono::system_clock::time_point now);
 
 // Client-credentials tokens, cached and refreshed before expiry; one instance is shared by
-// all threads (one refresh at a time, others wait for it). A token is refreshed once less
-// than 5 minutes (or 10% of its lifetime, for short-lived tokens) remain; if that refresh
-// fails while the cached token is still valid, the cached one is used and the failure logged.
+// all threads. A token is refreshed once less than 5 minutes (or 10% of its lifetime, for
+// short-lived tokens) remain. One fetch at a time and never under the lock: while it runs,
+// callers get the cached token if it is still valid, else wait for that fetch's result, each
+// no longer than its own timeout. If a refresh fails while the cached token is still valid,
+// the cached one is used and the failure logged; with no valid token the failure is
+// repeated to callers for a few seconds (kFailurePause) without asking the endpoint again.
 class EntraTokenProvider {
   public:
     using Clock = std::function<std::chrono::steady_clock::time_point()>;
+    static constexpr std::chrono::seconds kFailurePause{5};
 
     EntraTokenProvider(EntraCredentials credentials, std::shared_ptr<HttpClient> http);
     // With a substitute clock for the cache (tests).
     EntraTokenProvider(EntraCredentials credentials, std::shared_ptr<HttpClient> http, Clock clock);
     // A bearer token valid for at least a few more minutes, or an Error (never containing the
-    // secret) saying why none could be had.
+    // secret) saying why none could be had. `timeout` bounds the token request, or the wait
+    // for another thread's request ("timed out waiting for the token").
     Result<std::string> token(std::chrono::milliseconds timeout);
     // The service refused `token` (401): drop it if it is still the cached one, so the next
     // caller fetches a new one.
     void invalidate(const std::string& token);
 
   private:
+    // What to answer from the cache, if anything, at `now`; mutex_ held.
+    std::optional<Result<std::string>> cached_answer(std::chrono::steady_clock::time_point now);
+
     EntraCredentials credentials_;
     std::shared_ptr<HttpClient> http_;
+    Clock clock_;
     std::mutex mutex_;
+    std::condition_variable fetched_;  // a fetch ended (generation_ changed)
     std::string token_;
     std::chrono::steady_clock::time_point refresh_after_{};
     std::chrono::steady_clock::time_point expires_at_{};
-    Clock clock_;
+    bool fetching_ = false;
+    uint64_t generation_ = 0;                                // fetches ended so far
+    std::optional<Error> failure_;                           // of the last fetch, if it failed ...
+    std::chrono::steady_clock::time_point failure_until_{};  // ... repeated until then
 };
 
 }  // namespace paasmilter

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -397,14 +398,14 @@ TEST_CASE("EntraTokenProvider: a failed refresh keeps a still-valid token") {
     CHECK(stats()["requests"] == 2);
 
     control("mode=ok");
+    clock.seconds = 3607;  // past the pause after a failure
     CHECK(*provider.token(5s) == "token-1");
 }
 
 TEST_CASE("EntraTokenProvider: error mapping") {
-    EntraTokenProvider provider(secret_credentials(), client());
-
+    // A fresh provider per case: a provider repeats its last failure for a few seconds.
     control("mode=fail");
-    auto failed = provider.token(5s);
+    auto failed = EntraTokenProvider(secret_credentials(), client()).token(5s);
     REQUIRE_FALSE(failed.ok());
     const std::string& message = failed.error().message;
     CHECK(message.find("HTTP 401") != std::string::npos);
@@ -415,18 +416,18 @@ TEST_CASE("EntraTokenProvider: error mapping") {
     CHECK(message.find(kSecret) == std::string::npos);
 
     control("mode=echo");  // even a server quoting the secret back does not leak it
-    failed = provider.token(5s);
+    failed = EntraTokenProvider(secret_credentials(), client()).token(5s);
     REQUIRE_FALSE(failed.ok());
     CHECK(failed.error().message.find("AADSTS900144") != std::string::npos);
     CHECK(failed.error().message.find(kSecret) == std::string::npos);
 
     control("mode=html");
-    failed = provider.token(5s);
+    failed = EntraTokenProvider(secret_credentials(), client()).token(5s);
     REQUIRE_FALSE(failed.ok());
     CHECK(failed.error().message.find("HTTP 502") != std::string::npos);
 
     control("mode=notoken");
-    failed = provider.token(5s);
+    failed = EntraTokenProvider(secret_credentials(), client()).token(5s);
     REQUIRE_FALSE(failed.ok());
     CHECK(failed.error().message.find("access_token") != std::string::npos);
 
@@ -464,6 +465,106 @@ TEST_CASE("EntraTokenProvider: concurrent callers share one refresh") {
     CHECK(got_first == 8);
     CHECK(stats()["requests"] == 1);
     control("delay_ms=0");
+}
+
+TEST_CASE("EntraTokenProvider: a waiter gives up at its own deadline while a slow fetch runs") {
+    control("mode=ok&expires_in=3600&delay_ms=1500");
+    EntraTokenProvider provider(secret_credentials(), client());
+    std::optional<Result<std::string>> first;
+    std::thread fetcher([&] { first.emplace(provider.token(5s)); });
+    std::this_thread::sleep_for(300ms);  // the fetch is under way
+
+    const auto started = std::chrono::steady_clock::now();
+    auto waited = provider.token(200ms);
+    const auto elapsed = std::chrono::steady_clock::now() - started;
+    fetcher.join();
+    REQUIRE_FALSE(waited.ok());
+    CHECK(waited.error().message.find("timed out waiting for the token") != std::string::npos);
+    CHECK(elapsed >= 150ms);
+    CHECK(elapsed < 900ms);
+    REQUIRE(first->ok());
+    CHECK(**first == "token-1");
+    CHECK(*provider.token(1ms) == "token-1");  // cached now: no wait at all
+    CHECK(stats()["requests"] == 1);
+    control("delay_ms=0");
+}
+
+TEST_CASE("EntraTokenProvider: a refresh in progress holds up nobody while the token is valid") {
+    control("mode=ok&expires_in=3600&delay_ms=0");
+    FakeClock clock;
+    EntraTokenProvider provider(secret_credentials(), client(), clock.function());
+    REQUIRE(*provider.token(5s) == "token-1");
+
+    control("delay_ms=1500");
+    clock.seconds = 3600 - 299;  // due for a refresh, still valid
+    std::optional<Result<std::string>> refreshed;
+    std::thread refresher([&] { refreshed.emplace(provider.token(5s)); });
+    std::this_thread::sleep_for(300ms);
+
+    const auto started = std::chrono::steady_clock::now();
+    auto cached = provider.token(5s);
+    provider.invalidate("token-0");  // neither blocks on the HTTP request
+    const auto elapsed = std::chrono::steady_clock::now() - started;
+    refresher.join();
+    REQUIRE(cached.ok());
+    CHECK(*cached == "token-1");
+    CHECK(elapsed < 600ms);
+    REQUIRE(refreshed->ok());
+    CHECK(**refreshed == "token-1");  // the counter restarted with delay_ms
+    CHECK(stats()["requests"] == 1);
+    control("delay_ms=0");
+}
+
+TEST_CASE("EntraTokenProvider: a failure is repeated for a few seconds without new requests") {
+    control("mode=fail&delay_ms=0");
+    FakeClock clock;
+    EntraTokenProvider provider(secret_credentials(), client(), clock.function());
+    for (int i = 0; i < 3; ++i) {
+        auto failed = provider.token(5s);
+        REQUIRE_FALSE(failed.ok());
+        CHECK(failed.error().message.find("AADSTS7000215") != std::string::npos);
+    }
+    CHECK(stats()["requests"] == 1);
+
+    // Concurrent callers of a failing fetch share its failure instead of retrying in turn.
+    control("mode=fail&delay_ms=300");
+    clock.seconds = 6;
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (int i = 0; i < 8; ++i) {
+        threads.emplace_back([&] {
+            if (auto token = provider.token(5s);
+                !token.ok() && token.error().message.find("AADSTS7000215") != std::string::npos)
+                ++failures;
+        });
+    }
+    for (auto& thread : threads) thread.join();
+    CHECK(failures == 8);
+    CHECK(stats()["requests"] == 1);
+
+    control("mode=ok&delay_ms=0");
+    clock.seconds = 8;  // still within the pause
+    CHECK_FALSE(provider.token(5s).ok());
+    CHECK(stats()["requests"] == 0);
+    clock.seconds = 12;
+    CHECK(*provider.token(5s) == "token-1");
+}
+
+TEST_CASE("EntraTokenProvider: invalidate drops only the token it names") {
+    control("mode=ok&expires_in=3600&delay_ms=0");
+    FakeClock clock;
+    EntraTokenProvider provider(secret_credentials(), client(), clock.function());
+    REQUIRE(*provider.token(5s) == "token-1");
+    provider.invalidate("some-other-token");
+    provider.invalidate("");
+    CHECK(*provider.token(5s) == "token-1");
+    CHECK(stats()["requests"] == 1);
+
+    provider.invalidate("token-1");  // the API answered 401 with it
+    CHECK(*provider.token(5s) == "token-2");
+    provider.invalidate("token-1");  // a late 401 for the old token keeps the newer one
+    CHECK(*provider.token(5s) == "token-2");
+    CHECK(stats()["requests"] == 2);
 }
 
 TEST_CASE("EntraTokenProvider: certificate credentials send a client assertion") {
