@@ -1,13 +1,14 @@
 #include "daemon.hpp"
 
+#include <fcntl.h>
 #include <libmilter/mfapi.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-
 #include <unistd.h>
 
 #include <atomic>
@@ -16,35 +17,112 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <future>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <utility>
 
 #include "callbacks.hpp"
 #include "config_snapshot.hpp"
+#include "paasmilter/drain.hpp"
 #include "paasmilter/log.hpp"
 
 namespace paasmilter {
 
 namespace {
 
-// How long SIGTERM waits for messages in progress (well under Postfix's 300 s content
-// timeout, and under systemd's default 90 s stop timeout).
-constexpr std::chrono::seconds kShutdownGrace{30};
+// Signals. libmilter's smfi_main() starts a thread that sigwait()s for SIGHUP, SIGTERM and
+// SIGINT and stops the milter on any of them, SIGHUP included; a sigwait() of our own in the
+// main thread competes with it, and loses whenever a signal arrives while the main thread
+// is not inside sigwait(). On Linux a process-directed signal goes to the thread it was
+// sent to (for kill(pid): the main thread) when that thread does not block it and is
+// running or has no signal pending yet; only otherwise does the kernel pick another thread
+// that does not block it, and a thread inside sigwait() counts as one (kernel/signal.c,
+// complete_signal() and wants_signal()). So the main thread alone leaves these signals
+// unblocked, all the time: a real handler, not sigwait(), that only writes the signal number
+// to a pipe the main thread reads; SA_NODEFER keeps the signal unblocked while the handler
+// runs. Every other thread is created with them blocked. What remains: while the main
+// thread is off-CPU with one of them already pending, ANOTHER of them may reach libmilter's
+// thread. A second SIGHUP cannot (a pending standard signal is not queued twice), so that
+// takes a SIGTERM/SIGINT racing another signal: we are stopping then anyway, and the "loop
+// ended" path below drains too.
+constexpr int kHandledSignals[] = {SIGHUP, SIGTERM, SIGINT};
+// Written to the pipe by the milter thread when smfi_main() returns (no signal is 0).
+constexpr unsigned char kMilterLoopEnded = 0;
 
-// libmilter starts its own signal thread that sigwait()s for SIGHUP, SIGTERM and SIGINT and
-// treats SIGHUP as "stop". We keep those signals for ourselves: the main thread sigwait()s
-// for them itself, and Linux hands a process-directed signal to the thread it was sent to
-// (the main thread) whenever that thread is waiting for it. The main thread therefore never
-// does slow work: a reload runs on its own thread. SIGUSR1 is our internal "libmilter's
-// loop ended" wake-up.
 sigset_t handled_signals() {
     sigset_t set;
     sigemptyset(&set);
-    sigaddset(&set, SIGHUP);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGUSR1);
+    for (int signal_number : kHandledSignals) sigaddset(&set, signal_number);
     return set;
+}
+
+// The pipe's write end, for the handler: a signal handler can reach nothing but globals.
+// Set once before the handler is installed, which runs only once the main thread unblocked
+// the signals; the pipe then lives until _exit().
+int g_signal_pipe = -1;
+
+void on_signal(int signal_number) {
+    const int saved_errno = errno;
+    const auto byte = static_cast<unsigned char>(signal_number);
+    // Non-blocking: a full pipe (64 KiB of unread signal numbers) drops this one.
+    [[maybe_unused]] const ssize_t written = write(g_signal_pipe, &byte, 1);
+    errno = saved_errno;
+}
+
+class Fd {
+  public:
+    explicit Fd(int fd = -1) : fd_(fd) {}
+    ~Fd() {
+        if (fd_ >= 0) close(fd_);
+    }
+    Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+    Fd& operator=(Fd&&) = delete;
+    int get() const { return fd_; }
+
+  private:
+    int fd_;
+};
+
+struct SignalPipe {
+    Fd read_end;
+    Fd write_end;
+};
+
+// The pipe, and the handler for kHandledSignals writing to it.
+Result<SignalPipe> install_signal_handlers() {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0)
+        return make_error(fmt::format("cannot create a pipe: {}", std::strerror(errno)));
+    SignalPipe result{Fd(fds[0]), Fd(fds[1])};
+    if (fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0)
+        return make_error(fmt::format("cannot set O_NONBLOCK: {}", std::strerror(errno)));
+    g_signal_pipe = fds[1];
+    struct sigaction action {};
+    action.sa_handler = on_signal;
+    sigemptyset(&action.sa_mask);  // nothing blocked while the handler runs, not even itself
+    action.sa_flags = SA_NODEFER | SA_RESTART;
+    for (int signal_number : kHandledSignals) {
+        if (sigaction(signal_number, &action, nullptr) != 0) {
+            return make_error(
+                fmt::format("cannot handle signal {}: {}", signal_number, std::strerror(errno)));
+        }
+    }
+    return result;
+}
+
+// Reads what the pipe holds now, waiting at most `timeout` (-1: forever) for something.
+std::string read_signals(int fd, int timeout_ms) {
+    pollfd wait{fd, POLLIN, 0};
+    if (poll(&wait, 1, timeout_ms) <= 0) return {};  // timeout, or EINTR: our own handler
+    char buffer[256];
+    const ssize_t n = read(fd, buffer, sizeof buffer);
+    return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : std::string();
+}
+
+void log_warnings(const Config& config) {
+    for (const std::string& warning : config.warnings) log_warning("{}", warning);
 }
 
 // libmilter writes a reply in several small packets and gives us no handle on its sockets:
@@ -119,6 +197,7 @@ class Reloader {
         auto now = config_snapshot().get();
         log_info("configuration reloaded from {}: {} routes, {} rules, mode {}", path_,
                  now->routes.size(), now->rules.size(), to_string(now->mode));
+        log_warnings(*now);
     }
 
     std::string path_;
@@ -129,21 +208,47 @@ class Reloader {
     std::thread thread_;  // last: started after the fields it uses exist
 };
 
+// Lets the messages in progress finish, for as long as the longest API time budget of the
+// configuration in force (a second SIGTERM/SIGINT cuts it short). Returns how many are left.
+int drain(int signal_fd) {
+    const auto limit = drain_time(*config_snapshot().get());
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    if (int in_flight = messages_in_flight(); in_flight > 0) {
+        log_info("waiting up to {} s for {} message(s) in progress", limit.count(), in_flight);
+    }
+    while (messages_in_flight() > 0 && std::chrono::steady_clock::now() < deadline) {
+        const std::string signals = read_signals(signal_fd, 20);
+        if (signals.find_first_of(std::string{char(SIGTERM), char(SIGINT)}) != std::string::npos) {
+            log_warning("signal received again: not waiting any longer");
+            break;
+        }
+    }
+    return messages_in_flight();
+}
+
 }  // namespace
 
 int run_daemon(const DaemonOptions& options) {
+    // Before anything else, and before any thread exists: every thread created from here on
+    // inherits the blocked mask; only the main thread unblocks them again (see above).
+    const sigset_t signals = handled_signals();
+    pthread_sigmask(SIG_BLOCK, &signals, nullptr);
     log_open(options.foreground ? LogTarget::stderr_stream : LogTarget::syslog, options.debug);
+    auto signal_pipe = install_signal_handlers();
+    if (!signal_pipe) {
+        log_error("{}", signal_pipe.error().message);
+        return 1;
+    }
+    const int signal_fd = signal_pipe->read_end.get();
+
     auto loaded = load_config(options.config_path);
     if (!loaded) {
         log_error("{}", loaded.error().to_string());
         return 1;
     }
+    log_warnings(**loaded);
     std::string socket = (*loaded)->socket;
     config_snapshot().set(std::move(*loaded));
-
-    // Block our signals before any thread exists, so every thread inherits the mask.
-    sigset_t signals = handled_signals();
-    pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
     smfiDesc description = milter_description();
     if (smfi_register(description) != MI_SUCCESS) {
@@ -167,57 +272,67 @@ int run_daemon(const DaemonOptions& options) {
     if (socket.starts_with("inet")) disable_nagle_on_listener();
 
     Reloader reloader(options.config_path);
-    std::atomic<bool> stop_requested{false};
-    std::atomic<int> milter_result{MI_SUCCESS};
-    pthread_t main_thread = pthread_self();
-    std::thread milter_thread([&] {
-        milter_result = smfi_main();
-        // Wake the main thread whether or not we were asked to stop.
-        pthread_kill(main_thread, SIGUSR1);
+    // smfi_stop() waits for libmilter's accept loop, which holds its lock across a select()
+    // of up to 5 s (MI_CHK_TIME): call it aside, so that neither the drain nor an idle stop
+    // waits for that.
+    std::promise<void> stop_listening;
+    std::thread stopper([stopping = stop_listening.get_future()] {
+        stopping.wait();
+        smfi_stop();
     });
+    std::atomic<int> milter_result{MI_SUCCESS};
+    std::promise<void> unblocked;
+    std::thread milter_thread([&, started = unblocked.get_future()] {
+        // libmilter's signal thread must not exist before the main thread has unblocked the
+        // signals (and so taken any that arrived during start-up).
+        started.wait();
+        milter_result = smfi_main();
+        [[maybe_unused]] const ssize_t written =
+            write(signal_pipe->write_end.get(), &kMilterLoopEnded, 1);
+    });
+    pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+    unblocked.set_value();
     log_info("listening on {} (config {}, mode {})", socket, options.config_path,
              to_string(config_snapshot().get()->mode));
 
-    for (;;) {
-        int signal_number = 0;
-        if (sigwait(&signals, &signal_number) != 0) continue;
-        if (signal_number == SIGHUP) {
+    // The main thread only reads the pipe: any slow work (a reload) runs on another thread.
+    bool stop_requested = false;
+    bool loop_ended = false;
+    while (!stop_requested && !loop_ended) {
+        const std::string received = read_signals(signal_fd, -1);
+        if (received.find(char(SIGHUP)) != std::string::npos) {
             log_info("SIGHUP: reloading {}", options.config_path);
-            reloader.request();
-        } else if (signal_number == SIGTERM || signal_number == SIGINT) {
-            log_info("{}: shutting down", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
-            stop_requested = true;
-            smfi_stop();
-        } else if (signal_number == SIGUSR1) {
-            break;
+            reloader.request();  // several at once make one reload
         }
+        for (const char signal_number : {char(SIGTERM), char(SIGINT)}) {
+            if (!stop_requested && received.find(signal_number) != std::string::npos) {
+                log_info("{}: shutting down", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+                stop_requested = true;
+                stop_listening.set_value();
+            }
+        }
+        loop_ended = received.find(char(kMilterLoopEnded)) != std::string::npos;
     }
     if (!stop_requested) {
-        milter_thread.join();
         log_error(
             "libmilter's loop ended unexpectedly (result {}); exiting so the service "
             "manager restarts us",
             milter_result.load());
-        return 1;
     }
-    // The listening socket is closed; let messages in progress finish (bounded), then go.
-    // libmilter's accept loop only notices the stop at its next poll timeout (seconds), and
-    // idle MTA connections may stay open for minutes: neither is worth waiting for. An MTA
-    // whose connection drops applies milter_default_action (tempfail) to what follows.
-    using namespace std::chrono_literals;
-    auto deadline = std::chrono::steady_clock::now() + kShutdownGrace;
-    while (messages_in_flight() > 0 && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(20ms);
-    }
-    if (int left = messages_in_flight(); left > 0) {
-        log_warning("stopping with {} message(s) still in progress; the MTA tempfails them", left);
+    // Let messages in progress finish (bounded), then go. libmilter closes its listening
+    // socket at its next poll timeout (seconds), and idle MTA connections may stay open for
+    // minutes: neither is worth waiting for. An MTA whose connection drops applies
+    // milter_default_action (tempfail) to what follows.
+    if (int left = drain(signal_fd); left > 0) {
+        log_warning("giving up with {} message(s) still in progress; the MTA tempfails them", left);
     }
     log_info("stopped");
     // Session threads may still be blocked in libmilter: leave without running destructors
     // under them.
     milter_thread.detach();
+    stopper.detach();
     std::fflush(nullptr);
-    _exit(0);
+    _exit(stop_requested ? 0 : 1);
 }
 
 }  // namespace paasmilter

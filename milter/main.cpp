@@ -31,7 +31,9 @@ constexpr const char* kUsage = R"(usage:
 
   run            serve libmilter on milter.socket; logs to syslog (mail), or to stderr
                  with --foreground. SIGHUP reloads the configuration, SIGTERM stops.
-  check          validate the configuration and every table it names (exit 0 or 1)
+  check          validate the configuration and every table it names (exit 0 or 1);
+                 risky settings (a socket other hosts can reach, secret files others
+                 can read) are printed as warnings and still exit 0
   query          print the decision for one transaction (matched rule, route, action)
   header-checks  print the milter_header_checks lines for the relay routes
 The default FILE is /etc/paas-milter/paas-milter.toml.
@@ -115,6 +117,10 @@ int command_check(const Arguments& args) {
     if (!config) {
         std::fprintf(stderr, "%s\n", config.error().to_string().c_str());
         return 1;
+    }
+    // Risky but valid: still exit 0, so that a unit's ExecStartPre does not refuse to start.
+    for (const std::string& warning : (*config)->warnings) {
+        std::fprintf(stderr, "warning: %s\n", warning.c_str());
     }
     std::printf("%s: OK (%zu routes, %zu rules, mode %s)\n", args.config.c_str(),
                 (*config)->routes.size(), (*config)->rules.size(), to_string((*config)->mode));
