@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 bash contrib/scripts/build.sh milter/paas-milter
+# The example secret must be readable by its owner only (paas-milter check warns otherwise);
+# git keeps no such mode, and demo.py copies etc/ with its modes.
+chmod 0600 etc/secrets/acs-connection-string
 exec python3 contrib/scripts/demo.py build/milter/paas-milter

@@ -9,8 +9,12 @@
 #include <set>
 #include <string_view>
 
+#include <sys/stat.h>
+
 #include <fmt/format.h>
 #include <toml++/toml.h>
+
+#include "paasmilter/ip.hpp"
 
 namespace paasmilter {
 
@@ -133,6 +137,28 @@ constexpr std::string_view kApiKeys[] = {
     "max_concurrency",
 };
 
+// Why a libmilter socket can be reached from other hosts, or "" when it cannot. Whoever
+// connects speaks the milter protocol and chooses the macros (client address, certificate)
+// that the rules look at.
+std::string socket_exposure(std::string_view socket) {
+    if (!socket.starts_with("inet:") && !socket.starts_with("inet6:")) return {};
+    constexpr std::string_view kRisk =
+        "anyone who can reach it speaks the milter protocol with forged client addresses and "
+        "certificates, and so picks the route; listen on a loopback address (\"inet:PORT@"
+        "127.0.0.1\") or a unix socket";
+    const size_t at = socket.find('@');
+    if (at == std::string_view::npos)
+        return fmt::format("has no host, so libmilter listens on every interface: {}", kRisk);
+    const std::string_view host = socket.substr(at + 1);
+    if (host == "localhost") return {};
+    const auto address = parse_ip_address(host);
+    const bool loopback =
+        address && (address->family == IpFamily::v4 ? address->bytes[0] == 127
+                                                    : *address == *parse_ip_address("::1"));
+    if (loopback) return {};
+    return fmt::format("listens on {}, not a loopback address: {}", host, kRisk);
+}
+
 // Everything the loader needs to report errors where they are.
 class Loader {
   public:
@@ -154,6 +180,7 @@ class Loader {
         if (auto r = load_milter(root, *config); !r) return r.error();
         if (auto r = load_routes(root, *config); !r) return r.error();
         if (auto r = load_rules(root, *config); !r) return r.error();
+        config->warnings = std::move(warnings_);
         if (!config->default_route.empty() && !config->find_route(config->default_route)) {
             return error_at(
                 *root["milter"]["default_route"].node(),
@@ -237,6 +264,10 @@ class Loader {
                                         s));
         }
         config.socket = s;
+        if (std::string exposure = socket_exposure(s); !exposure.empty()) {
+            warnings_.push_back(fmt::format("{}: milter.socket: \"{}\" {}",
+                                            where(*milter->get("socket")), s, exposure));
+        }
 
         auto header = get_string(*milter, "routing_header", "milter", false, "X-PaaS-Route");
         if (!header) return header.error();
@@ -416,7 +447,7 @@ class Loader {
     // A secret lives in its own file (mode 0600, outside the TOML that may be shared); the
     // file's content, trimmed, is the secret. Errors name the file, never its content.
     Result<std::string> read_secret_file(const toml::table& table, std::string_view key,
-                                         const std::string& context) const {
+                                         const std::string& context) {
         auto path = get_string(table, key, context, true);
         if (!path) return path.error();
         std::filesystem::path file = *path;
@@ -437,7 +468,22 @@ class Loader {
             return error_at(*table.get(key),
                             fmt::format("{}.{}: {} is empty", context, key, file.string()));
         }
+        warn_if_others_can_read(file, *table.get(key), context, key);
         return secret;
+    }
+
+    // Names the file and its mode, never its content. A file that cannot be stat()ed is
+    // someone else's error (reading it, or the token request for a certificate).
+    void warn_if_others_can_read(const std::filesystem::path& file, const toml::node& node,
+                                 std::string_view context, std::string_view key) {
+        struct stat status {};
+        if (::stat(file.c_str(), &status) != 0 || (status.st_mode & (S_IRGRP | S_IROTH)) == 0)
+            return;
+        warnings_.push_back(fmt::format(
+            "{}: {}.{}: {} is readable by {} (mode {:04o}); make it mode 0600, owned by the "
+            "user paas-milter runs as",
+            where(node), context, key, file.string(),
+            (status.st_mode & S_IROTH) ? "others" : "its group", status.st_mode & 07777));
     }
 
     Result<FailurePolicy> get_policy(const toml::table& table, std::string_view key,
@@ -566,6 +612,8 @@ class Loader {
                 std::filesystem::path certificate = *file;
                 if (certificate.is_relative()) certificate = base_dir_ / certificate;
                 credentials.certificate_file = certificate.string();
+                warn_if_others_can_read(certificate, *table.get("client_certificate_file"), context,
+                                        "client_certificate_file");
             }
             api->entra = std::make_shared<EntraTokenProvider>(std::move(credentials), api->http);
         }
@@ -889,6 +937,7 @@ class Loader {
 
     std::string path_;
     std::filesystem::path base_dir_;
+    std::vector<std::string> warnings_;
 };
 
 // milter_header_checks patterns match the header line literally: escape PCRE specials.

@@ -110,6 +110,8 @@ struct Config {
     std::string default_route;  // empty: leave unmatched messages alone
     std::map<std::string, Route, std::less<>> routes;
     std::vector<Rule> rules;
+    // Valid but risky settings ("file:line: key: why"), for `check` and the daemon's log.
+    std::vector<std::string> warnings;
 
     const Route* find_route(std::string_view name) const;
 };

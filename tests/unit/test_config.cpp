@@ -1,8 +1,10 @@
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 
 #include <string>
 
 #include "paasmilter/config.hpp"
+#include "paasmilter/drain.hpp"
 #include "temp_dir.hpp"
 
 using namespace paasmilter;
@@ -294,4 +296,116 @@ TEST_CASE("api routes") {
         CHECK(error.find(path + ":10: routes.acs-api.connection_string_file:") == 0);
         CHECK(error.find("not base64") == std::string::npos);  // never echo the secret
     }
+}
+
+TEST_CASE("warnings: a milter socket that other hosts can reach") {
+    TempDir dir;
+    const std::string path = (dir.path() / "paas-milter.toml").string();
+    auto warnings_for = [&](const std::string& socket) {
+        auto config = load_config(
+            dir.write("paas-milter.toml", replace(kMinimal, "inet:10025@127.0.0.1", socket)));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        return (*config)->warnings;
+    };
+    for (const std::string socket :
+         {"inet:10025@127.0.0.1", "inet:10025@127.0.0.53", "inet:10025@localhost",
+          "inet6:10025@::1", "unix:/var/spool/postfix/paas-milter/milter.sock",
+          "local:/run/paas-milter.sock"}) {
+        INFO(socket);
+        CHECK(warnings_for(socket).empty());
+    }
+    for (const std::string socket : {"inet:10025", "inet6:10025"}) {
+        INFO(socket);
+        auto warnings = warnings_for(socket);
+        REQUIRE(warnings.size() == 1);
+        CHECK(warnings[0].find(path + ":3: milter.socket: \"" + socket + "\"") == 0);
+        CHECK(warnings[0].find("every interface") != std::string::npos);
+    }
+    for (const std::string socket : {"inet:10025@0.0.0.0", "inet6:10025@::",
+                                     "inet:10025@192.0.2.10", "inet:10025@mail.example.com"}) {
+        INFO(socket);
+        auto warnings = warnings_for(socket);
+        REQUIRE(warnings.size() == 1);
+        CHECK(warnings[0].find(path + ":3: milter.socket: \"" + socket + "\"") == 0);
+        CHECK(warnings[0].find("not a loopback address") != std::string::npos);
+    }
+}
+
+TEST_CASE("warnings: secret files readable by group or others") {
+    TempDir dir;
+    const std::string path = (dir.path() / "paas-milter.toml").string();
+    const std::string secret =
+        dir.write("secrets/acs.conn",
+                  "endpoint=https://contoso.communication.azure.com/;accesskey=c2VjcmV0\n");
+    auto warnings_for = [&](const std::string& text) {
+        auto config = load_config(dir.write("paas-milter.toml", text));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        return (*config)->warnings;
+    };
+
+    REQUIRE(::chmod(secret.c_str(), 0600) == 0);
+    CHECK(warnings_for(kApiRoutes).empty());
+
+    REQUIRE(::chmod(secret.c_str(), 0644) == 0);
+    auto warnings = warnings_for(kApiRoutes);
+    REQUIRE(warnings.size() == 1);
+    CHECK(warnings[0].find(path + ":10: routes.acs-api.connection_string_file: " + secret) == 0);
+    CHECK(warnings[0].find("mode 0644") != std::string::npos);
+    CHECK(warnings[0].find("c2VjcmV0") == std::string::npos);  // never the content
+
+    REQUIRE(::chmod(secret.c_str(), 0640) == 0);
+    warnings = warnings_for(kApiRoutes);
+    REQUIRE(warnings.size() == 1);
+    CHECK(warnings[0].find("mode 0640") != std::string::npos);
+
+    // Entra ID: the client secret file and the certificate file (it holds the private key).
+    const std::string client_secret = dir.write("secrets/entra.secret", "s3cret\n");
+    const std::string certificate = dir.write("secrets/app.pem", "-----BEGIN...\n");
+    REQUIRE(::chmod(client_secret.c_str(), 0604) == 0);
+    REQUIRE(::chmod(certificate.c_str(), 0600) == 0);
+    const std::string entra_key =
+        "tenant_id = \"t\"\nclient_id = \"c\"\n"
+        "endpoint = \"https://contoso.communication.azure.com\"\n";
+    warnings = warnings_for(replace(kApiRoutes, "connection_string_file = \"secrets/acs.conn\"",
+                                    entra_key + "client_secret_file = \"secrets/entra.secret\""));
+    REQUIRE(warnings.size() == 1);
+    CHECK(warnings[0].find("routes.acs-api.client_secret_file: " + client_secret) !=
+          std::string::npos);
+    CHECK(warnings[0].find("mode 0604") != std::string::npos);
+    CHECK(warnings[0].find("s3cret") == std::string::npos);
+
+    const std::string with_certificate =
+        replace(kApiRoutes, "connection_string_file = \"secrets/acs.conn\"",
+                entra_key + "client_certificate_file = \"secrets/app.pem\"");
+    CHECK(warnings_for(with_certificate).empty());
+    REQUIRE(::chmod(certificate.c_str(), 0644) == 0);
+    warnings = warnings_for(with_certificate);
+    REQUIRE(warnings.size() == 1);
+    CHECK(warnings[0].find("routes.acs-api.client_certificate_file: " + certificate) !=
+          std::string::npos);
+    CHECK(warnings[0].find("mode 0644") != std::string::npos);
+}
+
+TEST_CASE("drain time: the longest API time budget plus a margin, at least 30 s") {
+    TempDir dir;
+    auto drain_for = [&](const std::string& text) {
+        auto config = load_config(dir.write("paas-milter.toml", text));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        return drain_time(**config);
+    };
+    dir.write("secrets/acs.conn",
+              "endpoint=https://contoso.communication.azure.com/;accesskey=c2VjcmV0\n");
+    CHECK(drain_for(kMinimal) == std::chrono::seconds(30));
+    CHECK(drain_for(replace(kApiRoutes, "time_budget = 90", "time_budget = 10")) ==
+          std::chrono::seconds(30));
+    CHECK(drain_for(kApiRoutes) == std::chrono::seconds(95));
+    // Two API routes: the longer budget counts.
+    const std::string second = R"(
+[routes.acs-api-2]
+action = "api"
+connection_string_file = "secrets/acs.conn"
+sender = "DoNotReply@contoso.azurecomm.net"
+time_budget = 200
+)";
+    CHECK(drain_for(kApiRoutes + second) == std::chrono::seconds(205));
 }
