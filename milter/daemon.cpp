@@ -27,6 +27,7 @@
 #include "config_snapshot.hpp"
 #include "paasmilter/drain.hpp"
 #include "paasmilter/log.hpp"
+#include "paasmilter/services.hpp"
 
 namespace paasmilter {
 
@@ -121,6 +122,13 @@ std::string read_signals(int fd, int timeout_ms) {
     return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : std::string();
 }
 
+// HTTP clients and token caches, built beside the configuration and kept across reloads
+// whose settings for them did not change.
+ServiceRegistry& services() {
+    static ServiceRegistry registry;
+    return registry;
+}
+
 void log_warnings(const Config& config) {
     for (const std::string& warning : config.warnings) log_warning("{}", warning);
 }
@@ -180,7 +188,7 @@ class Reloader {
     }
 
     void reload() {
-        auto loaded = load_config(path_);
+        auto loaded = load_config(path_, &services());
         if (!loaded) {
             log_error("reload refused, the running configuration stays in force: {}",
                       loaded.error().to_string());
@@ -241,7 +249,7 @@ int run_daemon(const DaemonOptions& options) {
     }
     const int signal_fd = signal_pipe->read_end.get();
 
-    auto loaded = load_config(options.config_path);
+    auto loaded = load_config(options.config_path, &services());
     if (!loaded) {
         log_error("{}", loaded.error().to_string());
         return 1;

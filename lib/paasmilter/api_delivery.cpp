@@ -82,7 +82,9 @@ std::vector<std::string> ApiOutcome::accepted_operation_ids() const {
 ApiHooks default_api_hooks(const ApiSettings& api) {
     ApiHooks hooks;
     auto http = api.http;
-    hooks.send = [http](const HttpRequest& request, std::chrono::milliseconds timeout) {
+    hooks.send = [http](const HttpRequest& request,
+                        std::chrono::milliseconds timeout) -> Result<HttpResponse> {
+        if (!http) return make_error(ErrorKind::request_not_sent, "no HTTP client");
         return http->send(request, timeout);
     };
     hooks.sleep = [](std::chrono::milliseconds how_long) { std::this_thread::sleep_for(how_long); };
@@ -124,6 +126,9 @@ std::optional<std::chrono::seconds> parse_retry_after(const std::string& value,
 Result<void> authorize_acs_request(const ApiSettings& api, HttpRequest& request,
                                    std::chrono::system_clock::time_point now,
                                    std::chrono::milliseconds timeout, std::string* bearer) {
+    if (api.entra_credentials && !api.entra) {
+        return make_error(ErrorKind::request_not_sent, "Entra ID: no token provider");
+    }
     if (api.entra) {
         auto token = api.entra->token(timeout);
         if (!token) {

@@ -1,4 +1,5 @@
 #include "paasmilter/config.hpp"
+#include "paasmilter/services.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -162,7 +163,8 @@ std::string socket_exposure(std::string_view socket) {
 // Everything the loader needs to report errors where they are.
 class Loader {
   public:
-    explicit Loader(std::string path) : path_(std::move(path)) {
+    Loader(std::string path, ServiceRegistry* services)
+        : path_(std::move(path)), services_(services) {
         base_dir_ = std::filesystem::path(path_).parent_path();
     }
 
@@ -577,7 +579,8 @@ class Loader {
         auto concurrency = get_integer(table, "max_concurrency", context, 8, 1, 256);
         if (!concurrency) return concurrency.error();
         http.max_concurrency = static_cast<size_t>(*concurrency);
-        api->http = std::make_shared<HttpClient>(http);
+        api->http_options = http;
+        if (services_) api->http = services_->http_client(http);
 
         if (has_entra) {
             EntraCredentials credentials;
@@ -615,7 +618,8 @@ class Loader {
                 warn_if_others_can_read(certificate, *table.get("client_certificate_file"), context,
                                         "client_certificate_file");
             }
-            api->entra = std::make_shared<EntraTokenProvider>(std::move(credentials), api->http);
+            if (services_) api->entra = services_->token_provider(credentials, http);
+            api->entra_credentials = std::move(credentials);
         }
 
         ConversionOptions& conversion = api->conversion;
@@ -936,6 +940,7 @@ class Loader {
     }
 
     std::string path_;
+    ServiceRegistry* services_;  // null: build no services (check, query)
     std::filesystem::path base_dir_;
     std::vector<std::string> warnings_;
 };
@@ -952,9 +957,10 @@ std::string escape_regex(std::string_view text) {
 
 }  // namespace
 
-Result<std::shared_ptr<const Config>> load_config(const std::string& path) {
+Result<std::shared_ptr<const Config>> load_config(const std::string& path,
+                                                  ServiceRegistry* services) {
     try {
-        return Loader(path).load();
+        return Loader(path, services).load();
     } catch (const std::exception& e) {
         return make_error(fmt::format("cannot load configuration: {}", e.what()), path);
     }

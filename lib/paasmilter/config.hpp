@@ -38,6 +38,10 @@ struct ApiSettings {
     bool inline_attachments = false;  // api-version >= 2025-09-01 has contentId
     // Exactly one of the two: an access key (HMAC) or Entra ID client credentials.
     std::string access_key;  // base64; never logged
+    std::optional<EntraCredentials> entra_credentials;
+    HttpClientOptions http_options;
+    // Services built from the two above, only when the configuration was loaded with a
+    // ServiceRegistry (the daemon); null for `check` and `query`.
     std::shared_ptr<EntraTokenProvider> entra;
     ConversionOptions conversion;
     std::vector<std::string> local_domains;  // recipients there stay with Postfix
@@ -116,9 +120,13 @@ struct Config {
     const Route* find_route(std::string_view name) const;
 };
 
+class ServiceRegistry;
+
 // Reads and validates the whole configuration, tables included. Every error names the
-// file, the line and the key (or table entry) at fault.
-Result<std::shared_ptr<const Config>> load_config(const std::string& path);
+// file, the line and the key (or table entry) at fault. With `services`, API routes get
+// their HTTP clients and token caches from it (reused across reloads); without, none.
+Result<std::shared_ptr<const Config>> load_config(const std::string& path,
+                                                  ServiceRegistry* services = nullptr);
 
 // Lines for Postfix's milter_header_checks that send each relay route with a
 // `transport` to it (what `paas-milter header-checks` prints).

@@ -111,7 +111,7 @@ std::string format_query_report(const Decision& decision, const Verdict& verdict
     }
     if (const ApiSettings* api = decision.route->api.get()) {
         out += fmt::format("api: {}/emails:send?api-version={} ({})\n", api->endpoint,
-                           api->api_version, api->entra ? "Entra ID" : "access key");
+                           api->api_version, api->entra_credentials ? "Entra ID" : "access key");
         out +=
             fmt::format("on failure: {}, permanent: {}, oversize: {}\n", to_string(api->on_failure),
                         to_string(api->on_permanent_failure), to_string(api->on_oversize));

@@ -1,10 +1,12 @@
 #include <doctest/doctest.h>
 #include <sys/stat.h>
 
+#include <filesystem>
 #include <string>
 
 #include "paasmilter/config.hpp"
 #include "paasmilter/drain.hpp"
+#include "paasmilter/services.hpp"
 #include "temp_dir.hpp"
 
 using namespace paasmilter;
@@ -251,7 +253,7 @@ TEST_CASE("api routes") {
         CHECK(to_string(api.on_permanent_failure) == "hold");
         CHECK(to_string(api.on_oversize) == "reject");
         CHECK(api.time_budget == std::chrono::seconds(90));
-        CHECK(api.http);
+        CHECK_FALSE(api.http);  // built only with a ServiceRegistry (the daemon)
     }
     SUBCASE("api-version 2025-09-01 turns on inline attachments") {
         auto text = replace(kApiRoutes, "time_budget = 90", "api_version = \"2025-09-01\"");
@@ -267,7 +269,10 @@ TEST_CASE("api routes") {
                             "client_secret_file = \"secrets/entra.secret\"");
         auto config = load_config(dir.write("paas-milter.toml", text));
         REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
-        CHECK((*config)->find_route("acs-api")->api->entra);
+        const auto& entra = (*config)->find_route("acs-api")->api->entra_credentials;
+        REQUIRE(entra.has_value());
+        CHECK(entra->tenant_id == "t");
+        CHECK(entra->client_secret == "s3cret");
     }
     SUBCASE("errors") {
         CHECK(load_error(replace(kApiRoutes, "on_failure = \"relay:acs-smtp\"",
@@ -408,4 +413,69 @@ sender = "DoNotReply@contoso.azurecomm.net"
 time_budget = 200
 )";
     CHECK(drain_for(kApiRoutes + second) == std::chrono::seconds(205));
+}
+
+TEST_CASE("services: none for check and query; a reload keeps those whose settings are unchanged") {
+    TempDir dir;
+    dir.write("acs.conn", "endpoint=https://acs.example.test;accesskey=c2VjcmV0\n");
+    std::filesystem::permissions(dir.path() / "acs.conn", std::filesystem::perms::owner_read |
+                                                              std::filesystem::perms::owner_write);
+    auto config_with = [&](const std::string& extra) {
+        return dir.write("paas-milter.toml", std::string(R"(
+[milter]
+socket = "inet:12345@127.0.0.1"
+
+[routes.acs]
+action = "api"
+connection_string_file = "acs.conn"
+sender = "DoNotReply@contoso.test"
+)") + extra);
+    };
+    auto api_of = [](const Config& config) { return config.routes.at("acs").api; };
+
+    auto plain = load_config(config_with(""));
+    REQUIRE(plain.ok());
+    CHECK(api_of(**plain)->http == nullptr);  // check/query: no network machinery
+
+    ServiceRegistry registry;
+    auto first = load_config(config_with(""), &registry);
+    auto second = load_config(config_with(""), &registry);
+    REQUIRE((first.ok() && second.ok()));
+    REQUIRE(api_of(**first)->http != nullptr);
+    CHECK(api_of(**first)->http == api_of(**second)->http);  // the pool survives a reload
+    auto changed = load_config(config_with("max_concurrency = 3\n"), &registry);
+    REQUIRE(changed.ok());
+    CHECK(api_of(**changed)->http != api_of(**first)->http);
+    CHECK(api_of(**changed)->http_options.max_concurrency == 3);
+}
+
+TEST_CASE("services: the Entra token cache survives a reload with the same credentials") {
+    TempDir dir;
+    dir.write("secret", "s3cret\n");
+    std::filesystem::permissions(dir.path() / "secret", std::filesystem::perms::owner_read |
+                                                            std::filesystem::perms::owner_write);
+    auto config_with = [&](const std::string& client) {
+        return dir.write("paas-milter.toml", R"(
+[milter]
+socket = "inet:12345@127.0.0.1"
+
+[routes.acs]
+action = "api"
+endpoint = "https://acs.example.test"
+tenant_id = "t"
+client_id = ")" + client + R"("
+client_secret_file = "secret"
+sender = "DoNotReply@contoso.test"
+)");
+    };
+    ServiceRegistry registry;
+    auto first = load_config(config_with("app-1"), &registry);
+    auto again = load_config(config_with("app-1"), &registry);
+    auto other = load_config(config_with("app-2"), &registry);
+    REQUIRE((first.ok() && again.ok() && other.ok()));
+    const auto& a = (*first)->routes.at("acs").api;
+    REQUIRE(a->entra != nullptr);
+    CHECK(a->entra == (*again)->routes.at("acs").api->entra);
+    CHECK(a->entra != (*other)->routes.at("acs").api->entra);
+    CHECK(load_config(config_with("app-1")).value()->routes.at("acs").api->entra == nullptr);
 }

@@ -164,6 +164,7 @@ StatusPoller::Fetch acs_status_fetch(std::shared_ptr<const ApiSettings> api) {
         if (auto r = authorize_acs_request(*api, request, system_clock::now(), timeout); !r) {
             return r.error();
         }
+        if (!api->http) return make_error(ErrorKind::request_not_sent, "no HTTP client");
         return api->http->send(request, timeout);
     };
 }

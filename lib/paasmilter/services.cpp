@@ -1,0 +1,69 @@
+#include "paasmilter/services.hpp"
+
+#include <fstream>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "paasmilter/crypto.hpp"
+
+namespace paasmilter {
+
+namespace {
+
+// A file's content in a key: a renewed CA bundle or certificate makes a new instance.
+std::string file_digest(const std::string& path) {
+    if (path.empty()) return {};
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream content;
+    content << in.rdbuf();
+    auto digest = sha256(content.str());
+    return digest ? hex_encode(*digest) : std::string("unreadable");
+}
+
+std::string key_of(const HttpClientOptions& o) {
+    return fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}", o.ca_file, file_digest(o.ca_file), o.proxy,
+                       o.connect_timeout.count(), o.max_concurrency, o.max_response_bytes,
+                       o.user_agent);
+}
+
+std::string key_of(const EntraCredentials& c) {
+    // The secret only as a digest: keys stay in memory, but never a second copy of a secret.
+    auto secret = sha256(c.client_secret);
+    return fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}", c.authority, c.tenant_id, c.client_id, c.scope,
+                       secret ? hex_encode(*secret) : std::string(), c.certificate_file,
+                       file_digest(c.certificate_file));
+}
+
+// The live instance under `key`, or a new one from `make`; forgets expired entries.
+template <class T, class Make>
+std::shared_ptr<T> reuse(std::map<std::string, std::weak_ptr<T>>& map, const std::string& key,
+                         Make&& make) {
+    for (auto it = map.begin(); it != map.end();) {
+        it = it->second.expired() ? map.erase(it) : std::next(it);
+    }
+    if (auto found = map.find(key); found != map.end()) {
+        if (auto live = found->second.lock()) return live;
+    }
+    std::shared_ptr<T> made = make();
+    map[key] = made;
+    return made;
+}
+
+}  // namespace
+
+std::shared_ptr<HttpClient> ServiceRegistry::http_client(const HttpClientOptions& options) {
+    std::lock_guard lock(mutex_);
+    return reuse(clients_, key_of(options), [&] { return std::make_shared<HttpClient>(options); });
+}
+
+std::shared_ptr<EntraTokenProvider> ServiceRegistry::token_provider(
+    const EntraCredentials& credentials, const HttpClientOptions& options) {
+    std::lock_guard lock(mutex_);
+    std::shared_ptr<HttpClient> http =
+        reuse(clients_, key_of(options), [&] { return std::make_shared<HttpClient>(options); });
+    return reuse(tokens_, key_of(credentials) + "\n" + key_of(options),
+                 [&] { return std::make_shared<EntraTokenProvider>(credentials, http); });
+}
+
+}  // namespace paasmilter
