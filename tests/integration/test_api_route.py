@@ -347,16 +347,24 @@ class HoldPolicy(ApiRouteTestCase):
     policies = 'on_failure = "hold"\nmax_attempts = 1'
 
     def test_failure_holds_the_message(self) -> None:
-        # Twice: libcurl resends a request once on a fresh connection when a reused one
-        # was closed before any answer (that resend is safe: it carries the same
-        # repeatability headers).
-        self.mock.fail_next(reset=True, count=2)
+        self.mock.fail_next(503)
         result = self.send()
         self.assertEqual(result.data_code, 250, result.transcript)
         self.postfix.wait_for_queue(lambda q: any(m.get("queue_name") == "hold" for m in q))
         self.assertEqual(self.postfix.held_queue_ids(), [result.queue_id])
         self.assertIn("policy=hold", self.decision(result.queue_id))
         self.assert_sinks_empty()
+
+    def test_a_lost_answer_is_not_held_but_tempfailed(self) -> None:
+        # The connection broke after the request was sent: the service may still carry it
+        # out, so holding (and later releasing) the message could deliver it twice.
+        # Twice: libcurl resends once on a fresh connection when a reused one breaks.
+        self.mock.fail_next(reset=True, count=2)
+        result = self.send()
+        self.assertEqual(result.data_code, 451, result.transcript)
+        line = self.milter.wait_for_log(r"chunks=unresolved.*").group(0)
+        self.assertIn("unresolved requests: tempfail", line)
+        self.assertEqual(self.postfix.queue(), [])
 
 
 class ConnectProxy:
