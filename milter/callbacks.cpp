@@ -299,9 +299,12 @@ sfsistat on_eom(SMFICTX* ctx) {
             log_error("{}: header processing failed earlier; tempfail", id);
             return SMFIS_TEMPFAIL;
         }
-        sfsistat status = act(ctx, id, *conn->message);
-        conn->message.reset();
-        return status;
+        // Whatever act() does, the message is over: free it (and its in-flight count).
+        struct Finish {
+            ConnectionState* conn;
+            ~Finish() { conn->message.reset(); }
+        } finish{conn};
+        return act(ctx, id, *conn->message);
     });
 }
 

@@ -179,6 +179,14 @@ std::string describe_failure(const HttpResponse& response) {
     return text;
 }
 
+// A status answer for this operation: {"id": <the id>, "status": ...}.
+bool names_operation(const HttpResponse& response, const std::string& operation_id) {
+    auto body = nlohmann::json::parse(response.body, nullptr, false);
+    return body.is_object() && body.contains("id") && body["id"].is_string() &&
+           iequals(body["id"].get<std::string>(), operation_id) && body.contains("status") &&
+           body["status"].is_string();
+}
+
 // Whether the service has an operation: the answer to "was this request accepted before?".
 enum class Existence { exists, absent, unknown };
 
@@ -223,12 +231,19 @@ class Submission {
 };
 
 Result<HttpResponse> Submission::exchange(HttpRequest request, milliseconds timeout) {
+    // The token fetch and the request share one timeout: together they never outlast it.
+    auto until = hooks_.now() + timeout;
     if (auto r = authorize_acs_request(api_, request, hooks_.wall_clock(), timeout, &last_token_);
         !r) {
         return r.error();
     }
+    hooks_.progress();
+    auto left = duration_cast<milliseconds>(until - hooks_.now());
+    if (left <= milliseconds(0)) {
+        return make_error(ErrorKind::request_not_sent, "no time left after fetching a token");
+    }
     ++(request.method == "GET" ? counts_.status_checks : counts_.requests);
-    auto response = hooks_.send(request, timeout);
+    auto response = hooks_.send(request, left);
     hooks_.progress();
     return response;
 }
@@ -264,8 +279,11 @@ Existence Submission::check_operation(const std::string& operation_id, bool retr
         milliseconds pause = backoff;
         if (!response) {
             why = "status check: " + response.error().message;
-        } else if (response->status == 200) {
+        } else if (response->status == 200 && names_operation(*response, operation_id)) {
             return Existence::exists;
+        } else if (response->status == 200) {
+            // Not the service's answer (a proxy's page?): never take it for an acceptance.
+            why = "status check: HTTP 200 without the operation's id and status";
         } else if (response->status == 404) {
             return Existence::absent;
         } else {
@@ -283,6 +301,22 @@ Existence Submission::check_operation(const std::string& operation_id, bool retr
 ChunkReport Submission::deliver(const std::string& operation_id, const std::string& body) {
     ChunkReport report;
     report.operation_id = operation_id;
+
+    // 0. Another transaction of the same message (a client that gave up and resent) may be
+    //    delivering this request right now: never post it concurrently.
+    struct Delivering {
+        PostedRequests* posted;
+        const std::string& id;
+        bool alone;
+        ~Delivering() {
+            if (posted) posted->end(id);
+        }
+    } delivering{hooks_.posted, operation_id, !hooks_.posted || hooks_.posted->begin(operation_id)};
+    if (!delivering.alone) {
+        report.fate = ChunkFate::unresolved;
+        report.detail = "another transaction of this message is delivering this request";
+        return report;
+    }
 
     // 1. Did an earlier attempt of this message (a client retry after a tempfail, a crash
     //    between the service's 202 and our reply to the MTA) get this request accepted?
@@ -311,22 +345,47 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     request.method = "POST";
     request.url = fmt::format("{}/emails:send?api-version={}", api_.endpoint, api_.api_version);
     request.body = body;
-    auto new_repeatability = [&] {
-        auto id = uuid_v4();
+    auto use_repeatability = [&](const PostedRequests::Repeatability& r) {
         request.headers = {{"Content-Type", "application/json"},
                            {"Operation-Id", operation_id},
-                           {"Repeatability-Request-Id", id ? *id : std::string()},
-                           {"Repeatability-First-Sent", rfc1123_date(hooks_.wall_clock())}};
+                           {"Repeatability-Request-Id", r.request_id},
+                           {"Repeatability-First-Sent", rfc1123_date(r.first_sent)}};
+        if (hooks_.posted) hooks_.posted->remember(operation_id, r);
+    };
+    auto new_repeatability = [&] {
+        auto id = uuid_v4();
+        use_repeatability({id ? *id : std::string(), hooks_.wall_clock()});
     };
     new_repeatability();
-    if (hooks_.posted) hooks_.posted->remember(operation_id);
 
     // What the last attempt leaves open. `finished`: the service answered without accepting
     // it (500, 503, 412), so an absent operation proves it was not sent. `in_flight`: no
     // answer, a gateway timeout or 409, so the original may still be running and an absent
     // operation proves nothing yet.
+    // Once an attempt may still be running it stays so for the whole transaction: a later
+    // answer (a 503 from a gateway, a 412, a 429) says nothing about that earlier attempt.
     enum class Doubt { none, finished, in_flight };
     Doubt doubt = Doubt::none;
+    auto raise = [&](Doubt d) { doubt = std::max(doubt, d); };
+    // A final answer to this attempt. If an earlier attempt may still be running, only the
+    // service can say whether it went through: accepted if the operation exists, else
+    // unresolved -- never a verdict that would send the message elsewhere or bounce it.
+    auto final_answer = [&](ChunkFate fate) {
+        report.detail = why;
+        if (doubt != Doubt::in_flight) {
+            report.fate = fate;
+            return report;
+        }
+        std::string check_why;
+        if (check_operation(operation_id, true, check_why, milliseconds(0)) == Existence::exists) {
+            report.fate = ChunkFate::accepted;
+            report.detail = "accepted (confirmed after: " + why + ")";
+        } else {
+            report.fate = ChunkFate::unresolved;
+            report.detail = why + "; an earlier attempt may still be in progress";
+        }
+        return report;
+    };
     bool refreshed_token = false;
     milliseconds backoff{1000};
     for (int attempt = 1; attempt <= api_.max_attempts; ++attempt) {
@@ -342,7 +401,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             why = response.error().message;
         } else if (!response) {
             why = response.error().message;
-            doubt = Doubt::in_flight;
+            raise(Doubt::in_flight);
             ask_first = true;
         } else {
             long status = response->status;
@@ -355,14 +414,14 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             if (status == 409) {
                 // The original of this repeatable request is still in progress (or another
                 // attempt of the message holds the operation id): wait, then ask.
-                doubt = Doubt::in_flight;
+                raise(Doubt::in_flight);
                 ask_first = true;
                 pause = retry_after_or(*response, backoff);
             } else if (status == 412) {
                 // First-Sent left the service's 5-minute window: the service will not tell
                 // a repeat from a new request any more, so ask whether the original went
                 // through and start a new repeatable request only if it did not.
-                doubt = Doubt::finished;
+                raise(Doubt::finished);
                 ask_first = true;
                 pause = milliseconds(0);
             } else if (status == 429) {
@@ -376,9 +435,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                     new_repeatability();
                 }
             } else if (status == 413) {
-                report.fate = ChunkFate::oversize;
-                report.detail = why;
-                return report;
+                return final_answer(ChunkFate::oversize);
             } else if (status == 401 && api_.entra && !refreshed_token) {
                 // A token the service no longer takes: drop it and try once with a new one.
                 api_.entra->invalidate(last_token_);
@@ -391,20 +448,17 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             } else if (status == 401 || status == 403) {
                 // The key or the app's role is wrong: not the message's fault, so never a
                 // bounce; retrying now will not help either.
-                report.fate = ChunkFate::not_sent;
-                report.detail = why;
-                return report;
+                return final_answer(ChunkFate::not_sent);
             } else if (status >= 500 || status == 408) {
-                // A 5xx may come after the message went out (a 504 from a gateway in
+                // A 5xx may come after the message went out (a 502/504 from a gateway in
                 // front of a service that carried on): ask before posting again.
-                doubt = (status == 504 || status == 408) ? Doubt::in_flight : Doubt::finished;
+                raise(status == 502 || status == 504 || status == 408 ? Doubt::in_flight
+                                                                      : Doubt::finished);
                 ask_first = true;
             } else {
                 // 400 included: the body is identical on every attempt, so a repeatability
                 // mismatch cannot be ours; it is the service's verdict on the message.
-                report.fate = ChunkFate::rejected;
-                report.detail = why;
-                return report;
+                return final_answer(ChunkFate::rejected);
             }
         }
         if (attempt == api_.max_attempts) break;
@@ -427,7 +481,16 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             }
             // Absent: post again, repeatably. If the original is still running the service
             // answers 409; if it failed with a 5xx the repeat is executed (documented).
-            if (response && response->status == 412) new_repeatability();
+            if (response && response->status == 412) {
+                // The service no longer tracks the original: a new request is safe only if
+                // no attempt may still be running.
+                if (doubt == Doubt::in_flight) {
+                    report.fate = ChunkFate::unresolved;
+                    report.detail = why + "; an earlier attempt may still be in progress";
+                    return report;
+                }
+                new_repeatability();
+            }
         }
         backoff = std::min(backoff * 2, milliseconds(16000));
     }

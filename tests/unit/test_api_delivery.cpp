@@ -14,6 +14,7 @@
 
 #include "paasmilter/acs_json.hpp"
 #include "paasmilter/api_delivery.hpp"
+#include "paasmilter/delivery/message_identity.hpp"
 #include "paasmilter/spool.hpp"
 #include "temp_dir.hpp"
 
@@ -109,6 +110,15 @@ std::string header_of(const HttpRequest& request, std::string_view name) {
 }
 
 const MessageIdentity kIdentity{"0123abcd", "s@contoso.test"};
+
+// The status answer for an existing operation: the request to to{first}..to{first+count-1}.
+HttpResponse exists(size_t first, size_t count, std::string_view state = "Succeeded") {
+    std::vector<std::string> rcpts;
+    for (size_t i = first; i < first + count; ++i)
+        rcpts.push_back(fmt::format("to{}@example.net", i));
+    std::string id = request_operation_id(kIdentity.content_digest, kIdentity.sender, rcpts);
+    return status(200, {}, fmt::format(R"({{"id":"{}","status":"{}"}})", id, state));
+}
 
 ApiOutcome submit(FakeService& service, const EmailMessage& message, ApiSettings api = settings(),
                   std::chrono::seconds budget = 60s) {
@@ -262,7 +272,7 @@ TEST_CASE("submission: a 5xx or a lost answer is resolved by asking before posti
     SUBCASE("504 after the message went out: the operation exists, nothing is posted again") {
         FakeService service;
         service.posts = {status(504)};
-        service.gets = {status(404), status(200, {}, R"({"id":"x","status":"Running"})")};
+        service.gets = {status(404), exists(0, 1, "Running")};
         auto outcome = submit(service, message_with(1, 0, 0));
         CHECK(outcome.kind == ApiOutcome::Kind::accepted);
         CHECK(outcome.chunks[0].fate == ChunkFate::accepted);
@@ -348,11 +358,80 @@ TEST_CASE("submission: after a lost answer, a 429 is retried as a repeat, not a 
           header_of(posts[2], "Repeatability-Request-Id"));
 }
 
+TEST_CASE("submission: once an attempt may still be running, later answers do not settle it") {
+    SUBCASE("timeout, then a gateway 503, then a 429: still a repeat, never a new request") {
+        FakeService service;
+        service.posts = {make_error(ErrorKind::no_answer, "timed out"), status(503), status(429),
+                         status(202)};
+        ApiSettings api = settings();
+        api.max_attempts = 4;
+        auto outcome = submit(service, message_with(1, 0, 0), api);
+        CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+        auto posts = service.of("POST");
+        REQUIRE(posts.size() == 4);
+        for (size_t i = 1; i < posts.size(); ++i) {
+            CHECK(header_of(posts[0], "Repeatability-Request-Id") ==
+                  header_of(posts[i], "Repeatability-Request-Id"));
+        }
+    }
+    SUBCASE("timeout, then 503s until out of attempts: unresolved, not 'not sent'") {
+        FakeService service;
+        service.posts = {make_error(ErrorKind::no_answer, "timed out"), status(503), status(503),
+                         status(503)};
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+    }
+    SUBCASE("timeout, then a 401 or 400: the first attempt may have gone through") {
+        for (long final_status : {401L, 403L, 400L, 413L}) {
+            FakeService service;
+            service.posts = {make_error(ErrorKind::no_answer, "timed out"), status(final_status)};
+            auto outcome = submit(service, message_with(1, 0, 0));
+            CAPTURE(final_status);
+            CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+        }
+    }
+    SUBCASE("timeout, then 412: no new request while the first may still run") {
+        FakeService service;
+        service.posts = {make_error(ErrorKind::no_answer, "timed out"), status(412)};
+        auto outcome = submit(service, message_with(1, 0, 0));
+        CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+        CHECK(service.of("POST").size() == 2);
+    }
+}
+
+TEST_CASE("submission: a 200 that does not name the operation is not an acceptance") {
+    FakeService service;
+    service.gets = {status(200, {}, "<html>blocked by policy</html>"), status(404)};
+    service.posts = {status(202)};
+    auto outcome = submit(service, message_with(1, 0, 0));
+    CHECK(outcome.chunks[0].fate == ChunkFate::accepted);
+    CHECK(service.of("POST").size() == 1);
+}
+
+TEST_CASE("submission: never two transactions of one message posting the same request") {
+    PostedRequests posted;
+    FakeService service;
+    service.posts = {status(202)};
+    ApiHooks hooks = service.hooks();
+    hooks.posted = &posted;
+    std::string id =
+        request_operation_id(kIdentity.content_digest, kIdentity.sender, {"to0@example.net"});
+    REQUIRE(posted.begin(id));  // another transaction is delivering it
+    auto outcome =
+        submit_to_acs(settings(), message_with(1, 0, 0), kIdentity, service.deadline(), hooks);
+    CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+    CHECK(service.of("POST").empty());
+    posted.end(id);
+    outcome =
+        submit_to_acs(settings(), message_with(1, 0, 0), kIdentity, service.deadline(), hooks);
+    CHECK(outcome.chunks[0].fate == ChunkFate::accepted);
+}
+
 TEST_CASE("submission: 409 means wait and ask, never permanent") {
     FakeService service;
     service.posts = {make_error(ErrorKind::no_answer, "timed out"),
                      status(409, {{"Retry-After", "2"}})};
-    service.gets = {status(404), status(404), status(200, {}, R"({"status":"Succeeded"})")};
+    service.gets = {status(404), status(404), exists(0, 1)};
     auto outcome = submit(service, message_with(1, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::accepted);
     CHECK(service.of("POST").size() == 2);
@@ -373,7 +452,7 @@ TEST_CASE("submission: 412 (first attempt left the 5-minute window) starts a new
 
 TEST_CASE("submission: a request an earlier attempt got accepted is not posted again") {
     FakeService service;
-    service.gets = {status(200, {}, R"({"status":"Succeeded"})"), status(404)};
+    service.gets = {exists(0, 50), status(404)};
     service.posts = {status(202)};
     auto outcome = submit(service, message_with(70, 0, 0));
     CHECK(outcome.kind == ApiOutcome::Kind::accepted);
@@ -403,7 +482,7 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
     auto first = run();
     CHECK(first.fate == ChunkFate::not_sent);
     // Posted by an earlier attempt: only the service knows.
-    posted.remember(first.operation_id);
+    posted.remember(first.operation_id, {});
     CHECK(run().fate == ChunkFate::unresolved);
     // Without a record of what was posted, every request counts as possibly posted.
     FakeService service;
@@ -414,11 +493,11 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
 TEST_CASE("posted requests: remembered, expired by count (then unknown ids count as posted)") {
     PostedRequests posted(2);
     CHECK_FALSE(posted.maybe_posted("a"));
-    posted.remember("a");
-    posted.remember("b");
+    posted.remember("a", {});
+    posted.remember("b", {});
     CHECK(posted.maybe_posted("a"));
     CHECK_FALSE(posted.maybe_posted("c"));
-    posted.remember("c");  // "a" is dropped for room
+    posted.remember("c", {});  // "a" is dropped for room
     CHECK(posted.maybe_posted("x"));
 }
 

@@ -116,6 +116,19 @@ TEST_CASE("plan: each policy without a partial acceptance") {
     CHECK(f.plan(failed).disposition == MtaPlan::Disposition::tempfail);
 }
 
+TEST_CASE("plan: recipients that differ only in case leave together") {
+    Fixture f;
+    f.recipients = {"Ann@example.net", "ann@example.net", "bob@example.net"};
+    f.args = {"<Ann@example.net>", "<ann@example.net>", "<bob@example.net>"};
+    f.api.on_failure = policy(FailurePolicy::Kind::hold);
+    ApiResult partial;
+    partial.failure = ApiFailure::transient;
+    partial.accepted = {"ann@example.net"};
+    MtaPlan plan = f.plan(partial);
+    CHECK(plan.delete_recipients ==
+          std::vector<std::string>{"<Ann@example.net>", "<ann@example.net>"});
+}
+
 TEST_CASE("plan: reject after a partial acceptance holds the rest instead") {
     Fixture f;
     f.add(3, 0);

@@ -6,6 +6,7 @@
 
 #include "paasmilter/api_delivery.hpp"
 #include "paasmilter/log.hpp"
+#include "paasmilter/text.hpp"
 
 namespace paasmilter {
 
@@ -77,8 +78,11 @@ void tempfail(MtaPlan& plan, std::string_view detail) {
         reply_text(fmt::format("Mail service unavailable, try again later: {}", detail));
 }
 
+// Case-insensitive: the conversion merges recipients that differ only in case, and the
+// service delivers to that one address for all of them.
 bool contains(const std::vector<std::string>& list, const std::string& item) {
-    return std::find(list.begin(), list.end(), item) != list.end();
+    return std::any_of(list.begin(), list.end(),
+                       [&](const std::string& other) { return iequals(other, item); });
 }
 
 // The recipients' RCPT arguments for those in `which`.
