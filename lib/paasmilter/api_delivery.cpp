@@ -161,30 +161,35 @@ namespace {
 using namespace std::chrono;
 using Steady = steady_clock;
 
+// "InvalidSenderUserName: ..." from ACS's error object {"code", "message"}.
+std::string error_text(const nlohmann::json& error) {
+    std::string text;
+    if (error.contains("code") && error["code"].is_string()) {
+        text = error["code"].get<std::string>();
+    }
+    if (error.contains("message") && error["message"].is_string()) {
+        std::string message = error["message"].get<std::string>();
+        if (message.size() > 300) message = message.substr(0, 300) + "...";
+        text += (text.empty() ? "" : ": ") + message;
+    }
+    return text;
+}
+
 // "HTTP 400 InvalidSenderUserName: ..." from ACS's error body {"error":{"code","message"}}.
 std::string describe_failure(const HttpResponse& response) {
     std::string text = fmt::format("HTTP {}", response.status);
     auto body = nlohmann::json::parse(response.body, nullptr, false);
     if (body.is_object() && body.contains("error") && body["error"].is_object()) {
-        const auto& error = body["error"];
-        if (error.contains("code") && error["code"].is_string()) {
-            text += " " + error["code"].get<std::string>();
-        }
-        if (error.contains("message") && error["message"].is_string()) {
-            std::string message = error["message"].get<std::string>();
-            if (message.size() > 300) message = message.substr(0, 300) + "...";
-            text += ": " + message;
-        }
+        std::string error = error_text(body["error"]);
+        if (!error.empty()) text += " " + error;
     }
     return text;
 }
 
 // A status answer for this operation: {"id": <the id>, "status": ...}.
 bool names_operation(const HttpResponse& response, const std::string& operation_id) {
-    auto body = nlohmann::json::parse(response.body, nullptr, false);
-    return body.is_object() && body.contains("id") && body["id"].is_string() &&
-           iequals(body["id"].get<std::string>(), operation_id) && body.contains("status") &&
-           body["status"].is_string();
+    auto status = parse_operation_status(response.body);
+    return status && iequals(status->id, operation_id);
 }
 
 // Whether the service has an operation: the answer to "was this request accepted before?".
@@ -345,18 +350,15 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     request.method = "POST";
     request.url = fmt::format("{}/emails:send?api-version={}", api_.endpoint, api_.api_version);
     request.body = body;
-    auto use_repeatability = [&](const PostedRequests::Repeatability& r) {
-        request.headers = {{"Content-Type", "application/json"},
-                           {"Operation-Id", operation_id},
-                           {"Repeatability-Request-Id", r.request_id},
-                           {"Repeatability-First-Sent", rfc1123_date(r.first_sent)}};
-        if (hooks_.posted) hooks_.posted->remember(operation_id, r);
-    };
     auto new_repeatability = [&] {
         auto id = uuid_v4();
-        use_repeatability({id ? *id : std::string(), hooks_.wall_clock()});
+        request.headers = {{"Content-Type", "application/json"},
+                           {"Operation-Id", operation_id},
+                           {"Repeatability-Request-Id", id ? *id : std::string()},
+                           {"Repeatability-First-Sent", rfc1123_date(hooks_.wall_clock())}};
     };
     new_repeatability();
+    if (hooks_.posted) hooks_.posted->remember(operation_id);
 
     // What the last attempt leaves open. `finished`: the service answered without accepting
     // it (500, 503, 412), so an absent operation proves it was not sent. `in_flight`: no
@@ -370,6 +372,12 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     // A final answer to this attempt. If an earlier attempt may still be running, only the
     // service can say whether it went through: accepted if the operation exists, else
     // unresolved -- never a verdict that would send the message elsewhere or bounce it.
+    // The operations endpoint says the service has it, after `why` had left it open.
+    auto confirmed = [&] {
+        report.fate = ChunkFate::accepted;
+        report.detail = "accepted (confirmed after: " + why + ")";
+        return report;
+    };
     auto final_answer = [&](ChunkFate fate) {
         report.detail = why;
         if (doubt != Doubt::in_flight) {
@@ -378,12 +386,10 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         }
         std::string check_why;
         if (check_operation(operation_id, true, check_why, milliseconds(0)) == Existence::exists) {
-            report.fate = ChunkFate::accepted;
-            report.detail = "accepted (confirmed after: " + why + ")";
-        } else {
-            report.fate = ChunkFate::unresolved;
-            report.detail = why + "; an earlier attempt may still be in progress";
+            return confirmed();
         }
+        report.fate = ChunkFate::unresolved;
+        report.detail = why + "; an earlier attempt may still be in progress";
         return report;
     };
     bool refreshed_token = false;
@@ -469,11 +475,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
             // request that got a 5xx is executed again, as documented).
             std::string check_why;
             Existence existence = check_operation(operation_id, true, check_why, reserve_);
-            if (existence == Existence::exists) {
-                report.fate = ChunkFate::accepted;
-                report.detail = "accepted (confirmed after: " + why + ")";
-                return report;
-            }
+            if (existence == Existence::exists) return confirmed();
             if (existence == Existence::unknown) {
                 report.fate = ChunkFate::unresolved;
                 report.detail = why + "; " + check_why;
@@ -500,9 +502,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         std::string check_why;
         switch (check_operation(operation_id, true, check_why, milliseconds(0))) {
             case Existence::exists:
-                report.fate = ChunkFate::accepted;
-                report.detail = "accepted (confirmed after: " + why + ")";
-                return report;
+                return confirmed();
             case Existence::absent:
                 if (doubt == Doubt::in_flight) break;  // it may still arrive
                 report.fate = ChunkFate::not_sent;
@@ -525,6 +525,18 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
 }
 
 }  // namespace
+
+std::optional<OperationStatus> parse_operation_status(std::string_view body) {
+    auto json = nlohmann::json::parse(body, nullptr, false);
+    if (!json.is_object() || !json.contains("status") || !json["status"].is_string()) {
+        return std::nullopt;
+    }
+    OperationStatus out;
+    out.status = json["status"].get<std::string>();
+    if (json.contains("id") && json["id"].is_string()) out.id = json["id"].get<std::string>();
+    if (json.contains("error") && json["error"].is_object()) out.error = error_text(json["error"]);
+    return out;
+}
 
 ApiOutcome submit_to_acs(const ApiSettings& api, EmailMessage message,
                          const MessageIdentity& identity, Steady::time_point deadline,

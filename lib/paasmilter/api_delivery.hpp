@@ -109,6 +109,15 @@ Result<void> authorize_acs_request(const ApiSettings& api, HttpRequest& request,
 // GET URL of an operation's status.
 std::string acs_operation_url(const ApiSettings& api, const std::string& operation_id);
 
+// An operation status body {"id", "status", "error":{"code","message"}}: error is
+// "code: message"; nullopt when `body` has no status.
+struct OperationStatus {
+    std::string id;
+    std::string status;
+    std::string error;
+};
+std::optional<OperationStatus> parse_operation_status(std::string_view body);
+
 // The requests' recipient split: chunks of at most `limit`, in to, cc, bcc order.
 std::vector<RecipientChunk> split_recipients(const EmailMessage& message, size_t limit);
 

@@ -482,7 +482,7 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
     auto first = run();
     CHECK(first.fate == ChunkFate::not_sent);
     // Posted by an earlier attempt: only the service knows.
-    posted.remember(first.operation_id, {});
+    posted.remember(first.operation_id);
     CHECK(run().fate == ChunkFate::unresolved);
     // Without a record of what was posted, every request counts as possibly posted.
     FakeService service;
@@ -493,11 +493,11 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
 TEST_CASE("posted requests: remembered, expired by count (then unknown ids count as posted)") {
     PostedRequests posted(2);
     CHECK_FALSE(posted.maybe_posted("a"));
-    posted.remember("a", {});
-    posted.remember("b", {});
+    posted.remember("a");
+    posted.remember("b");
     CHECK(posted.maybe_posted("a"));
     CHECK_FALSE(posted.maybe_posted("c"));
-    posted.remember("c", {});  // "a" is dropped for room
+    posted.remember("c");  // "a" is dropped for room
     CHECK(posted.maybe_posted("x"));
 }
 

@@ -5,6 +5,7 @@
 #include <mutex>
 #include <thread>
 
+#include "paasmilter/api_delivery.hpp"
 #include "paasmilter/delivery/status_poller.hpp"
 
 using namespace paasmilter;
@@ -128,6 +129,7 @@ TEST_CASE("operation status bodies") {
     auto s = parse_operation_status(R"({"id":"x","status":"Running"})");
     REQUIRE(s);
     CHECK(s->status == "Running");
+    CHECK(s->id == "x");
     CHECK(s->error.empty());
     CHECK_FALSE(parse_operation_status("not json"));
     CHECK_FALSE(parse_operation_status(R"({"id":"x"})"));

@@ -9,35 +9,22 @@ void PostedRequests::expire(std::chrono::steady_clock::time_point now) {
     while (!order_.empty() &&
            (order_.front().first + retention_ < now || order_.size() > capacity_)) {
         if (order_.size() > capacity_) dropped_any_ = true;
-        auto found = entries_.find(order_.front().second);
-        // Only the newest order entry of an id owns its record.
-        if (found != entries_.end() && found->second.posted == order_.front().first) {
-            entries_.erase(found);
-        }
+        ids_.erase(order_.front().second);
         order_.pop_front();
     }
 }
 
-void PostedRequests::remember(const std::string& operation_id, const Repeatability& repeatability) {
+void PostedRequests::remember(const std::string& operation_id) {
     auto now = std::chrono::steady_clock::now();
     std::lock_guard lock(mutex_);
-    entries_[operation_id] = Entry{now, repeatability};
-    order_.emplace_back(now, operation_id);
+    if (ids_.insert(operation_id).second) order_.emplace_back(now, operation_id);
     expire(now);
 }
 
 bool PostedRequests::maybe_posted(const std::string& operation_id) {
     std::lock_guard lock(mutex_);
     expire(std::chrono::steady_clock::now());
-    return dropped_any_ || entries_.count(operation_id) > 0;
-}
-
-std::optional<PostedRequests::Repeatability> PostedRequests::repeatability(
-    const std::string& operation_id) {
-    std::lock_guard lock(mutex_);
-    auto found = entries_.find(operation_id);
-    if (found == entries_.end()) return std::nullopt;
-    return found->second.repeatability;
+    return dropped_any_ || ids_.count(operation_id) > 0;
 }
 
 bool PostedRequests::begin(const std::string& operation_id) {

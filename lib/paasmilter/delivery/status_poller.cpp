@@ -2,8 +2,6 @@
 
 #include <algorithm>
 
-#include <nlohmann/json.hpp>
-
 #include "paasmilter/api_delivery.hpp"
 #include "paasmilter/log.hpp"
 
@@ -40,22 +38,6 @@ bool terminal(std::string_view status) {
 }
 
 }  // namespace
-
-std::optional<OperationStatus> parse_operation_status(std::string_view body) {
-    auto json = nlohmann::json::parse(body, nullptr, false);
-    if (!json.is_object() || !json.contains("status") || !json["status"].is_string()) {
-        return std::nullopt;
-    }
-    OperationStatus out{json["status"].get<std::string>(), {}};
-    if (json.contains("error") && json["error"].is_object()) {
-        const auto& error = json["error"];
-        if (error.contains("code") && error["code"].is_string()) out.error = error["code"];
-        if (error.contains("message") && error["message"].is_string()) {
-            out.error += (out.error.empty() ? "" : ": ") + error["message"].get<std::string>();
-        }
-    }
-    return out;
-}
 
 StatusPoller::StatusPoller(Options options, Report report)
     : options_(options),
@@ -137,13 +119,12 @@ void StatusPoller::poll(Job& job) {
         } else {
             last = "still " + status->status;
         }
-        auto after =
-            parse_retry_after(response->header("retry-after").value_or(""), system_clock::now());
-        if (after) wait = std::max(wait, duration_cast<milliseconds>(*after));
     } else if (response->status == 404) {
         return finish("Unknown", "the service has no such operation (HTTP 404)");
     } else {
         last = fmt::format("HTTP {}", response->status);
+    }
+    if (response) {
         auto after =
             parse_retry_after(response->header("Retry-After").value_or(""), system_clock::now());
         if (after) wait = std::max(wait, duration_cast<milliseconds>(*after));

@@ -72,12 +72,4 @@ class StatusPoller {
 // route's requests are.
 StatusPoller::Fetch acs_status_fetch(std::shared_ptr<const ApiSettings> api);
 
-// "Failed: EmailDroppedAllRecipientsSuppressed: ..." from an operation status body
-// {"id","status","error":{"code","message"}}; nullopt when `body` has no status.
-struct OperationStatus {
-    std::string status;
-    std::string error;
-};
-std::optional<OperationStatus> parse_operation_status(std::string_view body);
-
 }  // namespace paasmilter
