@@ -350,15 +350,32 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     request.method = "POST";
     request.url = fmt::format("{}/emails:send?api-version={}", api_.endpoint, api_.api_version);
     request.body = body;
-    auto new_repeatability = [&] {
-        auto id = uuid_v4();
+    auto use_repeatability = [&](const PostedRequests::Repeatability& r) {
         request.headers = {{"Content-Type", "application/json"},
                            {"Operation-Id", operation_id},
-                           {"Repeatability-Request-Id", id ? *id : std::string()},
-                           {"Repeatability-First-Sent", rfc1123_date(hooks_.wall_clock())}};
+                           {"Repeatability-Request-Id", r.request_id},
+                           {"Repeatability-First-Sent", rfc1123_date(r.first_sent)}};
+        if (hooks_.posted) hooks_.posted->remember(operation_id, r);
     };
-    new_repeatability();
-    if (hooks_.posted) hooks_.posted->remember(operation_id);
+    auto new_repeatability = [&] {
+        auto id = uuid_v4();
+        use_repeatability({id ? *id : std::string(), hooks_.wall_clock()});
+    };
+    // An earlier transaction left this request's fate open, and a client retried at once:
+    // the original may still be running although the service has no operation yet. Repeat
+    // that very request (the service answers 409 while it runs, or replays its answer)
+    // instead of posting a new one. Only while the original can still be running (its
+    // request timeout and a margin): after that an absent operation is proof, and a replayed
+    // 409 must not hold the message back for the rest of the service's 5-minute window.
+    std::optional<PostedRequests::Repeatability> earlier =
+        hooks_.posted ? hooks_.posted->uncertain_repeatability(operation_id) : std::nullopt;
+    bool repeating_earlier =
+        earlier && hooks_.wall_clock() - earlier->first_sent < api_.request_timeout + seconds(30);
+    if (repeating_earlier) {
+        use_repeatability(*earlier);
+    } else {
+        new_repeatability();
+    }
 
     // What the last attempt leaves open. `finished`: the service answered without accepting
     // it (500, 503, 412), so an absent operation proves it was not sent. `in_flight`: no
@@ -367,7 +384,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     // Once an attempt may still be running it stays so for the whole transaction: a later
     // answer (a 503 from a gateway, a 412, a 429) says nothing about that earlier attempt.
     enum class Doubt { none, finished, in_flight };
-    Doubt doubt = Doubt::none;
+    Doubt doubt = repeating_earlier ? Doubt::in_flight : Doubt::none;
     auto raise = [&](Doubt d) { doubt = std::max(doubt, d); };
     // A final answer to this attempt. If an earlier attempt may still be running, only the
     // service can say whether it went through: accepted if the operation exists, else
@@ -417,6 +434,13 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
                 return report;
             }
             why = describe_failure(*response);
+            if (repeating_earlier && status >= 400 && status < 500 && status != 401 &&
+                status != 403 && status != 409) {
+                // A repeat of a finished request gets the original's answer (documented): a
+                // 4xx means the earlier attempt was not carried out.
+                doubt = Doubt::none;
+            }
+            repeating_earlier = false;
             if (status == 409) {
                 // The original of this repeatable request is still in progress (or another
                 // attempt of the message holds the operation id): wait, then ask.
@@ -569,6 +593,10 @@ ApiOutcome submit_to_acs(const ApiSettings& api, EmailMessage message,
             std::vector<std::string> recipients = std::move(report.recipients);
             report = submission.deliver(report.operation_id, renderer.body(chunks[i]));
             report.recipients = std::move(recipients);
+            if (hooks.posted) {
+                hooks.posted->set_uncertain(report.operation_id,
+                                            report.fate == ChunkFate::unresolved);
+            }
             // After a failure the rest would most likely fail the same way; they go to the
             // failure policy with it (and are asked about first on the next attempt).
             stopped = !service_has(report.fate);

@@ -427,6 +427,50 @@ TEST_CASE("submission: never two transactions of one message posting the same re
     CHECK(outcome.chunks[0].fate == ChunkFate::accepted);
 }
 
+TEST_CASE("submission: a quick client retry repeats an uncertain earlier request") {
+    PostedRequests posted;
+    auto attempt = [&posted](std::vector<Result<HttpResponse>> posts,
+                             std::chrono::seconds later = 0s) {
+        FakeService service;
+        service.wall += later;
+        service.posts = std::move(posts);
+        ApiHooks hooks = service.hooks();
+        hooks.posted = &posted;
+        auto outcome =
+            submit_to_acs(settings(), message_with(1, 0, 0), kIdentity, service.deadline(), hooks);
+        return std::pair{outcome.chunks[0].fate, service.of("POST")};
+    };
+    auto timeouts = [] {
+        std::vector<Result<HttpResponse>> out;
+        for (int i = 0; i < 4; ++i) out.push_back(make_error(ErrorKind::no_answer, "timed out"));
+        return out;
+    };
+    auto [first, first_posts] = attempt(timeouts());
+    CHECK(first == ChunkFate::unresolved);
+    std::string r1 = header_of(first_posts[0], "Repeatability-Request-Id");
+    // The earlier request may still be running (no operation yet): the retry repeats it.
+    auto [second, second_posts] = attempt({status(202)}, 20s);
+    CHECK(second == ChunkFate::accepted);
+    REQUIRE(second_posts.size() == 1);
+    CHECK(header_of(second_posts[0], "Repeatability-Request-Id") == r1);
+    CHECK(header_of(second_posts[0], "Repeatability-First-Sent") ==
+          header_of(first_posts[0], "Repeatability-First-Sent"));
+    // A replayed 429 says the earlier request was not carried out: a new request at once.
+    std::tie(first, first_posts) = attempt(timeouts());
+    r1 = header_of(first_posts[0], "Repeatability-Request-Id");
+    auto [third, third_posts] = attempt({status(429), status(202)}, 20s);
+    CHECK(third == ChunkFate::accepted);
+    REQUIRE(third_posts.size() == 2);
+    CHECK(header_of(third_posts[0], "Repeatability-Request-Id") == r1);
+    CHECK(header_of(third_posts[1], "Repeatability-Request-Id") != r1);
+    // Long after the original could have run, the absent operation is proof: a new request.
+    std::tie(first, first_posts) = attempt(timeouts());
+    r1 = header_of(first_posts[0], "Repeatability-Request-Id");
+    auto [fourth, fourth_posts] = attempt({status(202)}, 120s);
+    CHECK(fourth == ChunkFate::accepted);
+    CHECK(header_of(fourth_posts[0], "Repeatability-Request-Id") != r1);
+}
+
 TEST_CASE("submission: 409 means wait and ask, never permanent") {
     FakeService service;
     service.posts = {make_error(ErrorKind::no_answer, "timed out"),
@@ -482,7 +526,7 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
     auto first = run();
     CHECK(first.fate == ChunkFate::not_sent);
     // Posted by an earlier attempt: only the service knows.
-    posted.remember(first.operation_id);
+    posted.remember(first.operation_id, {});
     CHECK(run().fate == ChunkFate::unresolved);
     // Without a record of what was posted, every request counts as possibly posted.
     FakeService service;
@@ -493,11 +537,11 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
 TEST_CASE("posted requests: remembered, expired by count (then unknown ids count as posted)") {
     PostedRequests posted(2);
     CHECK_FALSE(posted.maybe_posted("a"));
-    posted.remember("a");
-    posted.remember("b");
+    posted.remember("a", {});
+    posted.remember("b", {});
     CHECK(posted.maybe_posted("a"));
     CHECK_FALSE(posted.maybe_posted("c"));
-    posted.remember("c");  // "a" is dropped for room
+    posted.remember("c", {});  // "a" is dropped for room
     CHECK(posted.maybe_posted("x"));
 }
 

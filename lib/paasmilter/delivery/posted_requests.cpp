@@ -9,22 +9,42 @@ void PostedRequests::expire(std::chrono::steady_clock::time_point now) {
     while (!order_.empty() &&
            (order_.front().first + retention_ < now || order_.size() > capacity_)) {
         if (order_.size() > capacity_) dropped_any_ = true;
-        ids_.erase(order_.front().second);
+        auto found = entries_.find(order_.front().second);
+        // Only the newest order entry of an id owns its record.
+        if (found != entries_.end() && found->second.posted == order_.front().first) {
+            entries_.erase(found);
+        }
         order_.pop_front();
     }
 }
 
-void PostedRequests::remember(const std::string& operation_id) {
+void PostedRequests::remember(const std::string& operation_id, const Repeatability& repeatability) {
     auto now = std::chrono::steady_clock::now();
     std::lock_guard lock(mutex_);
-    if (ids_.insert(operation_id).second) order_.emplace_back(now, operation_id);
+    entries_[operation_id] = Entry{now, repeatability, false};
+    order_.emplace_back(now, operation_id);
     expire(now);
+}
+
+void PostedRequests::set_uncertain(const std::string& operation_id, bool uncertain) {
+    std::lock_guard lock(mutex_);
+    if (auto found = entries_.find(operation_id); found != entries_.end()) {
+        found->second.uncertain = uncertain;
+    }
+}
+
+std::optional<PostedRequests::Repeatability> PostedRequests::uncertain_repeatability(
+    const std::string& operation_id) {
+    std::lock_guard lock(mutex_);
+    auto found = entries_.find(operation_id);
+    if (found == entries_.end() || !found->second.uncertain) return std::nullopt;
+    return found->second.repeatability;
 }
 
 bool PostedRequests::maybe_posted(const std::string& operation_id) {
     std::lock_guard lock(mutex_);
     expire(std::chrono::steady_clock::now());
-    return dropped_any_ || ids_.count(operation_id) > 0;
+    return dropped_any_ || entries_.count(operation_id) > 0;
 }
 
 bool PostedRequests::begin(const std::string& operation_id) {
