@@ -16,6 +16,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <mutex>
@@ -23,11 +24,14 @@
 #include <thread>
 #include <utility>
 
+#include "api_action.hpp"
 #include "callbacks.hpp"
 #include "config_snapshot.hpp"
+#include "paasmilter/delivery/posted_requests.hpp"
 #include "paasmilter/drain.hpp"
 #include "paasmilter/log.hpp"
 #include "paasmilter/services.hpp"
+#include "paasmilter/unique_fd.hpp"
 
 namespace paasmilter {
 
@@ -72,23 +76,9 @@ void on_signal(int signal_number) {
     errno = saved_errno;
 }
 
-class Fd {
-  public:
-    explicit Fd(int fd = -1) : fd_(fd) {}
-    ~Fd() {
-        if (fd_ >= 0) close(fd_);
-    }
-    Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-    Fd& operator=(Fd&&) = delete;
-    int get() const { return fd_; }
-
-  private:
-    int fd_;
-};
-
 struct SignalPipe {
-    Fd read_end;
-    Fd write_end;
+    UniqueFd read_end;
+    UniqueFd write_end;
 };
 
 // The pipe, and the handler for kHandledSignals writing to it.
@@ -96,7 +86,7 @@ Result<SignalPipe> install_signal_handlers() {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0)
         return make_error(fmt::format("cannot create a pipe: {}", std::strerror(errno)));
-    SignalPipe result{Fd(fds[0]), Fd(fds[1])};
+    SignalPipe result{UniqueFd(fds[0]), UniqueFd(fds[1])};
     if (fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0)
         return make_error(fmt::format("cannot set O_NONBLOCK: {}", std::strerror(errno)));
     g_signal_pipe = fds[1];
@@ -155,6 +145,38 @@ void disable_nagle_on_listener() {
     }
 }
 
+// The journal of posted API requests (see PostedRequests) is opened once, with the first
+// configuration that has an API route: without it a restart could send a message twice.
+Result<void> open_journal_for(const Config& config) {
+    static std::string opened;  // main thread at start-up, then only the reloader thread
+    if (!config.has_api_routes()) return {};
+    const std::string directory = state_directory_of(config, std::getenv("STATE_DIRECTORY"));
+    if (!opened.empty()) {
+        if (opened != directory) {
+            log_warning(
+                "milter.state_directory changed to {}; a restart is needed to use it "
+                "(still {})",
+                directory, opened);
+        }
+        return {};
+    }
+    auto summary = posted_requests().open_journal(directory + "/posted-requests.journal");
+    if (!summary) {
+        return make_error(fmt::format(
+            "API routes need a state directory the milter can write (milter.state_directory, "
+            "systemd's StateDirectory=, or {}): {}",
+            directory, summary.error().message));
+    }
+    opened = directory;
+    log_info(
+        "posted API requests are recorded in {}/posted-requests.journal ({} from earlier "
+        "runs, {} of them left open{})",
+        directory, summary->requests, summary->left_open,
+        summary->unreadable ? fmt::format(", {} unreadable lines skipped", summary->unreadable)
+                            : std::string());
+    return {};
+}
+
 class Reloader {
   public:
     explicit Reloader(std::string path) : path_(std::move(path)), thread_([this] { loop(); }) {}
@@ -192,6 +214,11 @@ class Reloader {
         if (!loaded) {
             log_error("reload refused, the running configuration stays in force: {}",
                       loaded.error().to_string());
+            return;
+        }
+        if (auto journal = open_journal_for(**loaded); !journal) {
+            log_error("reload refused, the running configuration stays in force: {}",
+                      journal.error().message);
             return;
         }
         auto old = config_snapshot().get();
@@ -255,6 +282,10 @@ int run_daemon(const DaemonOptions& options) {
         return 1;
     }
     log_warnings(**loaded);
+    if (auto journal = open_journal_for(**loaded); !journal) {
+        log_error("{}", journal.error().message);
+        return 1;
+    }
     std::string socket = (*loaded)->socket;
     config_snapshot().set(std::move(*loaded));
 

@@ -350,12 +350,19 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     request.method = "POST";
     request.url = fmt::format("{}/emails:send?api-version={}", api_.endpoint, api_.api_version);
     request.body = body;
+    // A request goes out only once it is written down (see PostedRequests): a journal that
+    // cannot be written stops the attempts, and what was posted before is asked about.
+    bool recorded = true;
     auto use_repeatability = [&](const PostedRequests::Repeatability& r) {
         request.headers = {{"Content-Type", "application/json"},
                            {"Operation-Id", operation_id},
                            {"Repeatability-Request-Id", r.request_id},
                            {"Repeatability-First-Sent", rfc1123_date(r.first_sent)}};
-        if (hooks_.posted) hooks_.posted->remember(operation_id, r);
+        if (!hooks_.posted) return;
+        if (auto remembered = hooks_.posted->remember(operation_id, r); !remembered) {
+            recorded = false;
+            why += (why.empty() ? "" : "; ") + remembered.error().message;
+        }
     };
     auto new_repeatability = [&] {
         auto id = uuid_v4();
@@ -412,6 +419,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     bool refreshed_token = false;
     milliseconds backoff{1000};
     for (int attempt = 1; attempt <= api_.max_attempts; ++attempt) {
+        if (!recorded) break;
         if (remaining() <= reserve_) {
             why += " (time budget exhausted)";
             break;

@@ -82,6 +82,20 @@ const Route* Config::find_route(std::string_view name) const {
     return it == routes.end() ? nullptr : &it->second;
 }
 
+bool Config::has_api_routes() const {
+    return std::any_of(routes.begin(), routes.end(),
+                       [](const auto& named) { return named.second.action == Action::api; });
+}
+
+std::string state_directory_of(const Config& config, const char* state_directory_env) {
+    if (!config.state_directory.empty()) return config.state_directory;
+    // systemd passes every StateDirectory= entry, separated by colons.
+    std::string_view from_env = state_directory_env ? state_directory_env : "";
+    from_env = from_env.substr(0, from_env.find(':'));
+    if (from_env.starts_with("/")) return std::string(from_env);
+    return "/var/lib/paas-milter";
+}
+
 namespace {
 
 // Conditions in the order they are evaluated: cheap connection facts first, headers last.
@@ -243,8 +257,9 @@ class Loader {
         if (!node) return make_error("missing table [milter]", path_);
         const toml::table* milter = node->as_table();
         if (!milter) return error_at(*node, "milter: expected a table");
-        if (auto r = check_keys(*milter, {"socket", "routing_header", "mode", "default_route"},
-                                "milter");
+        if (auto r = check_keys(
+                *milter, {"socket", "routing_header", "mode", "default_route", "state_directory"},
+                "milter");
             !r)
             return r;
 
@@ -296,6 +311,15 @@ class Loader {
         auto default_route = get_string(*milter, "default_route", "milter", false);
         if (!default_route) return default_route.error();
         config.default_route = *default_route;
+
+        auto state_directory = get_string(*milter, "state_directory", "milter", false);
+        if (!state_directory) return state_directory.error();
+        if (!state_directory->empty() && !state_directory->starts_with("/")) {
+            return error_at(*milter->get("state_directory"),
+                            fmt::format("milter.state_directory: \"{}\" is not an absolute path",
+                                        *state_directory));
+        }
+        config.state_directory = *state_directory;
         return {};
     }
 

@@ -112,13 +112,22 @@ struct Config {
     std::string routing_header = "X-PaaS-Route";
     Mode mode = Mode::enforce;
     std::string default_route;  // empty: leave unmatched messages alone
+    // Where the daemon keeps what must survive a restart (the journal of posted API
+    // requests). Empty: $STATE_DIRECTORY (systemd's StateDirectory=), else
+    // /var/lib/paas-milter; see state_directory_of().
+    std::string state_directory;
     std::map<std::string, Route, std::less<>> routes;
     std::vector<Rule> rules;
     // Valid but risky settings ("file:line: key: why"), for `check` and the daemon's log.
     std::vector<std::string> warnings;
 
     const Route* find_route(std::string_view name) const;
+    bool has_api_routes() const;
 };
+
+// The state directory in force: the configured one, else the first of systemd's
+// $STATE_DIRECTORY (`state_directory_env`, may be null), else /var/lib/paas-milter.
+std::string state_directory_of(const Config& config, const char* state_directory_env);
 
 class ServiceRegistry;
 

@@ -1,4 +1,5 @@
 #include "paasmilter/table.hpp"
+#include "paasmilter/unique_fd.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -133,26 +134,12 @@ std::string_view kind_plural(KeyKind kind) {
 // ---------------------------------------------------------------------------------------
 // Reading table source files.
 
-class FileDescriptor {
-  public:
-    explicit FileDescriptor(int fd) : fd_(fd) {}
-    ~FileDescriptor() {
-        if (fd_ >= 0) ::close(fd_);
-    }
-    FileDescriptor(const FileDescriptor&) = delete;
-    FileDescriptor& operator=(const FileDescriptor&) = delete;
-    int get() const { return fd_; }
-
-  private:
-    int fd_;
-};
-
 std::string errno_text(int error) {
     return std::error_code(error, std::generic_category()).message();
 }
 
 Result<std::string> read_whole_file(const std::string& path, std::string_view spec) {
-    FileDescriptor file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    UniqueFd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (file.get() < 0)
         return make_error("cannot open " + std::string(spec) + ": " + errno_text(errno));
     std::string content;

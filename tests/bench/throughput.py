@@ -349,7 +349,8 @@ class UnixMilter(harness.Milter):
             return self
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True, env=self.env)
+                                         stderr=log, start_new_session=True,
+                                         env=self.process_env())
         self.returncode = None
         harness._LIVE.add(self)
         deadline = time.monotonic() + timeout

@@ -1033,6 +1033,16 @@ class Milter:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def process_env(self) -> dict[str, str]:
+        """ENV if given, else ours plus what systemd's StateDirectory= passes: the journal
+        of posted API requests goes to a directory beside the configuration (never to
+        /var/lib) and survives the milter's restarts."""
+        if self.env is not None:
+            return self.env
+        state = os.path.join(os.path.dirname(os.path.abspath(self.config_path)), "state")
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        return {**os.environ, "STATE_DIRECTORY": state}
+
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> "Milter":
         if self.running:
             return self
@@ -1041,7 +1051,8 @@ class Milter:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True, env=self.env)
+                                         stderr=log, start_new_session=True,
+                                         env=self.process_env())
         finally:
             log.close()
         self.returncode = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 import select
+import signal
 import socket
 import socketserver
 import sys
@@ -365,6 +366,43 @@ class HoldPolicy(ApiRouteTestCase):
         line = self.milter.wait_for_log(r"chunks=unresolved.*").group(0)
         self.assertIn("unresolved requests: tempfail", line)
         self.assertEqual(self.postfix.queue(), [])
+
+
+class MilterRestart(ApiRouteTestCase):
+    # The worst legal service: a repeated Operation-Id is executed again.
+    mock_options = {"reexecute_repeated_operation_id": True}
+
+    def test_a_request_in_flight_when_the_milter_dies_is_repeated_after_the_restart(self) -> None:
+        # The service takes 6 s to carry out the request, and the milter is SIGKILLed while it
+        # waits. The client retries after the restart, while the original still runs: the
+        # operation does not exist yet, so only the journal says that a request went out.
+        # The milter repeats that very request (same Repeatability-Request-Id), the service
+        # answers 409 until the original is done, and the message goes out once.
+        self.mock.fail_next(delay=6)
+        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\n"
+                "Subject: crash test\r\n\r\npage 1\r\n")
+        first: list[harness.SwaksResult] = []
+        client = threading.Thread(target=lambda: first.append(self.send(data=data)))
+        client.start()
+        deadline = time.monotonic() + 20
+        while not self.mock.requests("send") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertTrue(self.mock.requests("send"), "the milter posted nothing")
+        os.kill(self.milter.pid, signal.SIGKILL)
+        client.join(60)
+        self.assertEqual(first[0].data_code, 451, first[0].transcript)
+
+        mark = self.milter.log_mark()
+        self.milter.start()
+        self.milter.wait_for_log(r"1 from earlier runs, 1 of them left open", since=mark)
+        second = self.send(data=data)
+        self.assertEqual(second.data_code, 250, second.transcript)
+        self.assertIn("api=accepted", self.decision(second.queue_id))
+        # Once every request the service got is done, the original included:
+        posts = self.mock.wait_for_requests(len(self.mock.requests("send")), timeout=20)
+        self.assertEqual(len(self.mock.accepted_messages()), 1)
+        self.assertGreater(len(posts), 1)
+        self.assertEqual({p.repeatability_id for p in posts}, {posts[0].repeatability_id})
 
 
 class ConnectProxy:

@@ -17,6 +17,7 @@
 #include "paasmilter/delivery/message_identity.hpp"
 #include "paasmilter/spool.hpp"
 #include "temp_dir.hpp"
+#include "test_support.hpp"
 
 using namespace paasmilter;
 using namespace std::chrono_literals;
@@ -526,7 +527,7 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
     auto first = run();
     CHECK(first.fate == ChunkFate::not_sent);
     // Posted by an earlier attempt: only the service knows.
-    posted.remember(first.operation_id, {});
+    CHECK(posted.remember(first.operation_id, {}));
     CHECK(run().fate == ChunkFate::unresolved);
     // Without a record of what was posted, every request counts as possibly posted.
     FakeService service;
@@ -534,15 +535,25 @@ TEST_CASE("submission: when the service cannot say whether it has a request, not
     CHECK(submit(service, message_with(1, 0, 0)).chunks[0].fate == ChunkFate::unresolved);
 }
 
-TEST_CASE("posted requests: remembered, expired by count (then unknown ids count as posted)") {
-    PostedRequests posted(2);
-    CHECK_FALSE(posted.maybe_posted("a"));
-    posted.remember("a", {});
-    posted.remember("b", {});
-    CHECK(posted.maybe_posted("a"));
-    CHECK_FALSE(posted.maybe_posted("c"));
-    posted.remember("c", {});  // "a" is dropped for room
-    CHECK(posted.maybe_posted("x"));
+TEST_CASE("submission: a request that cannot be written down first never goes out") {
+    testing::TempDir dir;
+    PostedRequests posted;
+    REQUIRE(posted.open_journal((dir.path() / "journal").string()));
+    FakeService service;
+    service.gets = {status(404)};
+    ApiHooks hooks = service.hooks();
+    hooks.posted = &posted;
+    ApiOutcome outcome;
+    {
+        testing::FileSizeLimit full_disk(0);
+        outcome =
+            submit_to_acs(settings(), message_with(1, 0, 0), kIdentity, service.deadline(), hooks);
+    }
+    CHECK(service.of("POST").empty());
+    CHECK(outcome.kind == ApiOutcome::Kind::transient);
+    REQUIRE(outcome.chunks.size() == 1);
+    CHECK(outcome.chunks[0].fate == ChunkFate::not_sent);
+    CHECK(outcome.detail.find("cannot write") != std::string::npos);
 }
 
 TEST_CASE("submission: a Retry-After beyond the budget is a transient failure at once") {

@@ -66,6 +66,26 @@ TEST_CASE("a minimal configuration loads with defaults") {
     CHECK(c.rules[0].conditions.size() == 1);
 }
 
+TEST_CASE("the state directory: configured, else systemd's, else /var/lib/paas-milter") {
+    TempDir dir;
+    auto config = load_config(dir.write("paas-milter.toml", kMinimal));
+    REQUIRE(config.ok());
+    CHECK_FALSE((*config)->has_api_routes());
+    CHECK(state_directory_of(**config, nullptr) == "/var/lib/paas-milter");
+    CHECK(state_directory_of(**config, "") == "/var/lib/paas-milter");
+    CHECK(state_directory_of(**config, "/var/lib/paas-milter:/var/lib/other") ==
+          "/var/lib/paas-milter");
+    CHECK(state_directory_of(**config, "relative") == "/var/lib/paas-milter");
+    auto configured = load_config(
+        dir.write("paas-milter.toml",
+                  replace(kMinimal, "socket = ", "state_directory = \"/srv/paas\"\nsocket = ")));
+    REQUIRE(configured.ok());
+    CHECK(state_directory_of(**configured, "/run/elsewhere") == "/srv/paas");
+    CHECK(load_error(replace(kMinimal, "socket = ", "state_directory = \"var/x\"\nsocket = "), dir)
+              .find("paas-milter.toml:3: milter.state_directory: \"var/x\" is not an "
+                    "absolute path") != std::string::npos);
+}
+
 TEST_CASE("the shipped example configuration is valid") {
     auto config = load_config(PAAS_SOURCE_DIR "/etc/paas-milter.toml");
     REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));

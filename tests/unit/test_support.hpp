@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +19,29 @@
 #include "temp_dir.hpp"
 
 namespace paasmilter::testing {
+
+// Lowers the file size limit (RLIMIT_FSIZE) of the whole process while alive: writes past
+// `bytes` then fail with EFBIG, as on a full disk (SIGXFSZ is ignored meanwhile).
+class FileSizeLimit {
+  public:
+    explicit FileSizeLimit(rlim_t bytes) {
+        REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved_) == 0);
+        old_handler_ = ::signal(SIGXFSZ, SIG_IGN);
+        rlimit lowered = saved_;
+        lowered.rlim_cur = bytes;
+        REQUIRE(::setrlimit(RLIMIT_FSIZE, &lowered) == 0);
+    }
+    ~FileSizeLimit() {
+        ::setrlimit(RLIMIT_FSIZE, &saved_);
+        ::signal(SIGXFSZ, old_handler_);
+    }
+    FileSizeLimit(const FileSizeLimit&) = delete;
+    FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+
+  private:
+    rlimit saved_{};
+    sighandler_t old_handler_ = SIG_DFL;
+};
 
 // Runs a shell command and returns its standard output; the test fails on a non-zero exit.
 inline std::string run(const std::string& command) {

@@ -1,11 +1,87 @@
 #include "paasmilter/delivery/posted_requests.hpp"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <vector>
+
+#include <fmt/format.h>
+
 namespace paasmilter {
+
+namespace {
+
+// The journal: one line per event, appended.
+//   P <operation-id> <posted, unix ms> <repeatability request id or -> <first sent, unix ms>
+//       the request is about to go out (flushed to disk before it does); until an S or U
+//       line follows, its fate counts as left open -- the process died during the attempt
+//   S <operation-id>   the attempt settled the request's fate
+//   U <operation-id>   the attempt left it open
+//   D                  records were dropped for room: unknown ids count as posted
+using Clock = std::chrono::system_clock;
+
+long long to_ms(Clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+}
+Clock::time_point from_ms(long long ms) {
+    return Clock::time_point(std::chrono::milliseconds(ms));
+}
+
+std::string errno_text() {
+    return std::strerror(errno);
+}
+
+std::vector<std::string_view> fields_of(std::string_view line) {
+    std::vector<std::string_view> fields;
+    while (!line.empty()) {
+        size_t space = line.find(' ');
+        fields.push_back(line.substr(0, space));
+        if (space == std::string_view::npos) break;
+        line.remove_prefix(space + 1);
+    }
+    return fields;
+}
+
+std::optional<long long> number(std::string_view text) {
+    long long value = 0;
+    auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (error != std::errc() || end != text.data() + text.size()) return std::nullopt;
+    return value;
+}
+
+bool plain_token(std::string_view text) {
+    return !text.empty() && text.find_first_of(" \n\r") == std::string_view::npos;
+}
+
+std::string posted_line(const std::string& operation_id, Clock::time_point posted,
+                        const PostedRequests::Repeatability& r) {
+    return fmt::format("P {} {} {} {}\n", operation_id, to_ms(posted),
+                       r.request_id.empty() ? "-" : r.request_id, to_ms(r.first_sent));
+}
+
+Result<void> write_all(int fd, std::string_view data) {
+    while (!data.empty()) {
+        ssize_t n = ::write(fd, data.data(), data.size());
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return make_error(errno_text());
+        }
+        data.remove_prefix(static_cast<size_t>(n));
+    }
+    return {};
+}
+
+}  // namespace
 
 PostedRequests::PostedRequests(size_t capacity, std::chrono::hours retention)
     : capacity_(capacity), retention_(retention) {}
 
-void PostedRequests::expire(std::chrono::steady_clock::time_point now) {
+void PostedRequests::expire(Clock::time_point now) {
     while (!order_.empty() &&
            (order_.front().first + retention_ < now || order_.size() > capacity_)) {
         if (order_.size() > capacity_) dropped_any_ = true;
@@ -18,18 +94,154 @@ void PostedRequests::expire(std::chrono::steady_clock::time_point now) {
     }
 }
 
-void PostedRequests::remember(const std::string& operation_id, const Repeatability& repeatability) {
-    auto now = std::chrono::steady_clock::now();
+void PostedRequests::record(const std::string& operation_id, Entry entry) {
+    order_.emplace_back(entry.posted, operation_id);
+    entries_[operation_id] = std::move(entry);
+}
+
+Result<void> PostedRequests::append(const std::string& line, bool durable) {
+    if (!journal_) return {};
+    if (auto written = write_all(journal_.get(), line); !written) {
+        return make_error(
+            fmt::format("cannot write {}: {}", journal_path_, written.error().message));
+    }
+    // Only the record that lets a request go out must be on disk first; a lost S or U line
+    // leaves the request open after a crash, which is the safe side.
+    if (durable && ::fdatasync(journal_.get()) != 0) {
+        return make_error(fmt::format("cannot flush {}: {}", journal_path_, errno_text()));
+    }
+    // Rewritten when mostly superseded lines: bounded by the live records.
+    if (++journal_lines_ > 4 * entries_.size() + 100'000) return rewrite_journal();
+    return {};
+}
+
+void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
+    auto fields = fields_of(line);
+    if (fields.size() == 1 && fields[0] == "D") {
+        dropped_any_ = true;
+        return;
+    }
+    if (fields.size() == 5 && fields[0] == "P" && plain_token(fields[1]) &&
+        plain_token(fields[3])) {
+        auto posted = number(fields[2]);
+        auto first_sent = number(fields[4]);
+        if (posted && first_sent) {
+            Repeatability r{fields[3] == "-" ? std::string() : std::string(fields[3]),
+                            from_ms(*first_sent)};
+            record(std::string(fields[1]), Entry{from_ms(*posted), std::move(r), true});
+            return;
+        }
+    }
+    if (fields.size() == 2 && (fields[0] == "S" || fields[0] == "U")) {
+        if (auto found = entries_.find(std::string(fields[1])); found != entries_.end()) {
+            found->second.uncertain = fields[0] == "U";
+        }
+        return;
+    }
+    ++summary.unreadable;
+}
+
+Result<void> PostedRequests::rewrite_journal() {
+    std::string text;
+    if (dropped_any_) text += "D\n";
+    for (const auto& [posted, id] : order_) {
+        auto found = entries_.find(id);
+        if (found == entries_.end() || found->second.posted != posted) continue;
+        text += posted_line(id, posted, found->second.repeatability);
+        text += fmt::format("{} {}\n", found->second.uncertain ? 'U' : 'S', id);
+    }
+    const std::string fresh = journal_path_ + ".new";
+    UniqueFd out(::open(fresh.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    if (!out) return make_error(fmt::format("cannot create {}: {}", fresh, errno_text()));
+    if (auto written = write_all(out.get(), text); !written) {
+        return make_error(fmt::format("cannot write {}: {}", fresh, written.error().message));
+    }
+    if (::fsync(out.get()) != 0) {
+        return make_error(fmt::format("cannot flush {}: {}", fresh, errno_text()));
+    }
+    if (::rename(fresh.c_str(), journal_path_.c_str()) != 0) {
+        return make_error(
+            fmt::format("cannot rename {} to {}: {}", fresh, journal_path_, errno_text()));
+    }
+    // The rename itself must be durable before anything is appended to the new file.
+    std::string directory = journal_path_.substr(0, journal_path_.find_last_of('/') + 1);
+    UniqueFd dir(
+        ::open(directory.empty() ? "." : directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (dir) ::fsync(dir.get());
+    UniqueFd appending(::open(journal_path_.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC));
+    if (!appending) {
+        return make_error(fmt::format("cannot open {}: {}", journal_path_, errno_text()));
+    }
+    journal_ = std::move(appending);
+    journal_lines_ = 0;
+    return {};
+}
+
+Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::string& path) {
     std::lock_guard lock(mutex_);
-    entries_[operation_id] = Entry{now, repeatability, false};
-    order_.emplace_back(now, operation_id);
+    journal_path_ = path;
+    // A lock beside the journal (the journal itself is replaced when rewritten): two
+    // processes appending to one journal would each miss the other's requests.
+    const std::string lock_path = path + ".lock";
+    UniqueFd lock_file(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!lock_file) return make_error(fmt::format("cannot open {}: {}", lock_path, errno_text()));
+    if (::flock(lock_file.get(), LOCK_EX | LOCK_NB) != 0) {
+        return make_error(
+            fmt::format("{} is locked: another paas-milter uses {}", lock_path, path));
+    }
+    journal_lock_ = std::move(lock_file);
+
+    JournalSummary summary;
+    UniqueFd in(::open(path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0600));
+    if (!in) return make_error(fmt::format("cannot open {}: {}", path, errno_text()));
+    std::string text;
+    char buffer[65536];
+    for (;;) {
+        ssize_t n = ::read(in.get(), buffer, sizeof buffer);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return make_error(fmt::format("cannot read {}: {}", path, errno_text()));
+        if (n == 0) break;
+        text.append(buffer, static_cast<size_t>(n));
+    }
+    std::string_view rest = text;
+    while (!rest.empty()) {
+        size_t end = rest.find('\n');
+        if (end == std::string_view::npos) {  // torn by a crash during the write
+            ++summary.unreadable;
+            break;
+        }
+        replay(rest.substr(0, end), summary);
+        rest.remove_prefix(end + 1);
+    }
+    expire(Clock::now());
+    for (const auto& [id, entry] : entries_) {
+        if (entry.uncertain) ++summary.left_open;
+    }
+    summary.requests = entries_.size();
+    if (auto rewritten = rewrite_journal(); !rewritten) return rewritten.error();
+    return summary;
+}
+
+Result<void> PostedRequests::remember(const std::string& operation_id,
+                                      const Repeatability& repeatability) {
+    auto now = Clock::now();
+    std::lock_guard lock(mutex_);
+    if (auto written = append(posted_line(operation_id, now, repeatability), true); !written) {
+        return written;
+    }
+    record(operation_id, Entry{now, repeatability, false});
+    const bool dropped_before = dropped_any_;
     expire(now);
+    if (dropped_any_ && !dropped_before) (void)append("D\n", false);
+    return {};
 }
 
 void PostedRequests::set_uncertain(const std::string& operation_id, bool uncertain) {
     std::lock_guard lock(mutex_);
     if (auto found = entries_.find(operation_id); found != entries_.end()) {
         found->second.uncertain = uncertain;
+        // Not flushed: if this line is lost, the request counts as left open (safe side).
+        (void)append(fmt::format("{} {}\n", uncertain ? 'U' : 'S', operation_id), false);
     }
 }
 
@@ -43,7 +255,7 @@ std::optional<PostedRequests::Repeatability> PostedRequests::uncertain_repeatabi
 
 bool PostedRequests::maybe_posted(const std::string& operation_id) {
     std::lock_guard lock(mutex_);
-    expire(std::chrono::steady_clock::now());
+    expire(Clock::now());
     return dropped_any_ || entries_.count(operation_id) > 0;
 }
 

@@ -1,16 +1,20 @@
-// What this process knows about the requests it posted to a service lately:
+// What the gateway knows about the requests it posted to a service lately:
 // - whether it posted a request at all: when the service cannot be asked whether it has a
-//   request (its status endpoint is down or unreachable), one this process never posted -- a
-//   message's first attempt -- is certainly not at the service, and the failure policy
-//   (relay, hold) may send it elsewhere; one it did post stays unresolved and tempfails;
+//   request (its status endpoint is down or unreachable), one never posted -- a message's
+//   first attempt -- is certainly not at the service, and the failure policy (relay, hold)
+//   may send it elsewhere; one that was posted stays unresolved and tempfails;
 // - the repeatability headers of a request whose last attempt ended without knowing whether
 //   the service carried it out, so that a client's quick retry repeats that very request
 //   (the service answers 409 while the original still runs, or replays its answer)
 //   instead of posting a new one while the original may still complete;
 // - which requests a transaction is delivering right now, so that a second transaction of
 //   the same message (a client that gave up and resent) does not post it concurrently.
-// Kept in memory: after a restart, or with several gateways sharing the clients, an earlier
-// attempt is not known here (see the README).
+//
+// With a journal (open_journal) the first two survive a restart or a crash: every request
+// is written down and flushed to disk before it goes out, and one whose attempt never
+// finished (the process died during it) counts as left open. Without one they are kept in
+// memory only. Either way they belong to one gateway: several gateways sharing clients do
+// not see each other's requests (see the README).
 #pragma once
 
 #include <chrono>
@@ -19,6 +23,9 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+
+#include "paasmilter/result.hpp"
+#include "paasmilter/unique_fd.hpp"
 
 namespace paasmilter {
 
@@ -34,14 +41,25 @@ class PostedRequests {
         std::chrono::system_clock::time_point first_sent;
     };
 
+    struct JournalSummary {
+        size_t requests = 0;    // live records read back
+        size_t left_open = 0;   // of those, requests whose fate was left open
+        size_t unreadable = 0;  // lines skipped (a torn last line after a crash)
+    };
+    // Reads back the journal at `path` (created if absent, mode 0600), rewrites it with the
+    // live records only, and from then on records every request in it. The file is locked:
+    // a second process cannot use it. Call before any other member.
+    Result<JournalSummary> open_journal(const std::string& path);
+
     // Called before the first post of a request in a transaction, and whenever it gets new
-    // repeatability headers.
-    void remember(const std::string& operation_id, const Repeatability& repeatability);
+    // repeatability headers. With a journal, returns only once the record is on disk; an
+    // error means the request must not go out.
+    Result<void> remember(const std::string& operation_id, const Repeatability& repeatability);
     // Whether the transaction's last attempt left the request's fate open.
     void set_uncertain(const std::string& operation_id, bool uncertain);
     // The repeatability headers of a request whose fate was left open, if any.
     std::optional<Repeatability> uncertain_repeatability(const std::string& operation_id);
-    // True when this process posted it within the retention, or the record of that was
+    // True when the gateway posted it within the retention, or the record of that was
     // dropped for room (an unknown id is then treated as posted: the safe side).
     bool maybe_posted(const std::string& operation_id);
 
@@ -52,19 +70,28 @@ class PostedRequests {
 
   private:
     struct Entry {
-        std::chrono::steady_clock::time_point posted;
+        std::chrono::system_clock::time_point posted;
         Repeatability repeatability;
         bool uncertain = false;
     };
-    void expire(std::chrono::steady_clock::time_point now);
+    void expire(std::chrono::system_clock::time_point now);
+    void record(const std::string& operation_id, Entry entry);
+    Result<void> append(const std::string& line, bool durable);
+    Result<void> rewrite_journal();
+    void replay(std::string_view line, JournalSummary& summary);
 
     size_t capacity_;
     std::chrono::hours retention_;
     std::mutex mutex_;
     std::unordered_map<std::string, Entry> entries_;
-    std::deque<std::pair<std::chrono::steady_clock::time_point, std::string>> order_;
+    std::deque<std::pair<std::chrono::system_clock::time_point, std::string>> order_;
     std::unordered_map<std::string, int> delivering_;
     bool dropped_any_ = false;
+
+    std::string journal_path_;
+    UniqueFd journal_;
+    UniqueFd journal_lock_;     // flock()ed for the process's lifetime
+    size_t journal_lines_ = 0;  // since the last rewrite
 };
 
 }  // namespace paasmilter
