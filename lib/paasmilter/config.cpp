@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 #include <toml++/toml.h>
 
+#include "paasmilter/config_reader.hpp"
 #include "paasmilter/ip.hpp"
 
 namespace paasmilter {
@@ -175,12 +176,10 @@ std::string socket_exposure(std::string_view socket) {
 }
 
 // Everything the loader needs to report errors where they are.
-class Loader {
+class Loader : private ConfigReader {
   public:
     Loader(std::string path, ServiceRegistry* services)
-        : path_(std::move(path)), services_(services) {
-        base_dir_ = std::filesystem::path(path_).parent_path();
-    }
+        : ConfigReader(std::move(path)), path_(this->path()), services_(services) {}
 
     Result<std::shared_ptr<const Config>> load() {
         toml::table root;
@@ -196,7 +195,7 @@ class Loader {
         if (auto r = load_milter(root, *config); !r) return r.error();
         if (auto r = load_routes(root, *config); !r) return r.error();
         if (auto r = load_rules(root, *config); !r) return r.error();
-        config->warnings = std::move(warnings_);
+        config->warnings = std::move(warnings());
         if (!config->default_route.empty() && !config->find_route(config->default_route)) {
             return error_at(
                 *root["milter"]["default_route"].node(),
@@ -206,52 +205,6 @@ class Loader {
     }
 
   private:
-    Error error_at(const toml::node& node, std::string message) const {
-        return make_error(std::move(message), path_, static_cast<int>(node.source().begin.line));
-    }
-    Error error_at(const toml::key& key, std::string message) const {
-        return make_error(std::move(message), path_, static_cast<int>(key.source().begin.line));
-    }
-    // An error at a "file:line" location as stored in Route::where or a TableMatch.
-    static Error error_at_where(const std::string& where, std::string message) {
-        auto colon = where.rfind(':');
-        if (colon == std::string::npos) return make_error(std::move(message), where);
-        return make_error(std::move(message), where.substr(0, colon),
-                          std::atoi(where.c_str() + colon + 1));
-    }
-    std::string where(const toml::node& node) const {
-        return fmt::format("{}:{}", path_, node.source().begin.line);
-    }
-
-    Result<void> check_keys(const toml::table& table, std::initializer_list<std::string_view> known,
-                            std::string_view context) const {
-        for (auto&& [key, node] : table) {
-            if (std::find(known.begin(), known.end(), key.str()) == known.end()) {
-                std::string name = context.empty() ? std::string(key.str())
-                                                   : fmt::format("{}.{}", context, key.str());
-                return error_at(key, fmt::format("unknown key \"{}\"", name));
-            }
-        }
-        return {};
-    }
-
-    Result<std::string> get_string(const toml::table& table, std::string_view key,
-                                   std::string_view context, bool required,
-                                   std::string fallback = {}) const {
-        const toml::node* node = table.get(key);
-        if (!node) {
-            if (required) {
-                return make_error(fmt::format("{}: missing key \"{}\"", context, key), path_,
-                                  static_cast<int>(table.source().begin.line));
-            }
-            return fallback;
-        }
-        if (!node->is_string()) {
-            return error_at(*node, fmt::format("{}.{}: expected a string", context, key));
-        }
-        return node->as_string()->get();
-    }
-
     Result<void> load_milter(const toml::table& root, Config& config) {
         const toml::node* node = root.get("milter");
         if (!node) return make_error("missing table [milter]", path_);
@@ -282,8 +235,8 @@ class Loader {
         }
         config.socket = s;
         if (std::string exposure = socket_exposure(s); !exposure.empty()) {
-            warnings_.push_back(fmt::format("{}: milter.socket: \"{}\" {}",
-                                            where(*milter->get("socket")), s, exposure));
+            warnings().push_back(fmt::format("{}: milter.socket: \"{}\" {}",
+                                             where(*milter->get("socket")), s, exposure));
         }
 
         auto header = get_string(*milter, "routing_header", "milter", false, "X-PaaS-Route");
@@ -394,7 +347,7 @@ class Loader {
             }
             if (auto r = load_route_action_keys(*table, context, route); !r) return r;
             if (route.action == Action::api) {
-                auto api = load_api_settings(*table, context);
+                auto api = load_api_settings(*this, services_, *table, context);
                 if (!api) return api.error();
                 route.api = std::move(*api);
             } else {
@@ -425,298 +378,6 @@ class Loader {
             }
         }
         return {};
-    }
-
-    Result<std::vector<std::string>> get_string_list(const toml::table& table, std::string_view key,
-                                                     const std::string& context) const {
-        std::vector<std::string> out;
-        const toml::node* node = table.get(key);
-        if (!node) return out;
-        const toml::array* array = node->as_array();
-        if (!array)
-            return error_at(*node, fmt::format("{}.{}: expected a list of strings", context, key));
-        for (const toml::node& item : *array) {
-            if (!item.is_string()) {
-                return error_at(item, fmt::format("{}.{}: expected a string", context, key));
-            }
-            out.push_back(item.as_string()->get());
-        }
-        return out;
-    }
-
-    Result<int64_t> get_integer(const toml::table& table, std::string_view key,
-                                const std::string& context, int64_t fallback, int64_t min,
-                                int64_t max) const {
-        const toml::node* node = table.get(key);
-        if (!node) return fallback;
-        if (!node->is_integer()) {
-            return error_at(*node, fmt::format("{}.{}: expected an integer", context, key));
-        }
-        int64_t value = node->as_integer()->get();
-        if (value < min || value > max) {
-            return error_at(*node, fmt::format("{}.{}: {} is not between {} and {}", context, key,
-                                               value, min, max));
-        }
-        return value;
-    }
-
-    Result<bool> get_bool(const toml::table& table, std::string_view key,
-                          const std::string& context, bool fallback) const {
-        const toml::node* node = table.get(key);
-        if (!node) return fallback;
-        if (!node->is_boolean()) {
-            return error_at(*node, fmt::format("{}.{}: expected true or false", context, key));
-        }
-        return node->as_boolean()->get();
-    }
-
-    // A secret lives in its own file (mode 0600, outside the TOML that may be shared); the
-    // file's content, trimmed, is the secret. Errors name the file, never its content.
-    Result<std::string> read_secret_file(const toml::table& table, std::string_view key,
-                                         const std::string& context) {
-        auto path = get_string(table, key, context, true);
-        if (!path) return path.error();
-        std::filesystem::path file = *path;
-        if (file.is_relative()) file = base_dir_ / file;
-        std::ifstream in(file, std::ios::binary);
-        if (!in) {
-            return error_at(*table.get(key), fmt::format("{}.{}: cannot read {}: {}", context, key,
-                                                         file.string(), std::strerror(errno)));
-        }
-        std::string secret((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-        while (!secret.empty() && std::isspace(static_cast<unsigned char>(secret.back()))) {
-            secret.pop_back();
-        }
-        while (!secret.empty() && std::isspace(static_cast<unsigned char>(secret.front()))) {
-            secret.erase(secret.begin());
-        }
-        if (secret.empty()) {
-            return error_at(*table.get(key),
-                            fmt::format("{}.{}: {} is empty", context, key, file.string()));
-        }
-        warn_if_others_can_read(file, *table.get(key), context, key);
-        return secret;
-    }
-
-    // Names the file and its mode, never its content. A file that cannot be stat()ed is
-    // someone else's error (reading it, or the token request for a certificate).
-    void warn_if_others_can_read(const std::filesystem::path& file, const toml::node& node,
-                                 std::string_view context, std::string_view key) {
-        struct stat status {};
-        if (::stat(file.c_str(), &status) != 0 || (status.st_mode & (S_IRGRP | S_IROTH)) == 0)
-            return;
-        warnings_.push_back(fmt::format(
-            "{}: {}.{}: {} is readable by {} (mode {:04o}); make it mode 0600, owned by the "
-            "user paas-milter runs as",
-            where(node), context, key, file.string(),
-            (status.st_mode & S_IROTH) ? "others" : "its group", status.st_mode & 07777));
-    }
-
-    Result<FailurePolicy> get_policy(const toml::table& table, std::string_view key,
-                                     const std::string& context, FailurePolicy fallback) const {
-        auto text = get_string(table, key, context, false);
-        if (!text) return text.error();
-        if (text->empty()) return fallback;
-        FailurePolicy policy;
-        if (*text == "tempfail") {
-            policy.kind = FailurePolicy::Kind::tempfail;
-        } else if (*text == "hold") {
-            policy.kind = FailurePolicy::Kind::hold;
-        } else if (*text == "reject") {
-            policy.kind = FailurePolicy::Kind::reject;
-        } else if (text->starts_with("relay:") && text->size() > 6) {
-            policy.kind = FailurePolicy::Kind::relay;
-            policy.relay_route = text->substr(6);
-        } else {
-            return error_at(*table.get(key),
-                            fmt::format("{}.{}: \"{}\" is not tempfail, hold, reject or "
-                                        "relay:ROUTE",
-                                        context, key, *text));
-        }
-        return policy;
-    }
-
-    Result<std::shared_ptr<const ApiSettings>> load_api_settings(const toml::table& table,
-                                                                 const std::string& context) {
-        auto api = std::make_shared<ApiSettings>();
-        auto provider = get_string(table, "provider", context, false, "acs");
-        if (!provider) return provider.error();
-        if (*provider != "acs") {
-            return error_at(
-                *table.get("provider"),
-                fmt::format("{}.provider: \"{}\" is not supported (acs)", context, *provider));
-        }
-        auto version = get_string(table, "api_version", context, false, "2023-03-31");
-        if (!version) return version.error();
-        if (version->size() != 10 || (*version)[4] != '-' || (*version)[7] != '-') {
-            return error_at(
-                *table.get("api_version"),
-                fmt::format("{}.api_version: \"{}\" is not YYYY-MM-DD", context, *version));
-        }
-        api->api_version = *version;
-        api->inline_attachments = *version >= "2025-09-01";
-
-        // Authentication: a connection string (endpoint + access key) or Entra ID.
-        bool has_key = table.get("connection_string_file") != nullptr;
-        bool has_entra = table.get("tenant_id") || table.get("client_id");
-        if (has_key == has_entra) {
-            return make_error(fmt::format("{}: set either connection_string_file (access key) "
-                                          "or tenant_id + client_id (Entra ID)",
-                                          context),
-                              path_, static_cast<int>(table.source().begin.line));
-        }
-        auto endpoint = get_string(table, "endpoint", context, false);
-        if (!endpoint) return endpoint.error();
-        api->endpoint = *endpoint;
-        if (has_key) {
-            auto secret = read_secret_file(table, "connection_string_file", context);
-            if (!secret) return secret.error();
-            auto parsed = parse_connection_string(*secret);
-            if (!parsed) {
-                return error_at(
-                    *table.get("connection_string_file"),
-                    fmt::format("{}.connection_string_file: {}", context, parsed.error().message));
-            }
-            api->access_key = parsed->access_key;
-            if (api->endpoint.empty()) api->endpoint = parsed->endpoint;
-        }
-        while (!api->endpoint.empty() && api->endpoint.back() == '/') api->endpoint.pop_back();
-        if (!api->endpoint.starts_with("https://")) {
-            return make_error(
-                fmt::format("{}: endpoint \"{}\" must be an https:// URL", context, api->endpoint),
-                path_,
-                static_cast<int>(
-                    (table.get("endpoint") ? table.get("endpoint")->source() : table.source())
-                        .begin.line));
-        }
-
-        HttpClientOptions http;
-        auto ca_file = get_string(table, "ca_file", context, false);
-        if (!ca_file) return ca_file.error();
-        http.ca_file = *ca_file;
-        auto proxy = get_string(table, "proxy", context, false);
-        if (!proxy) return proxy.error();
-        http.proxy = *proxy;
-        auto connect_timeout = get_integer(table, "connect_timeout", context, 10, 1, 120);
-        if (!connect_timeout) return connect_timeout.error();
-        http.connect_timeout = std::chrono::seconds(*connect_timeout);
-        auto concurrency = get_integer(table, "max_concurrency", context, 8, 1, 256);
-        if (!concurrency) return concurrency.error();
-        http.max_concurrency = static_cast<size_t>(*concurrency);
-        api->http_options = http;
-        if (services_) api->http = services_->http_client(http);
-
-        if (has_entra) {
-            EntraCredentials credentials;
-            for (auto [key, field] : {std::pair{"tenant_id", &credentials.tenant_id},
-                                      std::pair{"client_id", &credentials.client_id}}) {
-                auto value = get_string(table, key, context, true);
-                if (!value) return value.error();
-                *field = *value;
-            }
-            auto authority =
-                get_string(table, "authority", context, false, "https://login.microsoftonline.com");
-            if (!authority) return authority.error();
-            credentials.authority = *authority;
-            while (!credentials.authority.empty() && credentials.authority.back() == '/') {
-                credentials.authority.pop_back();
-            }
-            bool has_secret = table.get("client_secret_file") != nullptr;
-            bool has_certificate = table.get("client_certificate_file") != nullptr;
-            if (has_secret == has_certificate) {
-                return make_error(fmt::format("{}: Entra ID needs client_secret_file or "
-                                              "client_certificate_file (one of them)",
-                                              context),
-                                  path_, static_cast<int>(table.source().begin.line));
-            }
-            if (has_secret) {
-                auto secret = read_secret_file(table, "client_secret_file", context);
-                if (!secret) return secret.error();
-                credentials.client_secret = *secret;
-            } else {
-                auto file = get_string(table, "client_certificate_file", context, true);
-                if (!file) return file.error();
-                std::filesystem::path certificate = *file;
-                if (certificate.is_relative()) certificate = base_dir_ / certificate;
-                credentials.certificate_file = certificate.string();
-                warn_if_others_can_read(certificate, *table.get("client_certificate_file"), context,
-                                        "client_certificate_file");
-            }
-            if (services_) api->entra = services_->token_provider(credentials, http);
-            api->entra_credentials = std::move(credentials);
-        }
-
-        ConversionOptions& conversion = api->conversion;
-        auto sender = get_string(table, "sender", context, true);
-        if (!sender) return sender.error();
-        if (sender->find('@') == std::string::npos) {
-            return error_at(*table.get("sender"),
-                            fmt::format("{}.sender: \"{}\" is not an address", context, *sender));
-        }
-        conversion.sender = *sender;
-        auto verified = get_string_list(table, "verified_domains", context);
-        if (!verified) return verified.error();
-        conversion.verified_domains = *verified;
-        auto source = get_string(table, "sender_source", context, false, "header");
-        if (!source) return source.error();
-        if (*source == "header") {
-            conversion.sender_source = SenderSource::header;
-        } else if (*source == "envelope") {
-            conversion.sender_source = SenderSource::envelope;
-        } else {
-            return error_at(*table.get("sender_source"),
-                            fmt::format("{}.sender_source: \"{}\" is not \"header\" or "
-                                        "\"envelope\"",
-                                        context, *source));
-        }
-        auto reply_to = get_bool(table, "reply_to_original", context, true);
-        if (!reply_to) return reply_to.error();
-        conversion.reply_to_original = *reply_to;
-        if (table.get("pass_headers")) {
-            auto pass = get_string_list(table, "pass_headers", context);
-            if (!pass) return pass.error();
-            conversion.pass_headers = *pass;
-        }
-        auto tracking = get_bool(table, "engagement_tracking", context, false);
-        if (!tracking) return tracking.error();
-        conversion.disable_engagement_tracking = !*tracking;
-        conversion.inline_attachments = api->inline_attachments;
-
-        auto local = get_string_list(table, "local_domains", context);
-        if (!local) return local.error();
-        api->local_domains = *local;
-
-        auto on_failure = get_policy(table, "on_failure", context, api->on_failure);
-        if (!on_failure) return on_failure.error();
-        api->on_failure = *on_failure;
-        auto on_permanent =
-            get_policy(table, "on_permanent_failure", context, api->on_permanent_failure);
-        if (!on_permanent) return on_permanent.error();
-        api->on_permanent_failure = *on_permanent;
-        auto on_oversize = get_policy(table, "on_oversize", context, api->on_oversize);
-        if (!on_oversize) return on_oversize.error();
-        api->on_oversize = *on_oversize;
-
-        auto budget = get_integer(table, "time_budget", context, 60, 5, 280);
-        if (!budget) return budget.error();
-        api->time_budget = std::chrono::seconds(*budget);
-        auto request_timeout = get_integer(table, "request_timeout", context, 30, 1, 280);
-        if (!request_timeout) return request_timeout.error();
-        api->request_timeout = std::chrono::seconds(*request_timeout);
-        auto attempts = get_integer(table, "max_attempts", context, 4, 1, 20);
-        if (!attempts) return attempts.error();
-        api->max_attempts = static_cast<int>(*attempts);
-        auto max_bytes =
-            get_integer(table, "max_request_bytes", context, 10 * 1024 * 1024, 1024, 1 << 30);
-        if (!max_bytes) return max_bytes.error();
-        api->max_request_bytes = static_cast<size_t>(*max_bytes);
-        auto threshold = get_integer(table, "spool_threshold", context, 1024 * 1024, 0, 1 << 30);
-        if (!threshold) return threshold.error();
-        api->spool_threshold = static_cast<size_t>(*threshold);
-        auto spool = get_string(table, "spool_directory", context, false, "/var/tmp");
-        if (!spool) return spool.error();
-        api->spool_directory = *spool;
-        return std::shared_ptr<const ApiSettings>(std::move(api));
     }
 
     Result<void> load_route_action_keys(const toml::table& table, const std::string& context,
@@ -959,14 +620,12 @@ class Loader {
         auto colon = spec.find(':');
         std::string type = spec.substr(0, colon + 1);
         std::filesystem::path file = spec.substr(colon + 1);
-        if (file.is_relative()) file = base_dir_ / file;
+        if (file.is_relative()) file = base_dir() / file;
         return type + file.lexically_normal().string();
     }
 
-    std::string path_;
+    const std::string& path_;
     ServiceRegistry* services_;  // null: build no services (check, query)
-    std::filesystem::path base_dir_;
-    std::vector<std::string> warnings_;
 };
 
 // milter_header_checks patterns match the header line literally: escape PCRE specials.

@@ -1,0 +1,197 @@
+#include <filesystem>
+
+#include <fmt/format.h>
+#include <toml++/toml.h>
+
+#include "paasmilter/config_reader.hpp"
+#include "paasmilter/services.hpp"
+
+namespace paasmilter {
+
+Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reader,
+                                                             ServiceRegistry* services,
+                                                             const toml::table& table,
+                                                             const std::string& context) {
+    auto api = std::make_shared<ApiSettings>();
+    auto provider = reader.get_string(table, "provider", context, false, "acs");
+    if (!provider) return provider.error();
+    if (*provider != "acs") {
+        return reader.error_at(
+            *table.get("provider"),
+            fmt::format("{}.provider: \"{}\" is not supported (acs)", context, *provider));
+    }
+    auto version = reader.get_string(table, "api_version", context, false, "2023-03-31");
+    if (!version) return version.error();
+    if (version->size() != 10 || (*version)[4] != '-' || (*version)[7] != '-') {
+        return reader.error_at(
+            *table.get("api_version"),
+            fmt::format("{}.api_version: \"{}\" is not YYYY-MM-DD", context, *version));
+    }
+    api->api_version = *version;
+    api->inline_attachments = *version >= "2025-09-01";
+
+    // Authentication: a connection string (endpoint + access key) or Entra ID.
+    bool has_key = table.get("connection_string_file") != nullptr;
+    bool has_entra = table.get("tenant_id") || table.get("client_id");
+    if (has_key == has_entra) {
+        return make_error(fmt::format("{}: set either connection_string_file (access key) "
+                                      "or tenant_id + client_id (Entra ID)",
+                                      context),
+                          reader.path(), static_cast<int>(table.source().begin.line));
+    }
+    auto endpoint = reader.get_string(table, "endpoint", context, false);
+    if (!endpoint) return endpoint.error();
+    api->endpoint = *endpoint;
+    if (has_key) {
+        auto secret = reader.read_secret_file(table, "connection_string_file", context);
+        if (!secret) return secret.error();
+        auto parsed = parse_connection_string(*secret);
+        if (!parsed) {
+            return reader.error_at(
+                *table.get("connection_string_file"),
+                fmt::format("{}.connection_string_file: {}", context, parsed.error().message));
+        }
+        api->access_key = parsed->access_key;
+        if (api->endpoint.empty()) api->endpoint = parsed->endpoint;
+    }
+    while (!api->endpoint.empty() && api->endpoint.back() == '/') api->endpoint.pop_back();
+    if (!api->endpoint.starts_with("https://")) {
+        return make_error(
+            fmt::format("{}: endpoint \"{}\" must be an https:// URL", context, api->endpoint),
+            reader.path(),
+            static_cast<int>(
+                (table.get("endpoint") ? table.get("endpoint")->source() : table.source())
+                    .begin.line));
+    }
+
+    HttpClientOptions http;
+    auto ca_file = reader.get_string(table, "ca_file", context, false);
+    if (!ca_file) return ca_file.error();
+    http.ca_file = *ca_file;
+    auto proxy = reader.get_string(table, "proxy", context, false);
+    if (!proxy) return proxy.error();
+    http.proxy = *proxy;
+    auto connect_timeout = reader.get_integer(table, "connect_timeout", context, 10, 1, 120);
+    if (!connect_timeout) return connect_timeout.error();
+    http.connect_timeout = std::chrono::seconds(*connect_timeout);
+    auto concurrency = reader.get_integer(table, "max_concurrency", context, 8, 1, 256);
+    if (!concurrency) return concurrency.error();
+    http.max_concurrency = static_cast<size_t>(*concurrency);
+    api->http_options = http;
+    if (services) api->http = services->http_client(http);
+
+    if (has_entra) {
+        EntraCredentials credentials;
+        for (auto [key, field] : {std::pair{"tenant_id", &credentials.tenant_id},
+                                  std::pair{"client_id", &credentials.client_id}}) {
+            auto value = reader.get_string(table, key, context, true);
+            if (!value) return value.error();
+            *field = *value;
+        }
+        auto authority = reader.get_string(table, "authority", context, false,
+                                           "https://login.microsoftonline.com");
+        if (!authority) return authority.error();
+        credentials.authority = *authority;
+        while (!credentials.authority.empty() && credentials.authority.back() == '/') {
+            credentials.authority.pop_back();
+        }
+        bool has_secret = table.get("client_secret_file") != nullptr;
+        bool has_certificate = table.get("client_certificate_file") != nullptr;
+        if (has_secret == has_certificate) {
+            return make_error(fmt::format("{}: Entra ID needs client_secret_file or "
+                                          "client_certificate_file (one of them)",
+                                          context),
+                              reader.path(), static_cast<int>(table.source().begin.line));
+        }
+        if (has_secret) {
+            auto secret = reader.read_secret_file(table, "client_secret_file", context);
+            if (!secret) return secret.error();
+            credentials.client_secret = *secret;
+        } else {
+            auto file = reader.get_string(table, "client_certificate_file", context, true);
+            if (!file) return file.error();
+            std::filesystem::path certificate = *file;
+            if (certificate.is_relative()) certificate = reader.base_dir() / certificate;
+            credentials.certificate_file = certificate.string();
+            reader.warn_if_others_can_read(certificate, *table.get("client_certificate_file"),
+                                           context, "client_certificate_file");
+        }
+        if (services) api->entra = services->token_provider(credentials, http);
+        api->entra_credentials = std::move(credentials);
+    }
+
+    ConversionOptions& conversion = api->conversion;
+    auto sender = reader.get_string(table, "sender", context, true);
+    if (!sender) return sender.error();
+    if (sender->find('@') == std::string::npos) {
+        return reader.error_at(
+            *table.get("sender"),
+            fmt::format("{}.sender: \"{}\" is not an address", context, *sender));
+    }
+    conversion.sender = *sender;
+    auto verified = reader.get_string_list(table, "verified_domains", context);
+    if (!verified) return verified.error();
+    conversion.verified_domains = *verified;
+    auto source = reader.get_string(table, "sender_source", context, false, "header");
+    if (!source) return source.error();
+    if (*source == "header") {
+        conversion.sender_source = SenderSource::header;
+    } else if (*source == "envelope") {
+        conversion.sender_source = SenderSource::envelope;
+    } else {
+        return reader.error_at(*table.get("sender_source"),
+                               fmt::format("{}.sender_source: \"{}\" is not \"header\" or "
+                                           "\"envelope\"",
+                                           context, *source));
+    }
+    auto reply_to = reader.get_bool(table, "reply_to_original", context, true);
+    if (!reply_to) return reply_to.error();
+    conversion.reply_to_original = *reply_to;
+    if (table.get("pass_headers")) {
+        auto pass = reader.get_string_list(table, "pass_headers", context);
+        if (!pass) return pass.error();
+        conversion.pass_headers = *pass;
+    }
+    auto tracking = reader.get_bool(table, "engagement_tracking", context, false);
+    if (!tracking) return tracking.error();
+    conversion.disable_engagement_tracking = !*tracking;
+    conversion.inline_attachments = api->inline_attachments;
+
+    auto local = reader.get_string_list(table, "local_domains", context);
+    if (!local) return local.error();
+    api->local_domains = *local;
+
+    auto on_failure = reader.get_policy(table, "on_failure", context, api->on_failure);
+    if (!on_failure) return on_failure.error();
+    api->on_failure = *on_failure;
+    auto on_permanent =
+        reader.get_policy(table, "on_permanent_failure", context, api->on_permanent_failure);
+    if (!on_permanent) return on_permanent.error();
+    api->on_permanent_failure = *on_permanent;
+    auto on_oversize = reader.get_policy(table, "on_oversize", context, api->on_oversize);
+    if (!on_oversize) return on_oversize.error();
+    api->on_oversize = *on_oversize;
+
+    auto budget = reader.get_integer(table, "time_budget", context, 60, 5, 280);
+    if (!budget) return budget.error();
+    api->time_budget = std::chrono::seconds(*budget);
+    auto request_timeout = reader.get_integer(table, "request_timeout", context, 30, 1, 280);
+    if (!request_timeout) return request_timeout.error();
+    api->request_timeout = std::chrono::seconds(*request_timeout);
+    auto attempts = reader.get_integer(table, "max_attempts", context, 4, 1, 20);
+    if (!attempts) return attempts.error();
+    api->max_attempts = static_cast<int>(*attempts);
+    auto max_bytes =
+        reader.get_integer(table, "max_request_bytes", context, 10 * 1024 * 1024, 1024, 1 << 30);
+    if (!max_bytes) return max_bytes.error();
+    api->max_request_bytes = static_cast<size_t>(*max_bytes);
+    auto threshold = reader.get_integer(table, "spool_threshold", context, 1024 * 1024, 0, 1 << 30);
+    if (!threshold) return threshold.error();
+    api->spool_threshold = static_cast<size_t>(*threshold);
+    auto spool = reader.get_string(table, "spool_directory", context, false, "/var/tmp");
+    if (!spool) return spool.error();
+    api->spool_directory = *spool;
+    return std::shared_ptr<const ApiSettings>(std::move(api));
+}
+
+}  // namespace paasmilter
