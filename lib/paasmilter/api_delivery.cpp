@@ -209,6 +209,7 @@ class Submission {
     ChunkReport deliver(const std::string& operation_id, const std::string& body);
 
   private:
+    ChunkReport deliver_alone(const std::string& operation_id, const std::string& body);
     Result<HttpResponse> exchange(HttpRequest request, milliseconds timeout);
     // Asks (with retries while `keep` of the budget remains) whether the service has it.
     Existence check_operation(const std::string& operation_id, bool retry, std::string& why,
@@ -304,11 +305,8 @@ Existence Submission::check_operation(const std::string& operation_id, bool retr
 }
 
 ChunkReport Submission::deliver(const std::string& operation_id, const std::string& body) {
-    ChunkReport report;
-    report.operation_id = operation_id;
-
-    // 0. Another transaction of the same message (a client that gave up and resent) may be
-    //    delivering this request right now: never post it concurrently.
+    // Another transaction of the same message (a client that gave up and resent) may be
+    // delivering this request right now: never post it concurrently.
     struct Delivering {
         PostedRequests* posted;
         const std::string& id;
@@ -318,10 +316,24 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         }
     } delivering{hooks_.posted, operation_id, !hooks_.posted || hooks_.posted->begin(operation_id)};
     if (!delivering.alone) {
+        ChunkReport report;
+        report.operation_id = operation_id;
         report.fate = ChunkFate::unresolved;
         report.detail = "another transaction of this message is delivering this request";
         return report;
     }
+    ChunkReport report = deliver_alone(operation_id, body);
+    // Whether this attempt left the request's fate open, recorded before another
+    // transaction may take the request over.
+    if (hooks_.posted) {
+        hooks_.posted->set_uncertain(operation_id, report.fate == ChunkFate::unresolved);
+    }
+    return report;
+}
+
+ChunkReport Submission::deliver_alone(const std::string& operation_id, const std::string& body) {
+    ChunkReport report;
+    report.operation_id = operation_id;
 
     // 1. Did an earlier attempt of this message (a client retry after a tempfail, a crash
     //    between the service's 202 and our reply to the MTA) get this request accepted?
@@ -601,10 +613,6 @@ ApiOutcome submit_to_acs(const ApiSettings& api, EmailMessage message,
             std::vector<std::string> recipients = std::move(report.recipients);
             report = submission.deliver(report.operation_id, renderer.body(chunks[i]));
             report.recipients = std::move(recipients);
-            if (hooks.posted) {
-                hooks.posted->set_uncertain(report.operation_id,
-                                            report.fate == ChunkFate::unresolved);
-            }
             // After a failure the rest would most likely fail the same way; they go to the
             // failure policy with it (and are asked about first on the next attempt).
             stopped = !service_has(report.fate);

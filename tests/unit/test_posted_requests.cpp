@@ -133,6 +133,89 @@ TEST_CASE("posted requests: records dropped for room are remembered as such acro
     CHECK(after.maybe_posted("unknown"));
 }
 
+TEST_CASE("posted requests: a drop for room older than the retention no longer counts") {
+    TempDir dir;
+    const auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count();
+    const std::string path =
+        dir.write("journal", fmt::format("D {}\nP kept {} - {}\nS kept\n",
+                                         now_ms - 2 * 3600'000, now_ms, now_ms));
+    PostedRequests posted(10, std::chrono::hours(1));
+    REQUIRE(posted.open_journal(path));
+    CHECK(posted.maybe_posted("kept"));
+    CHECK_FALSE(posted.maybe_posted("unknown"));
+    CHECK(testing::read_all(path).find("D ") == std::string::npos);
+}
+
+TEST_CASE("posted requests: a rewrite keeps a request in flight open and keeps the one being "
+          "recorded") {
+    TempDir dir;
+    const std::string path = (dir.path() / "journal").string();
+    {
+        // Rewritten as often as possible: whenever as many lines as live records were added.
+        PostedRequests busy(100, std::chrono::hours(24), 0);
+        REQUIRE(busy.open_journal(path));
+        CHECK(busy.remember("settled", repeatability("rep-settled")));  // rewrites at once
+        busy.set_uncertain("settled", false);
+        CHECK(busy.remember("in-flight", repeatability("rep-in-flight")));
+        for (int i = 0; i < 20; ++i) {
+            const std::string id = fmt::format("other-{}", i);
+            CHECK(busy.remember(id, repeatability("rep-" + id)));
+            busy.set_uncertain(id, false);
+        }
+        CHECK(busy.remember("last", repeatability("rep-last")));
+        // The process dies with "in-flight" and "last" still going out.
+    }
+    PostedRequests after;
+    auto summary = after.open_journal(path);
+    REQUIRE(summary);
+    CHECK(summary->requests == 23);
+    CHECK(summary->left_open == 2);
+    CHECK_FALSE(after.uncertain_repeatability("settled"));
+    REQUIRE(after.uncertain_repeatability("in-flight"));
+    CHECK(after.uncertain_repeatability("in-flight")->request_id == "rep-in-flight");
+    REQUIRE(after.uncertain_repeatability("last"));
+    CHECK_FALSE(after.uncertain_repeatability("other-7"));
+}
+
+TEST_CASE("posted requests: a failed write leaves no fragment for the next record to stick to") {
+    TempDir dir;
+    const std::string path = (dir.path() / "journal").string();
+    {
+        PostedRequests posted;
+        REQUIRE(posted.open_journal(path));
+        CHECK(posted.remember("first", repeatability("rep-first")));
+        const auto size = std::filesystem::file_size(path);
+        {
+            testing::FileSizeLimit nearly_full(size + 10);  // part of the next line fits
+            CHECK_FALSE(posted.remember("refused", repeatability("rep-refused")));
+        }
+        CHECK(std::filesystem::file_size(path) == size);
+        CHECK(posted.remember("second", repeatability("rep-second")));
+    }
+    PostedRequests after;
+    auto summary = after.open_journal(path);
+    REQUIRE(summary);
+    CHECK(summary->unreadable == 0);
+    CHECK(after.maybe_posted("first"));
+    CHECK(after.maybe_posted("second"));
+    CHECK_FALSE(after.maybe_posted("refused"));
+}
+
+TEST_CASE("posted requests: a journal that cannot be opened keeps neither the lock nor records") {
+    TempDir dir;
+    const std::string path = (dir.path() / "journal").string();
+    std::filesystem::create_directory(path);  // a directory where the journal should be
+    PostedRequests posted;
+    auto refused = posted.open_journal(path);
+    REQUIRE_FALSE(refused);
+    CHECK(refused.error().message.find("another paas-milter") == std::string::npos);
+    std::filesystem::remove(path);
+    // Fixed by the operator: the next attempt (a reload) works.
+    REQUIRE(posted.open_journal(path));
+}
+
 TEST_CASE("posted requests: one process at a time uses a journal") {
     TempDir dir;
     const std::string path = (dir.path() / "journal").string();

@@ -12,6 +12,8 @@
 
 #include <fmt/format.h>
 
+#include "paasmilter/log.hpp"
+
 namespace paasmilter {
 
 namespace {
@@ -22,7 +24,8 @@ namespace {
 //       line follows, its fate counts as left open -- the process died during the attempt
 //   S <operation-id>   the attempt settled the request's fate
 //   U <operation-id>   the attempt left it open
-//   D                  records were dropped for room: unknown ids count as posted
+//   D <when, unix ms>  records were dropped for room: for a retention after that, unknown
+//                      ids count as posted
 using Clock = std::chrono::system_clock;
 
 long long to_ms(Clock::time_point t) {
@@ -65,6 +68,7 @@ std::string posted_line(const std::string& operation_id, Clock::time_point poste
 }
 
 Result<void> write_all(int fd, std::string_view data) {
+    // A partial write is undone by the caller (append) or leaves a file that is not used.
     while (!data.empty()) {
         ssize_t n = ::write(fd, data.data(), data.size());
         if (n < 0) {
@@ -78,13 +82,13 @@ Result<void> write_all(int fd, std::string_view data) {
 
 }  // namespace
 
-PostedRequests::PostedRequests(size_t capacity, std::chrono::hours retention)
-    : capacity_(capacity), retention_(retention) {}
+PostedRequests::PostedRequests(size_t capacity, std::chrono::hours retention, size_t rewrite_after)
+    : capacity_(capacity), retention_(retention), rewrite_after_(rewrite_after) {}
 
 void PostedRequests::expire(Clock::time_point now) {
     while (!order_.empty() &&
            (order_.front().first + retention_ < now || order_.size() > capacity_)) {
-        if (order_.size() > capacity_) dropped_any_ = true;
+        if (order_.size() > capacity_) dropped_at_ = now;
         auto found = entries_.find(order_.front().second);
         // Only the newest order entry of an id owns its record.
         if (found != entries_.end() && found->second.posted == order_.front().first) {
@@ -99,9 +103,31 @@ void PostedRequests::record(const std::string& operation_id, Entry entry) {
     entries_[operation_id] = std::move(entry);
 }
 
-Result<void> PostedRequests::append(const std::string& line, bool durable) {
+std::string PostedRequests::live_records() const {
+    std::string text;
+    if (dropped_at_ && *dropped_at_ + retention_ > Clock::now()) {
+        text += fmt::format("D {}\n", to_ms(*dropped_at_));
+    }
+    for (const auto& [posted, id] : order_) {
+        auto found = entries_.find(id);
+        if (found == entries_.end() || found->second.posted != posted) continue;
+        text += posted_line(id, posted, found->second.repeatability);
+        // A request still in flight gets no line: if the process dies now, it is open.
+        if (found->second.fate == Fate::settled) text += fmt::format("S {}\n", id);
+        if (found->second.fate == Fate::open) text += fmt::format("U {}\n", id);
+    }
+    return text;
+}
+
+Result<void> PostedRequests::append(std::string_view line, bool durable) {
     if (!journal_) return {};
+    struct stat before {};
+    if (::fstat(journal_.get(), &before) != 0) {
+        return make_error(fmt::format("cannot stat {}: {}", journal_path_, errno_text()));
+    }
     if (auto written = write_all(journal_.get(), line); !written) {
+        // Cut off what part of the line got in, or the next record would be glued to it.
+        [[maybe_unused]] int ignored = ::ftruncate(journal_.get(), before.st_size);
         return make_error(
             fmt::format("cannot write {}: {}", journal_path_, written.error().message));
     }
@@ -110,16 +136,17 @@ Result<void> PostedRequests::append(const std::string& line, bool durable) {
     if (durable && ::fdatasync(journal_.get()) != 0) {
         return make_error(fmt::format("cannot flush {}: {}", journal_path_, errno_text()));
     }
-    // Rewritten when mostly superseded lines: bounded by the live records.
-    if (++journal_lines_ > 4 * entries_.size() + 100'000) return rewrite_journal();
+    ++journal_lines_;
     return {};
 }
 
 void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
     auto fields = fields_of(line);
-    if (fields.size() == 1 && fields[0] == "D") {
-        dropped_any_ = true;
-        return;
+    if (fields.size() == 2 && fields[0] == "D") {
+        if (auto when = number(fields[1])) {
+            dropped_at_ = from_ms(*when);
+            return;
+        }
     }
     if (fields.size() == 5 && fields[0] == "P" && plain_token(fields[1]) &&
         plain_token(fields[3])) {
@@ -128,13 +155,14 @@ void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
         if (posted && first_sent) {
             Repeatability r{fields[3] == "-" ? std::string() : std::string(fields[3]),
                             from_ms(*first_sent)};
-            record(std::string(fields[1]), Entry{from_ms(*posted), std::move(r), true});
+            // Until an S or U line says otherwise: the process died during the attempt.
+            record(std::string(fields[1]), Entry{from_ms(*posted), std::move(r), Fate::open});
             return;
         }
     }
     if (fields.size() == 2 && (fields[0] == "S" || fields[0] == "U")) {
         if (auto found = entries_.find(std::string(fields[1])); found != entries_.end()) {
-            found->second.uncertain = fields[0] == "U";
+            found->second.fate = fields[0] == "U" ? Fate::open : Fate::settled;
         }
         return;
     }
@@ -143,43 +171,59 @@ void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
 
 Result<void> PostedRequests::rewrite_journal() {
     std::string text;
-    if (dropped_any_) text += "D\n";
-    for (const auto& [posted, id] : order_) {
-        auto found = entries_.find(id);
-        if (found == entries_.end() || found->second.posted != posted) continue;
-        text += posted_line(id, posted, found->second.repeatability);
-        text += fmt::format("{} {}\n", found->second.uncertain ? 'U' : 'S', id);
+    {
+        std::lock_guard lock(mutex_);
+        text = live_records();
     }
     const std::string fresh = journal_path_ + ".new";
+    auto fail = [&fresh](std::string message) {
+        ::unlink(fresh.c_str());
+        return make_error(std::move(message));
+    };
     UniqueFd out(::open(fresh.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-    if (!out) return make_error(fmt::format("cannot create {}: {}", fresh, errno_text()));
+    if (!out) return fail(fmt::format("cannot create {}: {}", fresh, errno_text()));
     if (auto written = write_all(out.get(), text); !written) {
-        return make_error(fmt::format("cannot write {}: {}", fresh, written.error().message));
+        return fail(fmt::format("cannot write {}: {}", fresh, written.error().message));
     }
     if (::fsync(out.get()) != 0) {
-        return make_error(fmt::format("cannot flush {}: {}", fresh, errno_text()));
+        return fail(fmt::format("cannot flush {}: {}", fresh, errno_text()));
     }
+    UniqueFd appending(::open(fresh.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC));
+    if (!appending) return fail(fmt::format("cannot open {}: {}", fresh, errno_text()));
     if (::rename(fresh.c_str(), journal_path_.c_str()) != 0) {
-        return make_error(
-            fmt::format("cannot rename {} to {}: {}", fresh, journal_path_, errno_text()));
+        return fail(fmt::format("cannot rename {} to {}: {}", fresh, journal_path_, errno_text()));
     }
-    // The rename itself must be durable before anything is appended to the new file.
-    std::string directory = journal_path_.substr(0, journal_path_.find_last_of('/') + 1);
-    UniqueFd dir(
-        ::open(directory.empty() ? "." : directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (dir) ::fsync(dir.get());
-    UniqueFd appending(::open(journal_path_.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC));
-    if (!appending) {
-        return make_error(fmt::format("cannot open {}: {}", journal_path_, errno_text()));
+    // The rename itself must be on disk before anything is appended to the new file only.
+    const auto slash = journal_path_.find_last_of('/');
+    const std::string directory =
+        slash == std::string::npos ? std::string(".") : journal_path_.substr(0, slash + 1);
+    UniqueFd dir(::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!dir || ::fsync(dir.get()) != 0) {
+        return make_error(
+            fmt::format("cannot flush the directory {}: {}", directory, errno_text()));
     }
     journal_ = std::move(appending);
     journal_lines_ = 0;
     return {};
 }
 
+void PostedRequests::rewrite_if_due() {
+    size_t live = 0;
+    {
+        std::lock_guard lock(mutex_);
+        live = entries_.size();
+    }
+    // The file stays within a few lines per live record (plus rewrite_after_).
+    if (!journal_ || journal_lines_ < rewrite_after_ + live) return;
+    if (auto rewritten = rewrite_journal(); !rewritten) {
+        // Not fatal: appending to the old file goes on; try again after as many lines.
+        log_warning("cannot rewrite the journal of posted requests: {}", rewritten.error().message);
+        journal_lines_ = 0;
+    }
+}
+
 Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::string& path) {
-    std::lock_guard lock(mutex_);
-    journal_path_ = path;
+    std::lock_guard journal_lock(journal_mutex_);
     // A lock beside the journal (the journal itself is replaced when rewritten): two
     // processes appending to one journal would each miss the other's requests.
     const std::string lock_path = path + ".lock";
@@ -189,74 +233,111 @@ Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::s
         return make_error(
             fmt::format("{} is locked: another paas-milter uses {}", lock_path, path));
     }
-    journal_lock_ = std::move(lock_file);
 
-    JournalSummary summary;
-    UniqueFd in(::open(path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0600));
-    if (!in) return make_error(fmt::format("cannot open {}: {}", path, errno_text()));
+    auto forget = [this](Error error) {
+        std::lock_guard lock(mutex_);
+        entries_.clear();
+        order_.clear();
+        dropped_at_.reset();
+        journal_.reset();
+        journal_path_.clear();
+        return error;
+    };
     std::string text;
-    char buffer[65536];
-    for (;;) {
-        ssize_t n = ::read(in.get(), buffer, sizeof buffer);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return make_error(fmt::format("cannot read {}: {}", path, errno_text()));
-        if (n == 0) break;
-        text.append(buffer, static_cast<size_t>(n));
-    }
-    std::string_view rest = text;
-    while (!rest.empty()) {
-        size_t end = rest.find('\n');
-        if (end == std::string_view::npos) {  // torn by a crash during the write
-            ++summary.unreadable;
-            break;
+    {
+        UniqueFd in(::open(path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0600));
+        if (!in) return make_error(fmt::format("cannot open {}: {}", path, errno_text()));
+        char buffer[65536];
+        for (;;) {
+            ssize_t n = ::read(in.get(), buffer, sizeof buffer);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) return make_error(fmt::format("cannot read {}: {}", path, errno_text()));
+            if (n == 0) break;
+            text.append(buffer, static_cast<size_t>(n));
         }
-        replay(rest.substr(0, end), summary);
-        rest.remove_prefix(end + 1);
     }
-    expire(Clock::now());
-    for (const auto& [id, entry] : entries_) {
-        if (entry.uncertain) ++summary.left_open;
+    JournalSummary summary;
+    {
+        std::lock_guard lock(mutex_);
+        std::string_view rest = text;
+        while (!rest.empty()) {
+            size_t end = rest.find('\n');
+            if (end == std::string_view::npos) {  // torn by a crash during the write
+                ++summary.unreadable;
+                break;
+            }
+            replay(rest.substr(0, end), summary);
+            rest.remove_prefix(end + 1);
+        }
+        expire(Clock::now());
+        for (const auto& [id, entry] : entries_) {
+            if (entry.fate == Fate::open) ++summary.left_open;
+        }
+        summary.requests = entries_.size();
     }
-    summary.requests = entries_.size();
-    if (auto rewritten = rewrite_journal(); !rewritten) return rewritten.error();
+    journal_path_ = path;
+    if (auto rewritten = rewrite_journal(); !rewritten) return forget(rewritten.error());
+    journal_lock_ = std::move(lock_file);
     return summary;
 }
 
 Result<void> PostedRequests::remember(const std::string& operation_id,
                                       const Repeatability& repeatability) {
-    auto now = Clock::now();
-    std::lock_guard lock(mutex_);
+    const auto now = Clock::now();
+    std::optional<Entry> previous;
+    bool dropped_now = false;
+    {
+        // In memory first: a rewrite between this and the append below then keeps it.
+        std::lock_guard lock(mutex_);
+        if (auto found = entries_.find(operation_id); found != entries_.end()) {
+            previous = found->second;
+        }
+        record(operation_id, Entry{now, repeatability, Fate::in_flight});
+        const auto dropped_before = dropped_at_;
+        expire(now);
+        dropped_now = dropped_at_ != dropped_before;
+    }
+    std::lock_guard journal_lock(journal_mutex_);
     if (auto written = append(posted_line(operation_id, now, repeatability), true); !written) {
+        std::lock_guard lock(mutex_);
+        if (previous) {
+            entries_[operation_id] = *previous;
+        } else {
+            entries_.erase(operation_id);
+        }
         return written;
     }
-    record(operation_id, Entry{now, repeatability, false});
-    const bool dropped_before = dropped_any_;
-    expire(now);
-    if (dropped_any_ && !dropped_before) (void)append("D\n", false);
+    if (dropped_now) (void)append(fmt::format("D {}\n", to_ms(now)), false);
+    rewrite_if_due();
     return {};
 }
 
 void PostedRequests::set_uncertain(const std::string& operation_id, bool uncertain) {
-    std::lock_guard lock(mutex_);
-    if (auto found = entries_.find(operation_id); found != entries_.end()) {
-        found->second.uncertain = uncertain;
-        // Not flushed: if this line is lost, the request counts as left open (safe side).
-        (void)append(fmt::format("{} {}\n", uncertain ? 'U' : 'S', operation_id), false);
+    {
+        std::lock_guard lock(mutex_);
+        auto found = entries_.find(operation_id);
+        if (found == entries_.end()) return;
+        found->second.fate = uncertain ? Fate::open : Fate::settled;
     }
+    std::lock_guard journal_lock(journal_mutex_);
+    // Not flushed: if this line is lost, the request counts as open (the safe side).
+    (void)append(fmt::format("{} {}\n", uncertain ? 'U' : 'S', operation_id), false);
+    rewrite_if_due();
 }
 
 std::optional<PostedRequests::Repeatability> PostedRequests::uncertain_repeatability(
     const std::string& operation_id) {
     std::lock_guard lock(mutex_);
     auto found = entries_.find(operation_id);
-    if (found == entries_.end() || !found->second.uncertain) return std::nullopt;
+    if (found == entries_.end() || found->second.fate != Fate::open) return std::nullopt;
     return found->second.repeatability;
 }
 
 bool PostedRequests::maybe_posted(const std::string& operation_id) {
     std::lock_guard lock(mutex_);
-    expire(Clock::now());
-    return dropped_any_ || entries_.count(operation_id) > 0;
+    const auto now = Clock::now();
+    expire(now);
+    return (dropped_at_ && *dropped_at_ + retention_ > now) || entries_.count(operation_id) > 0;
 }
 
 bool PostedRequests::begin(const std::string& operation_id) {

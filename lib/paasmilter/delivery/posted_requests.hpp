@@ -32,9 +32,12 @@ namespace paasmilter {
 class PostedRequests {
   public:
     // At most `capacity` ids, each for at most `retention` (Postfix's maximal_queue_lifetime
-    // is 5 days by default: a client retries no longer).
+    // is 5 days by default: a client retries no longer). The journal is rewritten with the
+    // live records once more than `rewrite_after` lines, and as many as there are live
+    // records, were appended since the last rewrite.
     explicit PostedRequests(size_t capacity = 500'000,
-                            std::chrono::hours retention = std::chrono::hours(24 * 6));
+                            std::chrono::hours retention = std::chrono::hours(24 * 6),
+                            size_t rewrite_after = 100'000);
 
     struct Repeatability {
         std::string request_id;
@@ -48,19 +51,21 @@ class PostedRequests {
     };
     // Reads back the journal at `path` (created if absent, mode 0600), rewrites it with the
     // live records only, and from then on records every request in it. The file is locked:
-    // a second process cannot use it. Call before any other member.
+    // a second process cannot use it. Call before any other member; on an error nothing of
+    // the journal is kept (not even the lock), and it may be called again.
     Result<JournalSummary> open_journal(const std::string& path);
 
     // Called before the first post of a request in a transaction, and whenever it gets new
-    // repeatability headers. With a journal, returns only once the record is on disk; an
-    // error means the request must not go out.
+    // repeatability headers; the request then counts as in flight. With a journal, returns
+    // only once the record is on disk; an error means the request must not go out.
     Result<void> remember(const std::string& operation_id, const Repeatability& repeatability);
-    // Whether the transaction's last attempt left the request's fate open.
+    // Called when the transaction's attempt ends (before end()): whether it left the
+    // request's fate open. A request still in flight when the process dies counts as open.
     void set_uncertain(const std::string& operation_id, bool uncertain);
     // The repeatability headers of a request whose fate was left open, if any.
     std::optional<Repeatability> uncertain_repeatability(const std::string& operation_id);
-    // True when the gateway posted it within the retention, or the record of that was
-    // dropped for room (an unknown id is then treated as posted: the safe side).
+    // True when the gateway posted it within the retention, or records were dropped for
+    // room within the retention (an unknown id may then be one of them: the safe side).
     bool maybe_posted(const std::string& operation_id);
 
     // Marks the request as being delivered by one transaction; false if another one is.
@@ -69,29 +74,43 @@ class PostedRequests {
     void end(const std::string& operation_id);
 
   private:
+    enum class Fate { in_flight, settled, open };
+    using Clock = std::chrono::system_clock;
     struct Entry {
-        std::chrono::system_clock::time_point posted;
+        Clock::time_point posted;
         Repeatability repeatability;
-        bool uncertain = false;
+        Fate fate = Fate::in_flight;
     };
-    void expire(std::chrono::system_clock::time_point now);
+    // With mutex_ held.
+    void expire(Clock::time_point now);
     void record(const std::string& operation_id, Entry entry);
-    Result<void> append(const std::string& line, bool durable);
-    Result<void> rewrite_journal();
     void replay(std::string_view line, JournalSummary& summary);
+    std::string live_records() const;
+    // With journal_mutex_ held.
+    Result<void> append(std::string_view line, bool durable);
+    // With journal_mutex_ held (it takes mutex_ for the records).
+    Result<void> rewrite_journal();
+    void rewrite_if_due();
 
     size_t capacity_;
     std::chrono::hours retention_;
-    std::mutex mutex_;
-    std::unordered_map<std::string, Entry> entries_;
-    std::deque<std::pair<std::chrono::system_clock::time_point, std::string>> order_;
-    std::unordered_map<std::string, int> delivering_;
-    bool dropped_any_ = false;
+    size_t rewrite_after_;
 
+    std::mutex mutex_;  // the records in memory
+    std::unordered_map<std::string, Entry> entries_;
+    std::deque<std::pair<Clock::time_point, std::string>> order_;
+    std::unordered_map<std::string, int> delivering_;
+    // When records were last dropped for room: for a retention after that, an unknown id
+    // may be one of them.
+    std::optional<Clock::time_point> dropped_at_;
+
+    // The file. Taken before mutex_ when both are needed; a flush to disk holds only this
+    // one, so threads that only read or update the records in memory do not wait for it.
+    std::mutex journal_mutex_;
     std::string journal_path_;
     UniqueFd journal_;
     UniqueFd journal_lock_;     // flock()ed for the process's lifetime
-    size_t journal_lines_ = 0;  // since the last rewrite
+    size_t journal_lines_ = 0;  // appended since the last rewrite
 };
 
 }  // namespace paasmilter
