@@ -138,10 +138,14 @@ HMAC (Azure SDK for Python azure-communication-email `_shared/policy.py`, HMACCr
 `host` the Host header (here always with the port: "127.0.0.1:PORT"), x-ms-date RFC 1123 GMT
 within +-max_clock_skew seconds. Worked examples: see test_mock_acs.py's docstring.
 
-Entra client assertion (JWT): header alg RS256 with x5t = base64url(SHA-1 of the certificate's
-DER) (x5t#S256 also accepted); claims aud = the token URL, iss = sub = client_id, exp in the
-future, nbf (if any) not in the future, jti present; RS256 verified with `openssl dgst -sha256
--verify` against the configured certificate's public key. Errors are AADSTS-shaped
+The HTTPS server, the Entra token endpoint and the fault machinery are shared with
+mock_graph.MockGraph: they live in mock_common.py (class LoopbackMock).
+
+Entra client assertion (JWT): header alg PS256 or RS256 with x5t#S256 = base64url(SHA-256 of
+the certificate's DER) or x5t = base64url(SHA-1 of it); claims aud = the token URL, iss = sub =
+client_id, exp in the future, nbf (if any) not in the future, jti present; the signature
+(RSASSA-PSS with MGF1-SHA-256 and a 32-byte salt, or PKCS#1 v1.5) verified with `openssl dgst
+-sha256 -verify` against the configured certificate's public key. Errors are AADSTS-shaped
 {"error", "error_description": "AADSTSnnn: ...", "error_codes", "timestamp", "trace_id",
 "correlation_id"}; the AADSTS numbers are illustrative.
 """
@@ -149,29 +153,19 @@ future, nbf (if any) not in the future, jti present; RS256 verified with `openss
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import binascii
 import collections
 import dataclasses
-import datetime
 import email.utils
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import re
 import secrets
-import shutil
 import signal
-import socket
-import socketserver
-import ssl
-import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -179,12 +173,13 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
+from mock_common import (  # noqa: F401 (re-exported: `from mock_acs import Fault` still works)
+    CLIENT_ASSERTION_TYPE, OPENSSL, ApiError as _ApiError, Fault, LoopbackMock,
+    Reply as _Reply, TokenRequest, _Handler)
 
 API_VERSIONS = ("2023-03-31", "2025-09-01")
 ACS_SCOPE = "https://communication.azure.com//.default"
 ACS_RESOURCE = "https://communication.azure.com"
-CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SIGNED_HEADERS = "x-ms-date;host;x-ms-content-sha256"
 TERMINAL_STATUSES = ("Succeeded", "Failed", "Canceled")
 OPERATION_STATUSES = ("NotStarted", "Running") + TERMINAL_STATUSES
@@ -198,7 +193,6 @@ _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
                       r"[0-9a-fA-F]{12}$")
 _OPERATION_PATH_RE = re.compile(r"^/emails/operations/([^/?]+)$")
 _TOKEN_PATH_RE = re.compile(r"^/([^/?]+)/oauth2/v2\.0/token$")
-_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
 
 _DEFAULT_CODES = {
     400: ("BadRequest", "The request is invalid."),
@@ -215,25 +209,6 @@ _DEFAULT_CODES = {
     503: ("ServiceUnavailable", "The service is temporarily unavailable."),
     504: ("GatewayTimeout", "Gateway timeout."),
 }
-
-_TLS_CNF = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[v3_ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-subjectKeyIdentifier = hash
-[v3_server]
-basicConstraints = CA:FALSE
-keyUsage = critical,digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1,DNS:localhost
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,20 +237,6 @@ def hmac_signature(access_key_b64: str, method: str, path_and_query: str, x_ms_d
     return base64.b64encode(hmac.new(key, sts.encode("utf-8"), hashlib.sha256).digest()).decode()
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64url_decode(text: str) -> bytes:
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _utcnow_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def _parse_rfc1123(text: str) -> float | None:
     m = _RFC1123_RE.match(text)
     if not m:
@@ -289,35 +250,9 @@ def _parse_rfc1123(text: str) -> float | None:
     return dt.timestamp()
 
 
-def _run_openssl(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([OPENSSL, *args], input=input, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=60)
-
-
 # --------------------------------------------------------------------------------------------
 # records
 # --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Fault:
-    """A scripted answer (the table "Ambiguous outcomes" in the module doc). status: answer
-    with this error; delay: sleep first (then the fault, or normal processing when there is
-    neither status nor reset); reset: close the TCP connection (RST) without answering;
-    accept: process the request normally first (so the message IS accepted) and only then
-    apply status/reset - the "accepted but the client never heard" case; hold: after
-    processing, wait this long before answering; stall: after processing, send nothing for
-    this long and then close the connection without answering (hold/stall imply accept)."""
-    status: int | None = None
-    code: str | None = None
-    message: str | None = None
-    retry_after: float | None = None
-    delay: float = 0.0
-    reset: bool = False
-    accept: bool = False
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
-    hold: float = 0.0
-    stall: float = 0.0
-
 
 @dataclasses.dataclass
 class RecordedRequest:
@@ -415,134 +350,11 @@ class TrackedRequest:
     requests: list[int] = dataclasses.field(default_factory=list)  # seqs that carried the id
 
 
-@dataclasses.dataclass
-class TokenRequest:
-    tenant: str
-    form: dict[str, str]
-    kind: str | None            # "secret" | "assertion" | None
-    status: int
-    error: str | None           # e.g. "invalid_client AADSTS7000215"
-    access_token: str | None
-    connection_id: int
-    time: float
-
-
-class _ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, target: str | None = None):
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message, self.target = status, code, message, target
-
-
-class _Reply:
-    def __init__(self, status: int, obj: Any = None, headers: Mapping[str, str] | None = None,
-                 error_code: str | None = None):
-        self.status, self.obj, self.error_code = status, obj, error_code
-        self.headers = dict(headers or {})
-
-
-# --------------------------------------------------------------------------------------------
-# HTTP plumbing
-# --------------------------------------------------------------------------------------------
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, mock: "MockAcs", address: tuple[str, int]):
-        self.mock = mock
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # no getfqdn() reverse lookup
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        self.mock._log(f"connection {client_address}: {type(exc).__name__}: {exc}")
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "mock-acs/1.0"
-    sys_version = ""
-    server: _Server
-
-    def setup(self) -> None:
-        mock = self.server.mock
-        raw = self.request
-        raw.settimeout(mock.handshake_timeout)
-        try:
-            self.request = mock._tls_context.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            mock._note_tls_failure(self.client_address, exc)
-            try:
-                raw.close()
-            except OSError:
-                pass
-            raise
-        self.timeout = mock.idle_timeout
-        self.conn_id = mock._register_connection(self.request)
-        super().setup()
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except OSError:
-            pass
-        self.server.mock._unregister_connection(getattr(self, "conn_id", None))
-        try:
-            self.request.close()
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        self.server.mock._log(f"{self.client_address[0]}:{self.client_address[1]} "
-                              + (format % args), echo=False)
-
-    def handle_expect_100(self) -> bool:
-        words = self.requestline.split()
-        if len(words) == 3:
-            self.path = words[1]
-        if self.server.mock._reject_early(self):
-            return False
-        return super().handle_expect_100()
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def parse_request(self) -> bool:
-        ok = super().parse_request()
-        # http.server folds a leading "//" into "/" (open-redirect guard): keep the
-        # request-target exactly as sent, it is what the client signed and what routes.
-        words = self.requestline.split()
-        if ok and len(words) == 3:
-            self.path = words[1]
-        return ok
-
-    def _dispatch(self) -> None:
-        self.server.mock._dispatch(self)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
-
-
 # --------------------------------------------------------------------------------------------
 # the mock
 # --------------------------------------------------------------------------------------------
 
-_LIVE: set["MockAcs"] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for mock in list(_LIVE):
-        try:
-            mock.stop()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
-
-
-class MockAcs:
+class MockAcs(LoopbackMock):
     """ACS Email + Entra token endpoint double on https://127.0.0.1:PORT (see module doc).
 
     Settings that may be changed while it runs (plain attributes): max_clock_skew,
@@ -550,6 +362,15 @@ class MockAcs:
     reexecute_repeated_operation_id, repeatability_window, clock (a () -> epoch seconds
     callable for the repeatability window), unlinked_domain_status, token_lifetime,
     verified_domains (a set), sender_usernames."""
+
+    name = "mock-acs"
+    token_scope = ACS_SCOPE
+    token_audience = ACS_RESOURCE
+    # PS256 with x5t#S256 is what Microsoft's certificate-credentials page now says;
+    # RS256 with x5t is what it said before (both are still accepted by Entra ID).
+    assertion_algs = ("PS256", "RS256")
+    fault_endpoints = ("send", "status", "token")
+    default_fault_endpoint = "send"
 
     def __init__(self, access_key: str | None = None,
                  verified_domains: Iterable[str] = ("contoso.test",), *,
@@ -581,12 +402,14 @@ class MockAcs:
                 raise ValueError
         except (binascii.Error, ValueError):
             raise ValueError("access_key must be non-empty base64") from None
+        super().__init__(port=port, state_dir=state_dir, max_clock_skew=max_clock_skew,
+                         tenant_id=tenant_id, client_id=client_id, client_secret=client_secret,
+                         client_certificate=client_certificate, token_lifetime=token_lifetime,
+                         idle_timeout=idle_timeout, handshake_timeout=handshake_timeout,
+                         keep=keep, echo_log=echo_log)
         self.verified_domains = {d.lower() for d in verified_domains}
         self.sender_usernames = {d.lower(): {u.lower() for u in us}
                                  for d, us in (sender_usernames or {}).items()}
-        self.requested_port = port
-        self.state_dir = os.path.abspath(state_dir) if state_dir else None
-        self.max_clock_skew = max_clock_skew
         self.max_request_bytes = max_request_bytes
         self.max_recipients = max_recipients
         self.retry_after = retry_after
@@ -596,122 +419,13 @@ class MockAcs:
         self.repeatability_window = repeatability_window
         self.clock: Callable[[], float] = clock or time.time
         self.unlinked_domain_status = unlinked_domain_status
-        self.tenant_id = tenant_id or str(uuid.uuid4())
-        self.client_id = client_id or str(uuid.uuid4())
-        self.client_secret = client_secret if client_secret is not None else \
-            "mock~" + secrets.token_urlsafe(30)
-        self.token_lifetime = token_lifetime
-        self.idle_timeout = idle_timeout
-        self.handshake_timeout = handshake_timeout
-        self.keep = bool(os.environ.get("PAAS_IT_KEEP")) if keep is None else keep
-        self.echo_log = echo_log
 
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
-        self._stopping = threading.Event()
         self._requests: list[RecordedRequest] = []
         self._accepted: list[AcceptedMessage] = []
         self._operations: dict[str, dict[str, Any]] = {}
         self._tracked: dict[str, TrackedRequest] = {}
-        self._tokens: dict[str, dict[str, Any]] = {}
-        self._token_requests: list[TokenRequest] = []
-        self._tls_failures: list[str] = []
-        self._faults: dict[str, collections.deque[Fault]] = collections.defaultdict(
-            collections.deque)
-        self._permanent: dict[str, Fault] = {}
-        self._connections: dict[int, socket.socket] = {}
-        self._next_conn = 0
-        self._log_lines: collections.deque[str] = collections.deque(maxlen=500)
-        self._token_signing_key = secrets.token_bytes(32)
-
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._dir: str | None = None
-        self._own_dir = False
-        self.port = 0
-        self.ca_file = ""
-        self._cert_x5t: str | None = None
-        self._cert_x5t_s256: str | None = None
-        self._pubkey_file: str | None = None
-        self.client_certificate: str | None = None
-        self._pending_client_cert = client_certificate
-
-    # ---- lifecycle --------------------------------------------------------------------------
-
-    def __repr__(self) -> str:
-        return f"<MockAcs {self.endpoint if self.port else 'stopped'}>"
-
-    def __enter__(self) -> "MockAcs":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None
-
-    def start(self) -> "MockAcs":
-        if self._server is not None:
-            return self
-        if self.state_dir:
-            os.makedirs(self.state_dir, exist_ok=True)
-            self._dir = self.state_dir
-        else:
-            self._dir = tempfile.mkdtemp(prefix="mock-acs-")
-            self._own_dir = True
-        try:
-            self._make_tls()
-            if self._pending_client_cert:
-                self.set_client_certificate(self._pending_client_cert)
-            self._stopping.clear()
-            self._server = _Server(self, ("127.0.0.1", self.requested_port))
-            self.port = self._server.server_address[1]
-            self._thread = threading.Thread(target=self._server.serve_forever,
-                                            kwargs={"poll_interval": 0.1},
-                                            name=f"mock-acs-{self.port}", daemon=True)
-            self._thread.start()
-        except BaseException:
-            self.stop()
-            raise
-        _LIVE.add(self)
-        if self.state_dir:
-            self._write_state()
-        if self.keep and self._own_dir:
-            print(f"mock-acs: keeping {self._dir}", file=sys.stderr)
-        return self
-
-    def stop(self) -> None:
-        _LIVE.discard(self)
-        self._stopping.set()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        with self._lock:
-            conns = list(self._connections.values())
-        for sock in conns:
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        if self._dir and self._own_dir and not self.keep:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
     # ---- addresses --------------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def endpoint(self) -> str:
-        """"https://127.0.0.1:PORT" (no trailing slash)."""
-        return f"https://{self.host}"
 
     @property
     def connection_string(self) -> str:
@@ -719,151 +433,8 @@ class MockAcs:
         "endpoint=https://127.0.0.1:PORT/;accesskey=<base64>"."""
         return f"endpoint={self.endpoint}/;accesskey={self.access_key}"
 
-    @property
-    def authority(self) -> str:
-        """What EntraCredentials.authority should be (instead of login.microsoftonline.com)."""
-        return self.endpoint
-
-    @property
-    def token_url(self) -> str:
-        return f"{self.endpoint}/{self.tenant_id}/oauth2/v2.0/token"
-
     def send_url(self, api_version: str = API_VERSIONS[0]) -> str:
         return f"{self.endpoint}/emails:send?api-version={api_version}"
-
-    @property
-    def directory(self) -> str | None:
-        return self._dir
-
-    # ---- TLS ----------------------------------------------------------------------------------
-
-    def _make_tls(self) -> None:
-        tls = os.path.join(self._dir, "tls")
-        os.makedirs(tls, exist_ok=True)
-        cnf = os.path.join(tls, "openssl.cnf")
-        with open(cnf, "w") as f:
-            f.write(_TLS_CNF)
-        ca_cert, ca_key = os.path.join(tls, "ca.pem"), os.path.join(tls, "ca.key")
-        srv_cert, srv_key = os.path.join(tls, "server.pem"), os.path.join(tls, "server.key")
-        srv_csr = os.path.join(tls, "server.csr")
-        steps = [
-            ("req", "-x509", "-config", cnf, "-extensions", "v3_ca", "-newkey", "ec",
-             "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", ca_key,
-             "-out", ca_cert, "-days", "30", "-subj", "/O=paas-milter tests/CN=mock-acs test CA"),
-            ("req", "-new", "-config", cnf, "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", srv_key, "-out", srv_csr,
-             "-subj", "/CN=127.0.0.1"),
-            ("x509", "-req", "-in", srv_csr, "-CA", ca_cert, "-CAkey", ca_key,
-             "-set_serial", "0x" + secrets.token_hex(8), "-days", "30", "-extfile", cnf,
-             "-extensions", "v3_server", "-out", srv_cert),
-        ]
-        for args in steps:
-            proc = _run_openssl(*args)
-            if proc.returncode != 0:
-                raise RuntimeError(f"openssl {args[0]} failed:\n{proc.stdout.decode(errors='replace')}")
-        os.chmod(ca_key, 0o600)
-        os.chmod(srv_key, 0o600)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(srv_cert, srv_key)
-        ctx.set_alpn_protocols(["http/1.1"])
-        self._tls_context = ctx
-        self.ca_file = ca_cert
-
-    def set_client_certificate(self, pem_path: str | None) -> None:
-        """The certificate whose key signs client assertions (the PEM may also hold the key)."""
-        if pem_path is None:
-            self.client_certificate = self._cert_x5t = self._cert_x5t_s256 = None
-            return
-        with open(pem_path, "rb") as f:
-            m = _CERT_RE.search(f.read())
-        if not m:
-            raise ValueError(f"{pem_path}: no PEM certificate")
-        der = base64.b64decode(b"".join(m.group(1).split()))
-        pub = os.path.join(self._dir or tempfile.gettempdir(),
-                           f"client-cert-{secrets.token_hex(4)}.pub.pem")
-        proc = _run_openssl("x509", "-inform", "DER", "-pubkey", "-noout", input=der)
-        if proc.returncode != 0:
-            raise ValueError(f"{pem_path}: {proc.stdout.decode(errors='replace')}")
-        with open(pub, "wb") as f:
-            f.write(proc.stdout)
-        with self._lock:
-            self.client_certificate = pem_path
-            self._pubkey_file = pub
-            self._cert_x5t = _b64url(hashlib.sha1(der).digest())
-            self._cert_x5t_s256 = _b64url(hashlib.sha256(der).digest())
-
-    # ---- fault injection --------------------------------------------------------------------
-
-    def fail_next(self, status: int | None = None, *, code: str | None = None,
-                  message: str | None = None, retry_after: float | None = None,
-                  delay: float = 0.0, reset: bool = False, accept: bool = False,
-                  headers: Mapping[str, str] | None = None, hold: float = 0.0,
-                  stall: float = 0.0, count: int = 1, endpoint: str = "send") -> None:
-        """Script the answer to the next COUNT executed requests to ENDPOINT ("send",
-        "status", "token"); see "Ambiguous outcomes" in the module doc. Examples:
-        fail_next(429, retry_after=2); fail_next(429) (no Retry-After); fail_next(409);
-        fail_next(503); fail_next(delay=5); fail_next(reset=True);
-        fail_next(400, code="InvalidSenderUserName");
-        fail_next(reset=True, accept=True) (accepted, then RST);
-        fail_next(504, accept=True) (accepted, then 504);
-        fail_next(hold=2) (accepted, in progress for 2 s, then 202);
-        fail_next(stall=30) (accepted, then silence until the client gives up)."""
-        fault = self._make_fault(status, code=code, message=message, retry_after=retry_after,
-                                 delay=delay, reset=reset, accept=accept, headers=headers,
-                                 hold=hold, stall=stall, endpoint=endpoint)
-        with self._lock:
-            for _ in range(count):
-                self._faults[endpoint].append(dataclasses.replace(fault))
-
-    def always(self, status: int | None = None, *, code: str | None = None,
-               message: str | None = None, retry_after: float | None = None,
-               delay: float = 0.0, reset: bool = False, accept: bool = False,
-               headers: Mapping[str, str] | None = None, hold: float = 0.0,
-               stall: float = 0.0, endpoint: str = "send") -> None:
-        """A permanent fault for an endpoint (after the queued ones), until clear_faults().
-        Same keywords as fail_next() (no count); e.g. always(hold=0.5) delays every answer."""
-        fault = self._make_fault(status, code=code, message=message, retry_after=retry_after,
-                                 delay=delay, reset=reset, accept=accept, headers=headers,
-                                 hold=hold, stall=stall, endpoint=endpoint)
-        with self._lock:
-            self._permanent[endpoint] = fault
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-            self._permanent.clear()
-
-    def pending_faults(self, endpoint: str = "send") -> int:
-        with self._lock:
-            return len(self._faults[endpoint])
-
-    @staticmethod
-    def _make_fault(status: int | None, code: str | None = None, message: str | None = None,
-                    retry_after: float | None = None, delay: float = 0.0, reset: bool = False,
-                    accept: bool = False, headers: Mapping[str, str] | None = None,
-                    endpoint: str = "send", *, hold: float = 0.0, stall: float = 0.0) -> Fault:
-        # (the positional order is kept as it was: tests/integration/soak_api.py calls it so)
-        if endpoint not in ("send", "status", "token"):
-            raise ValueError(f"unknown endpoint {endpoint!r}")
-        if status is None and not delay and not reset and not hold and not stall:
-            raise ValueError("a fault needs status, delay, reset, hold or stall")
-        if status is not None and not 100 <= status <= 599:
-            raise ValueError(f"bad status {status}")
-        if min(delay, hold, stall) < 0:
-            raise ValueError("delay, hold and stall must not be negative")
-        if stall and (status is not None or reset):
-            raise ValueError("stall sends no answer: it cannot have a status or reset")
-        return Fault(status=status, code=code, message=message, retry_after=retry_after,
-                     delay=float(delay), reset=reset, accept=accept or bool(hold or stall),
-                     headers=dict(headers or {}), hold=float(hold), stall=float(stall))
-
-    def _take_fault(self, endpoint: str) -> Fault | None:
-        with self._lock:
-            q = self._faults.get(endpoint)
-            if q:
-                return q.popleft()
-            return self._permanent.get(endpoint)
 
     # ---- scripted operation status ----------------------------------------------------------
 
@@ -878,12 +449,6 @@ class MockAcs:
             op["error"] = ({"code": error_code or "EmailDropped",
                             "message": error_message or "Email was dropped."}
                            if status == "Failed" else None)
-
-    def expire_tokens(self) -> None:
-        """Make every bearer token issued so far expired."""
-        with self._lock:
-            for t in self._tokens.values():
-                t["expires_at"] = time.time() - 1
 
     # ---- inspection ---------------------------------------------------------------------------
 
@@ -919,14 +484,6 @@ class MockAcs:
             entry = self._tracked.get(key)
             return dataclasses.replace(entry, requests=list(entry.requests)) if entry else None
 
-    def token_requests(self) -> list[TokenRequest]:
-        with self._lock:
-            return list(self._token_requests)
-
-    def tls_failures(self) -> list[str]:
-        with self._lock:
-            return list(self._tls_failures)
-
     def wait_for_accepted(self, n: int, timeout: float = 10.0) -> list[AcceptedMessage]:
         """The first N accepted messages, waiting up to TIMEOUT s; AssertionError otherwise."""
         with self._cond:
@@ -938,27 +495,15 @@ class MockAcs:
     def wait_for_requests(self, n: int, route: str | None = "send",
                           timeout: float = 10.0) -> list[RecordedRequest]:
         """The first N completed requests to ROUTE (answered, reset or dropped)."""
-        def done() -> list[RecordedRequest]:
-            return [r for r in self._requests
-                    if (route is None or r.route == route) and getattr(r, "_done", False)]
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(done()) >= n, timeout):
-                raise AssertionError(f"{len(done())} of {n} {route} requests within {timeout}s\n"
-                                     f"{self.diagnostics()}")
-            return done()[:n]
+        return self._wait_for_done(n, route, timeout)
 
     def reset(self) -> None:
         """Forget requests, messages, operations, tokens and faults (not the configuration)."""
         with self._lock:
-            self._requests.clear()
+            super().reset()
             self._accepted.clear()
             self._operations.clear()
             self._tracked.clear()
-            self._tokens.clear()
-            self._token_requests.clear()
-            self._tls_failures.clear()
-            self._faults.clear()
-            self._permanent.clear()
 
     def diagnostics(self, last: int = 30) -> str:
         with self._lock:
@@ -970,28 +515,6 @@ class MockAcs:
         return "\n".join(lines)
 
     describe = diagnostics
-
-    # ---- internals: connections / logging ------------------------------------------------------
-
-    def _log(self, line: str, echo: bool = True) -> None:
-        self._log_lines.append(line)
-        if self.echo_log and echo:
-            print(f"mock-acs: {line}", file=sys.stderr, flush=True)
-
-    def _note_tls_failure(self, client_address: Any, exc: BaseException) -> None:
-        with self._lock:
-            self._tls_failures.append(f"{client_address}: {type(exc).__name__}: {exc}")
-        self._log(f"TLS handshake with {client_address} failed: {exc}")
-
-    def _register_connection(self, sock: socket.socket) -> int:
-        with self._lock:
-            self._next_conn += 1
-            self._connections[self._next_conn] = sock
-            return self._next_conn
-
-    def _unregister_connection(self, conn_id: int | None) -> None:
-        with self._lock:
-            self._connections.pop(conn_id, None)
 
     # ---- internals: request handling -------------------------------------------------------------
 
@@ -1019,12 +542,6 @@ class MockAcs:
             self._requests.append(rec)
         return rec
 
-    def _finish_record(self, rec: RecordedRequest) -> None:
-        with self._cond:
-            rec._done = True  # type: ignore[attr-defined]
-            self._cond.notify_all()
-        self._log(rec.summary())
-
     def _reject_early(self, h: _Handler) -> bool:
         """On `Expect: 100-continue`: refuse a too-large send body before it is sent."""
         path = h.path.partition("?")[0]
@@ -1039,63 +556,6 @@ class MockAcs:
                        f"{self.max_request_bytes} bytes."), close=True)
             return True
         return False
-
-    def _read_body(self, h: _Handler, limit: int) -> tuple[bytes | None, int | None]:
-        """(body, None), or (None, status) for 400/411/413 (then maybe close)."""
-        te = h.headers.get("Transfer-Encoding", "").lower()
-        if te:
-            if te != "chunked":
-                h.close_connection = True
-                return None, 400
-            chunks, total, too_big = [], 0, False
-            while True:
-                line = h.rfile.readline(1026)
-                try:
-                    size = int(line.split(b";")[0].strip(), 16)
-                except ValueError:
-                    h.close_connection = True
-                    return None, 400
-                if size == 0:
-                    while h.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                total += size
-                if total > limit:
-                    too_big = True
-                if total > 4 * limit + (1 << 20):
-                    h.close_connection = True
-                    return None, 413
-                data = h.rfile.read(size)
-                h.rfile.readline(8)
-                if not too_big:
-                    chunks.append(data)
-            return (None, 413) if too_big else (b"".join(chunks), None)
-        cl = h.headers.get("Content-Length")
-        if cl is None:
-            if h.command in ("POST", "PUT", "PATCH"):
-                h.close_connection = True
-                return None, 411
-            return b"", None
-        if not cl.strip().isdigit():
-            h.close_connection = True
-            return None, 400
-        n = int(cl)
-        if n > limit:
-            if n > 4 * limit + (1 << 20):
-                h.close_connection = True
-            else:
-                left = n
-                while left > 0:
-                    got = h.rfile.read(min(left, 1 << 16))
-                    if not got:
-                        break
-                    left -= len(got)
-            return None, 413
-        body = h.rfile.read(n)
-        if len(body) != n:
-            h.close_connection = True
-            return None, 400
-        return body, None
 
     def _dispatch(self, h: _Handler) -> None:
         path = h.path.partition("?")[0]
@@ -1143,51 +603,15 @@ class MockAcs:
                  body: bytes, entry: TrackedRequest | None) -> None:
         """Faults, then the endpoint's handler; ENTRY (a tracked repeatable request) gets the
         final answer before it is written, so a repeat right after it finds it done."""
-        fault = self._take_fault(route)
-        rec.fault = fault
-        if fault is not None:
-            if fault.delay and self._stopping.wait(fault.delay):
-                self._drop(h, rec)
-                return
-            if not fault.accept and fault.reset:
-                self._drop(h, rec, reset=True)
-                return
-            if not fault.accept and fault.status is not None:
-                reply = self._fault_reply(route, fault)
-                self._repeatability_complete(entry, reply)
-                self._send(h, rec, reply)
-                return
-
-        try:
+        def process() -> _Reply:
             if route == "send":
-                reply = self._handle_send(h, rec, body)
-            elif route == "status":
-                reply = self._handle_status(h, rec, params[0])
-            else:
-                reply = self._handle_token(h, rec, params[0], body)
-        except _ApiError as err:
-            reply = self._error_reply(err.status, err.code, err.message, err.target)
+                return self._handle_send(h, rec, body)
+            if route == "status":
+                return self._handle_status(h, rec, params[0])
+            return self._handle_token(h, rec, params[0], body)
 
-        if fault is not None and fault.accept:
-            wait = fault.stall or fault.hold
-            if wait and self._stopping.wait(wait):
-                self._repeatability_complete(entry, reply)
-                self._drop(h, rec)
-                return
-            if fault.stall:
-                # processed, then silence: the connection closes without an answer
-                self._repeatability_complete(entry, reply)
-                self._drop(h, rec)
-                return
-            if fault.reset:
-                # the service's answer is what it remembers; the transport lost it
-                self._repeatability_complete(entry, reply)
-                self._drop(h, rec, reset=True)
-                return
-            if fault.status is not None:
-                reply = self._fault_reply(route, fault)
-        self._repeatability_complete(entry, reply)
-        self._send(h, rec, reply)
+        self._run_with_fault(h, rec, route, process,
+                             remember=lambda reply: self._repeatability_complete(entry, reply))
 
     # ---- repeatable requests (OASIS; see the module doc) ----------------------------------------
 
@@ -1294,24 +718,6 @@ class MockAcs:
             elif self._tracked.get(entry.request_id) is entry:
                 del self._tracked[entry.request_id]
 
-    def _drop(self, h: _Handler, rec: RecordedRequest, reset: bool = False) -> None:
-        """Close the connection without answering (with a TCP RST when RESET)."""
-        h.close_connection = True
-        sock = h.connection
-        try:
-            if reset:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            else:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
-        rec.status = None
-        self._finish_record(rec)
-
     def _send(self, h: _Handler, rec: RecordedRequest, reply: _Reply, close: bool = False) -> None:
         if rec.route == "token":
             payload = json.dumps(reply.obj).encode() if reply.obj is not None else b""
@@ -1336,25 +742,8 @@ class MockAcs:
             elif rec.repeatability is not None:
                 headers["Repeatability-Result"] = "accepted"
         headers.update(reply.headers)
-        if close or h.close_connection:
-            headers["Connection"] = "close"
-            h.close_connection = True
-        rec.status = reply.status
         rec.error_code = reply.error_code
-        try:
-            h.send_response(reply.status)
-            for k, v in headers.items():
-                h.send_header(k, v)
-            h.send_header("Content-Length", str(len(payload)))
-            h.end_headers()
-            if h.command != "HEAD":
-                h.wfile.write(payload)
-            h.wfile.flush()
-        except OSError as exc:
-            h.close_connection = True
-            self._log(f"#{rec.seq}: could not answer: {exc}")
-        finally:
-            self._finish_record(rec)
+        self._write_response(h, rec, reply.status, headers, payload, close=close)
 
     def _error_reply(self, status: int, code: str, message: str,
                      target: str | None = None) -> _Reply:
@@ -1394,14 +783,7 @@ class MockAcs:
         if not auth:
             return "none", "no Authorization header"
         if auth.startswith("Bearer "):
-            token = auth[len("Bearer "):].strip()
-            with self._lock:
-                info = self._tokens.get(token)
-            if info is None:
-                return "bearer", "bearer token not issued by this mock"
-            if time.time() >= info["expires_at"]:
-                return "bearer", "bearer token expired"
-            return "bearer", None
+            return "bearer", self._bearer_error(auth[len("Bearer "):].strip())
         if not auth.startswith("HMAC-SHA256 "):
             return "other", f"unsupported Authorization scheme {auth.split(' ', 1)[0]!r}"
         m = re.fullmatch(r"SignedHeaders=([^&]*)&Signature=(.*)", auth[len("HMAC-SHA256 "):].strip())
@@ -1681,173 +1063,6 @@ class MockAcs:
             headers = {} if op["status"] in TERMINAL_STATUSES else \
                 {"retry-after": str(self.retry_after)}
         return _Reply(200, obj, headers)
-
-    # ---- POST /{tenant}/oauth2/v2.0/token ------------------------------------------------------------
-
-    def _entra_error(self, status: int, error: str, code: int, description: str) -> _Reply:
-        trace, corr, ts = str(uuid.uuid4()), str(uuid.uuid4()), _utcnow_iso()
-        return _Reply(status, {
-            "error": error,
-            "error_description": f"AADSTS{code}: {description} Trace ID: {trace} "
-                                 f"Correlation ID: {corr} Timestamp: {ts}",
-            "error_codes": [code], "timestamp": ts, "trace_id": trace, "correlation_id": corr,
-            "error_uri": f"{self.endpoint}/error?code={code}"}, error_code=f"{error} AADSTS{code}")
-
-    def _handle_token(self, h: _Handler, rec: RecordedRequest, tenant: str, body: bytes) -> _Reply:
-        form: dict[str, str] = {}
-        kind: str | None = None
-        reply: _Reply | None = None
-        ctype = h.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        try:
-            parsed = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True,
-                                           strict_parsing=bool(body))
-        except (UnicodeDecodeError, ValueError):
-            parsed = None
-        if ctype != "application/x-www-form-urlencoded" or parsed is None:
-            reply = self._entra_error(400, "invalid_request", 900144,
-                                      "The request body must contain the following parameter: "
-                                      "'grant_type'.")
-        else:
-            form = {k: v[-1] for k, v in parsed.items()}
-            dup = [k for k, v in parsed.items() if len(v) > 1]
-            kind = ("secret" if "client_secret" in form else
-                    "assertion" if "client_assertion" in form else None)
-            rec.auth = kind or "none"
-            if dup:
-                reply = self._entra_error(400, "invalid_request", 90015,
-                                          f"Requested query string is too long or has "
-                                          f"duplicated parameters: {dup[0]}.")
-            else:
-                reply = self._token_checks(h, tenant, form, kind)
-        rec.auth_ok = reply.status == 200
-        if reply.status != 200:
-            rec.auth_error = reply.error_code
-        with self._lock:
-            self._token_requests.append(TokenRequest(
-                tenant=tenant, form=form, kind=kind, status=reply.status,
-                error=reply.error_code if reply.status != 200 else None,
-                access_token=(reply.obj or {}).get("access_token") if reply.status == 200 else None,
-                connection_id=rec.connection_id, time=rec.time))
-        return reply
-
-    def _token_checks(self, h: _Handler, tenant: str, form: dict[str, str],
-                      kind: str | None) -> _Reply:
-        if tenant != self.tenant_id:
-            return self._entra_error(400, "invalid_request", 90002,
-                                     f"Tenant '{tenant}' not found.")
-        for p in ("grant_type", "client_id", "scope"):
-            if not form.get(p):
-                return self._entra_error(400, "invalid_request", 900144,
-                                         f"The request body must contain the following "
-                                         f"parameter: '{p}'.")
-        if form["grant_type"] != "client_credentials":
-            return self._entra_error(400, "unsupported_grant_type", 70003,
-                                     f"The app requested an unsupported grant type "
-                                     f"'{form['grant_type']}'.")
-        if form["client_id"] != self.client_id:
-            return self._entra_error(400, "unauthorized_client", 700016,
-                                     f"Application with identifier '{form['client_id']}' was "
-                                     f"not found in the directory '{tenant}'.")
-        if form["scope"] != ACS_SCOPE:
-            return self._entra_error(400, "invalid_scope", 70011,
-                                     f"The provided request must include a 'scope' input "
-                                     f"parameter. The provided value for the input parameter "
-                                     f"'scope' is not valid: '{form['scope']}' (expected "
-                                     f"'{ACS_SCOPE}').")
-        if "client_secret" in form and "client_assertion" in form:
-            return self._entra_error(400, "invalid_request", 700025,
-                                     "Only one client credential type may be presented.")
-        if kind == "secret":
-            if not self.client_secret or not hmac.compare_digest(
-                    form["client_secret"].encode(), self.client_secret.encode()):
-                return self._entra_error(401, "invalid_client", 7000215,
-                                         "Invalid client secret provided. Ensure the secret "
-                                         "being sent in the request is the client secret "
-                                         "value, not the client secret ID, for a secret added "
-                                         f"to app '{self.client_id}'.")
-        elif kind == "assertion":
-            if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
-                return self._entra_error(400, "invalid_request", 700023,
-                                         f"client_assertion_type must be "
-                                         f"'{CLIENT_ASSERTION_TYPE}'.")
-            error = self._verify_assertion(form["client_assertion"], tenant, h.headers.get("Host", ""))
-            if error:
-                return self._entra_error(401, "invalid_client", error[0], error[1])
-        else:
-            return self._entra_error(401, "invalid_client", 7000218,
-                                     "The request body must contain the following parameter: "
-                                     "'client_assertion' or 'client_secret'.")
-        now = int(time.time())
-        lifetime = int(self.token_lifetime)
-        claims = {"aud": ACS_RESOURCE, "iss": f"https://sts.windows.net/{tenant}/", "iat": now,
-                  "nbf": now, "exp": now + lifetime, "appid": self.client_id, "tid": tenant,
-                  "oid": str(uuid.uuid5(uuid.NAMESPACE_URL, self.client_id)),
-                  "uti": secrets.token_urlsafe(16)}
-        signing_input = _b64url(json.dumps({"typ": "JWT", "alg": "HS256"}).encode()) + "." + \
-            _b64url(json.dumps(claims).encode())
-        sig = hmac.new(self._token_signing_key, signing_input.encode(), hashlib.sha256).digest()
-        token = signing_input + "." + _b64url(sig)
-        with self._lock:
-            self._tokens[token] = {"expires_at": time.time() + lifetime, "kind": kind}
-        return _Reply(200, {"token_type": "Bearer", "expires_in": lifetime,
-                            "ext_expires_in": lifetime, "access_token": token})
-
-    def _verify_assertion(self, assertion: str, tenant: str, host: str) -> tuple[int, str] | None:
-        parts = assertion.split(".")
-        if len(parts) != 3:
-            return 50027, "Invalid JWT token. The token is malformed."
-        try:
-            header = json.loads(_b64url_decode(parts[0]))
-            claims = json.loads(_b64url_decode(parts[1]))
-            signature = _b64url_decode(parts[2])
-        except (ValueError, UnicodeDecodeError):
-            return 50027, "Invalid JWT token. The token is not valid base64url JSON."
-        if not isinstance(header, dict) or not isinstance(claims, dict):
-            return 50027, "Invalid JWT token. Header and claims must be JSON objects."
-        if header.get("alg") != "RS256":
-            return 5002738, f"Invalid JWT token. Unsupported alg {header.get('alg')!r} (need RS256)."
-        with self._lock:
-            x5t, x5t_s256, pub = self._cert_x5t, self._cert_x5t_s256, self._pubkey_file
-        if x5t is None or pub is None:
-            return 700027, "Client assertion contains an invalid signature: no certificate is " \
-                           "registered for this application."
-        if not (header.get("x5t") == x5t or header.get("x5t#S256") == x5t_s256):
-            return 700027, (f"The certificate with identifier used to sign the client assertion "
-                            f"is not registered on application. [Reason - The key was not found., "
-                            f"Thumbprint of key used by client: '{header.get('x5t')}']")
-        if not self._rs256_ok((parts[0] + "." + parts[1]).encode(), signature, pub):
-            return 700027, "Client assertion failed signature validation."
-        allowed_aud = {f"https://{host_}/{tenant}/oauth2/v2.0/token"
-                       for host_ in (f"127.0.0.1:{self.port}", f"localhost:{self.port}")}
-        if claims.get("aud") not in allowed_aud:
-            return 700212, (f"No matching federated identity record found for presented "
-                            f"assertion audience '{claims.get('aud')}'. Expected "
-                            f"'{self.token_url}'.")
-        if claims.get("iss") != self.client_id or claims.get("sub") != self.client_id:
-            return 700021, "Client assertion application identifier doesn't match 'client_id' " \
-                           "parameter (iss and sub must both be the client id)."
-        now = time.time()
-        exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp <= now:
-            return 700024, f"Client assertion is not within its valid time range (exp={exp!r})."
-        nbf = claims.get("nbf")
-        if nbf is not None and (not isinstance(nbf, (int, float)) or nbf > now + self.max_clock_skew):
-            return 700024, f"Client assertion is not within its valid time range (nbf={nbf!r})."
-        jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti:
-            return 700024, "Client assertion must contain a 'jti' claim."
-        return None
-
-    def _rs256_ok(self, data: bytes, signature: bytes, pubkey_file: str) -> bool:
-        with tempfile.TemporaryDirectory(prefix="jwt-", dir=self._dir) as d:
-            data_path, sig_path = os.path.join(d, "data"), os.path.join(d, "sig")
-            with open(data_path, "wb") as f:
-                f.write(data)
-            with open(sig_path, "wb") as f:
-                f.write(signature)
-            proc = _run_openssl("dgst", "-sha256", "-verify", pubkey_file, "-signature",
-                                sig_path, data_path)
-        return proc.returncode == 0 and b"Verified OK" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------

@@ -266,6 +266,7 @@ class MockAcsTest(unittest.TestCase):
                 "-out", cls.other_key)
         der = openssl("x509", "-in", cls.app_cert, "-outform", "DER")
         cls.x5t = b64url(hashlib.sha1(der).digest())
+        cls.x5t_s256 = b64url(hashlib.sha256(der).digest())
 
         cls.mock = MockAcs(verified_domains=["contoso.test", "fabrikam.test"],
                            sender_usernames={"fabrikam.test": ["DoNotReply"]},
@@ -1051,9 +1052,18 @@ class MockAcsTest(unittest.TestCase):
         self.assertEqual(len(self.mock.token_requests()), 2)
 
     def make_assertion(self, *, header: dict | None = None, claims: dict | None = None,
-                       key: str | None = None, drop: tuple[str, ...] = ()) -> str:
+                       key: str | None = None, drop: tuple[str, ...] = (),
+                       pss_salt: int | None = None) -> str:
+        """RS256 with x5t, or with `pss_salt` PS256 with x5t#S256 signed RSASSA-PSS
+        (MGF1-SHA-256, a salt of `pss_salt` bytes: 32 is what RFC 7518 section 3.5 requires)."""
         now = int(time.time())
-        h = {"alg": "RS256", "typ": "JWT", "x5t": self.x5t}
+        if pss_salt is None:
+            h = {"alg": "RS256", "typ": "JWT", "x5t": self.x5t}
+            sigopts: tuple[str, ...] = ()
+        else:
+            h = {"alg": "PS256", "typ": "JWT", "x5t#S256": self.x5t_s256}
+            sigopts = ("-sigopt", "rsa_padding_mode:pss", "-sigopt", f"rsa_pss_saltlen:{pss_salt}",
+                       "-sigopt", "rsa_mgf1_md:sha256")
         h.update(header or {})
         c = {"aud": self.mock.token_url, "iss": self.mock.client_id, "sub": self.mock.client_id,
              "jti": str(uuid.uuid4()), "nbf": now, "iat": now, "exp": now + 600}
@@ -1061,7 +1071,8 @@ class MockAcsTest(unittest.TestCase):
         for k in drop:
             c.pop(k, None)
         signing_input = b64url(json.dumps(h).encode()) + "." + b64url(json.dumps(c).encode())
-        sig = openssl("dgst", "-sha256", "-sign", key or self.app_key, input=signing_input.encode())
+        sig = openssl("dgst", "-sha256", "-sign", key or self.app_key, *sigopts,
+                      input=signing_input.encode())
         return signing_input + "." + b64url(sig)
 
     def assertion_form(self, assertion: str) -> dict[str, str]:
@@ -1093,6 +1104,30 @@ class MockAcsTest(unittest.TestCase):
                 self.assertEqual(r.status, 401, r.body)
                 self.assertEqual(r.json["error"], "invalid_client")
                 self.assertTrue(r.json["error_description"].startswith("AADSTS"))
+        kinds = [(t.kind, t.status) for t in self.mock.token_requests()]
+        self.assertEqual(kinds, [("assertion", 200)] + [("assertion", 401)] * len(bad))
+
+    def test_token_with_ps256_certificate_assertion(self):
+        r = self.client.token(self.mock.token_url,
+                              self.assertion_form(self.make_assertion(pss_salt=32)))
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(self.client.send(message(), bearer=r.json["access_token"]).status, 202)
+        bad = {
+            "signed by another key": self.make_assertion(pss_salt=32, key=self.other_key),
+            "wrong x5t#S256": self.make_assertion(pss_salt=32,
+                                                  header={"x5t#S256": b64url(b"\0" * 32)}),
+            "PS256 header, PKCS#1 v1.5 signature": self.make_assertion(header={
+                "alg": "PS256", "x5t#S256": self.x5t_s256}),
+            "RS256 header, PSS signature": self.make_assertion(pss_salt=32,
+                                                               header={"alg": "RS256"}),
+            "20-byte salt": self.make_assertion(pss_salt=20),
+            "expired": self.make_assertion(pss_salt=32, claims={"exp": int(time.time()) - 5}),
+        }
+        for name, assertion in bad.items():
+            with self.subTest(name):
+                r = self.client.token(self.mock.token_url, self.assertion_form(assertion))
+                self.assertEqual(r.status, 401, r.body)
+                self.assertEqual(r.json["error"], "invalid_client")
         kinds = [(t.kind, t.status) for t in self.mock.token_requests()]
         self.assertEqual(kinds, [("assertion", 200)] + [("assertion", 401)] * len(bad))
 
