@@ -203,7 +203,8 @@ Result<FetchedToken> request_token(const EntraCredentials& credentials, HttpClie
         auto pem = read_file(credentials.certificate_file);
         if (!pem) return pem.error();
         auto assertion = make_client_assertion(*pem, credentials.client_id, url,
-                                               std::chrono::system_clock::now());
+                                               std::chrono::system_clock::now(),
+                                               credentials.assertion_algorithm);
         if (!assertion) {
             return make_error("certificate credentials: " + assertion.error().message,
                               credentials.certificate_file);
@@ -323,17 +324,46 @@ std::string entra_token_url(const EntraCredentials& credentials) {
     return std::string(authority) + "/" + credentials.tenant_id + "/oauth2/v2.0/token";
 }
 
+std::string_view to_string(ClientAssertionAlgorithm algorithm) {
+    return algorithm == ClientAssertionAlgorithm::rs256 ? "RS256" : "PS256";
+}
+
+std::optional<ClientAssertionAlgorithm> parse_client_assertion_algorithm(std::string_view text) {
+    const std::string name = lower(text);
+    if (name == "ps256") return ClientAssertionAlgorithm::ps256;
+    if (name == "rs256") return ClientAssertionAlgorithm::rs256;
+    return std::nullopt;
+}
+
+Result<void> check_client_certificate(std::string_view certificate_pem) {
+    auto type = certificate_key_type(certificate_pem);
+    if (!type) return type.error();
+    if (*type != "RSA") {
+        return make_error("the certificate's key is " + *type +
+                          ", not RSA: Microsoft Entra ID documents client assertions signed "
+                          "with RSA keys only (PS256, RS256); use an RSA certificate");
+    }
+    return check_private_key_matches_certificate(certificate_pem);
+}
+
 Result<std::string> make_client_assertion(std::string_view certificate_pem,
                                           std::string_view client_id, std::string_view audience,
-                                          std::chrono::system_clock::time_point now) {
-    auto thumbprint = certificate_sha1_thumbprint(certificate_pem);
+                                          std::chrono::system_clock::time_point now,
+                                          ClientAssertionAlgorithm algorithm) {
+    if (auto usable = check_client_certificate(certificate_pem); !usable) return usable.error();
+    const bool pss = algorithm == ClientAssertionAlgorithm::ps256;
+    auto thumbprint = pss ? certificate_sha256_thumbprint(certificate_pem)
+                          : certificate_sha1_thumbprint(certificate_pem);
     if (!thumbprint) return thumbprint.error();
     auto jti = uuid_v4();
     if (!jti) return jti.error();
     const int64_t issued =
         std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
     const nlohmann::json header = {
-        {"alg", "RS256"}, {"typ", "JWT"}, {"x5t", base64url_encode(*thumbprint)}};
+        {"alg", std::string(to_string(algorithm))},
+        {"typ", "JWT"},
+        {pss ? "x5t#S256" : "x5t", base64url_encode(*thumbprint)},
+    };
     const nlohmann::json claims = {
         {"aud", std::string(audience)},
         {"iss", std::string(client_id)},
@@ -345,7 +375,8 @@ Result<std::string> make_client_assertion(std::string_view certificate_pem,
     };
     const std::string signing_input =
         base64url_encode(header.dump()) + "." + base64url_encode(claims.dump());
-    auto signature = rs256_sign(certificate_pem, signing_input);
+    auto signature = pss ? ps256_sign(certificate_pem, signing_input)
+                         : rs256_sign(certificate_pem, signing_input);
     if (!signature) return signature.error();
     return signing_input + "." + base64url_encode(*signature);
 }

@@ -8,6 +8,7 @@
 #include <openssl/params.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
+#include <openssl/rsa.h>
 #include <openssl/x509.h>
 
 #include <array>
@@ -149,6 +150,71 @@ std::string without_space(std::string_view text) {
     return out;
 }
 
+Result<X509Ptr> read_certificate(std::string_view pem) {
+    auto bio = memory_bio(pem);
+    if (!bio) return bio.error();
+    X509Ptr cert(PEM_read_bio_X509(bio->get(), nullptr, no_passphrase, nullptr));
+    if (!cert) return openssl_error("no PEM certificate found");
+    return cert;
+}
+
+Result<std::string> certificate_der(std::string_view pem) {
+    auto cert = read_certificate(pem);
+    if (!cert) return cert.error();
+    const int length = i2d_X509(cert->get(), nullptr);
+    if (length <= 0) return openssl_error("certificate DER encoding failed");
+    std::string der(static_cast<size_t>(length), '\0');
+    auto* out = reinterpret_cast<unsigned char*>(der.data());
+    if (i2d_X509(cert->get(), &out) != length)
+        return openssl_error("certificate DER encoding failed");
+    return der;
+}
+
+// The first private key in `pem`, skipping other blocks; never prompts for a passphrase.
+Result<PkeyPtr> read_private_key(std::string_view pem) {
+    auto bio = memory_bio(pem);
+    if (!bio) return bio.error();
+    PkeyPtr key(PEM_read_bio_PrivateKey(bio->get(), nullptr, no_passphrase, nullptr));
+    if (!key) return openssl_error("no usable PEM private key (missing, invalid or encrypted)");
+    return key;
+}
+
+enum class RsaPadding { pkcs1_v1_5, pss };
+
+// RS256 or PS256 (RFC 7518 sections 3.3 and 3.5) with the first private key in `pem`.
+Result<std::string> rsa_sha256_sign(std::string_view pem, std::string_view data,
+                                    RsaPadding padding) {
+    const char* name = padding == RsaPadding::pss ? "PS256" : "RS256";
+    auto key = read_private_key(pem);
+    if (!key) return key.error();
+    if (EVP_PKEY_is_a(key->get(), "RSA") != 1)
+        return make_error(std::string(name) + " needs an RSA private key");
+    MdCtxPtr ctx(EVP_MD_CTX_new());
+    // Owned by ctx: freed with it, never by us.
+    EVP_PKEY_CTX* key_ctx = nullptr;
+    if (!ctx || EVP_DigestSignInit(ctx.get(), &key_ctx, EVP_sha256(), nullptr, key->get()) != 1) {
+        return openssl_error(std::string(name) + " signing failed");
+    }
+    // PS256: MGF1 with the same SHA-256, and a salt as long as the hash (32 bytes), which
+    // RFC 7518 section 3.5 requires.
+    if (padding == RsaPadding::pss &&
+        (EVP_PKEY_CTX_set_rsa_padding(key_ctx, RSA_PKCS1_PSS_PADDING) != 1 ||
+         EVP_PKEY_CTX_set_rsa_mgf1_md(key_ctx, EVP_sha256()) != 1 ||
+         EVP_PKEY_CTX_set_rsa_pss_saltlen(key_ctx, RSA_PSS_SALTLEN_DIGEST) != 1)) {
+        return openssl_error("PS256 signing failed");
+    }
+    size_t length = 0;
+    if (EVP_DigestSign(ctx.get(), nullptr, &length, bytes(data), data.size()) != 1)
+        return openssl_error(std::string(name) + " signing failed");
+    std::string signature(length, '\0');
+    if (EVP_DigestSign(ctx.get(), reinterpret_cast<unsigned char*>(signature.data()), &length,
+                       bytes(data), data.size()) != 1) {
+        return openssl_error(std::string(name) + " signing failed");
+    }
+    signature.resize(length);
+    return signature;
+}
+
 std::string format_uuid(const std::array<unsigned char, 16>& b) {
     const std::string hex =
         hex_encode(std::string_view(reinterpret_cast<const char*>(b.data()), 16));
@@ -251,38 +317,47 @@ std::string hex_encode(std::string_view data) {
 }
 
 Result<std::string> certificate_sha1_thumbprint(std::string_view pem) {
-    auto bio = memory_bio(pem);
-    if (!bio) return bio.error();
-    X509Ptr cert(PEM_read_bio_X509(bio->get(), nullptr, no_passphrase, nullptr));
-    if (!cert) return openssl_error("no PEM certificate found");
-    const int length = i2d_X509(cert.get(), nullptr);
-    if (length <= 0) return openssl_error("certificate DER encoding failed");
-    std::string der(static_cast<size_t>(length), '\0');
-    auto* out = reinterpret_cast<unsigned char*>(der.data());
-    if (i2d_X509(cert.get(), &out) != length)
-        return openssl_error("certificate DER encoding failed");
-    return sha1(der);
+    auto der = certificate_der(pem);
+    if (!der) return der.error();
+    return sha1(*der);
+}
+
+Result<std::string> certificate_sha256_thumbprint(std::string_view pem) {
+    auto der = certificate_der(pem);
+    if (!der) return der.error();
+    return sha256(*der);
+}
+
+Result<std::string> certificate_key_type(std::string_view pem) {
+    auto cert = read_certificate(pem);
+    if (!cert) return cert.error();
+    // get0: the certificate keeps ownership of its public key.
+    const EVP_PKEY* key = X509_get0_pubkey(cert->get());
+    if (!key) return openssl_error("the certificate's public key cannot be decoded");
+    const char* name = EVP_PKEY_get0_type_name(key);
+    if (!name) return make_error("the certificate's public key is of an unknown type");
+    return std::string(name);
+}
+
+Result<void> check_private_key_matches_certificate(std::string_view pem) {
+    auto cert = read_certificate(pem);
+    if (!cert) return cert.error();
+    auto key = read_private_key(pem);
+    if (!key) return key.error();
+    const EVP_PKEY* public_key = X509_get0_pubkey(cert->get());
+    if (!public_key) return openssl_error("the certificate's public key cannot be decoded");
+    const int same = EVP_PKEY_eq(public_key, key->get());
+    ERR_clear_error();  // a mismatch of key types leaves an entry behind
+    if (same != 1) return make_error("the private key does not belong to the certificate");
+    return {};
 }
 
 Result<std::string> rs256_sign(std::string_view private_key_pem, std::string_view data) {
-    auto bio = memory_bio(private_key_pem);
-    if (!bio) return bio.error();
-    PkeyPtr key(PEM_read_bio_PrivateKey(bio->get(), nullptr, no_passphrase, nullptr));
-    if (!key) return openssl_error("no usable PEM private key (missing, invalid or encrypted)");
-    if (EVP_PKEY_is_a(key.get(), "RSA") != 1) return make_error("RS256 needs an RSA private key");
-    MdCtxPtr ctx(EVP_MD_CTX_new());
-    size_t length = 0;
-    if (!ctx || EVP_DigestSignInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key.get()) != 1 ||
-        EVP_DigestSign(ctx.get(), nullptr, &length, bytes(data), data.size()) != 1) {
-        return openssl_error("RS256 signing failed");
-    }
-    std::string signature(length, '\0');
-    if (EVP_DigestSign(ctx.get(), reinterpret_cast<unsigned char*>(signature.data()), &length,
-                       bytes(data), data.size()) != 1) {
-        return openssl_error("RS256 signing failed");
-    }
-    signature.resize(length);
-    return signature;
+    return rsa_sha256_sign(private_key_pem, data, RsaPadding::pkcs1_v1_5);
+}
+
+Result<std::string> ps256_sign(std::string_view private_key_pem, std::string_view data) {
+    return rsa_sha256_sign(private_key_pem, data, RsaPadding::pss);
 }
 
 Result<std::string> uuid_v5(std::string_view namespace_uuid, std::string_view name) {

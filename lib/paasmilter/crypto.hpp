@@ -55,10 +55,27 @@ std::string hex_encode(std::string_view data);
 // thumbprint of a JWT header before base64url.
 Result<std::string> certificate_sha1_thumbprint(std::string_view pem);
 
+// SHA-256 of the DER encoding of the first certificate in `pem` (32 raw bytes): the x5t#S256
+// thumbprint of a JWT header (RFC 7515 section 4.1.8) before base64url.
+Result<std::string> certificate_sha256_thumbprint(std::string_view pem);
+
+// The type of the public key in the first certificate in `pem`, as OpenSSL names it: "RSA",
+// "RSA-PSS", "EC", "ED25519", ...
+Result<std::string> certificate_key_type(std::string_view pem);
+
+// Whether the first private key in `pem` is the one whose public half the first certificate
+// in `pem` carries: an Error says which is missing or that they differ.
+Result<void> check_private_key_matches_certificate(std::string_view pem);
+
 // RSASSA-PKCS1-v1_5 with SHA-256 (JWS "RS256") over `data`, with the first private key in
 // `pem` (other PEM blocks, such as the certificate, are skipped). An encrypted key is an
 // error: there is nobody to ask for a passphrase.
 Result<std::string> rs256_sign(std::string_view private_key_pem, std::string_view data);
+
+// RSASSA-PSS with SHA-256, MGF1 with SHA-256 and a salt as long as the hash, 32 bytes (JWS
+// "PS256", RFC 7518 section 3.5), over `data`, with the first private key in `pem`, as
+// rs256_sign finds it. PSS signatures are randomized: two calls give different bytes.
+Result<std::string> ps256_sign(std::string_view private_key_pem, std::string_view data);
 
 // RFC 4122 name-based UUID, version 5 (SHA-1): `namespace_uuid` in 8-4-4-4-12 form (any
 // case), result in lowercase 8-4-4-4-12.

@@ -30,9 +30,9 @@ std::string key_of(const HttpClientOptions& o) {
 std::string key_of(const EntraCredentials& c) {
     // The secret only as a digest: keys stay in memory, but never a second copy of a secret.
     auto secret = sha256(c.client_secret);
-    return fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}", c.authority, c.tenant_id, c.client_id, c.scope,
-                       secret ? hex_encode(*secret) : std::string(), c.certificate_file,
-                       file_digest(c.certificate_file));
+    return fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}", c.authority, c.tenant_id, c.client_id,
+                       c.scope, secret ? hex_encode(*secret) : std::string(), c.certificate_file,
+                       file_digest(c.certificate_file), to_string(c.assertion_algorithm));
 }
 
 // The live instance under `key`, or a new one from `make`; forgets expired entries.

@@ -4,6 +4,9 @@ ACS mock (HTTPS, HMAC-verified). Discard only after 202; every failure takes its
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import pathlib
 import select
@@ -371,14 +374,15 @@ class HoldPolicy(ApiRouteTestCase):
 class MilterRestart(ApiRouteTestCase):
     # The worst legal service: a repeated Operation-Id is executed again.
     mock_options = {"reexecute_repeated_operation_id": True}
+    policies = "max_attempts = 8"
 
     def test_a_request_in_flight_when_the_milter_dies_is_repeated_after_the_restart(self) -> None:
-        # The service takes 6 s to carry out the request, and the milter is SIGKILLed while it
+        # The service takes 8 s to carry out the request, and the milter is SIGKILLed while it
         # waits. The client retries after the restart, while the original still runs: the
         # operation does not exist yet, so only the journal says that a request went out.
         # The milter repeats that very request (same Repeatability-Request-Id), the service
         # answers 409 until the original is done, and the message goes out once.
-        self.mock.fail_next(delay=6)
+        self.mock.fail_next(delay=8)
         data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\n"
                 "Subject: crash test\r\n\r\npage 1\r\n")
         first: list[harness.SwaksResult] = []
@@ -403,6 +407,19 @@ class MilterRestart(ApiRouteTestCase):
         self.assertEqual(len(self.mock.accepted_messages()), 1)
         self.assertGreater(len(posts), 1)
         self.assertEqual({p.repeatability_id for p in posts}, {posts[0].repeatability_id})
+
+    def test_without_its_state_directory_the_milter_does_not_start(self) -> None:
+        self.milter.stop()
+        missing = os.path.join(self.workdir(), "no-such-directory")
+        milter = harness.Milter(self.milter.config_path, self.milter_port,
+                                log_path=os.path.join(self.workdir(), "refused.log"),
+                                env={**os.environ, "STATE_DIRECTORY": missing})
+        with self.assertRaises(harness.HarnessError):
+            milter.start(timeout=10)
+        self.assertEqual(milter.returncode, 1)
+        self.assertIn(f"API routes need a state directory the milter can write "
+                      f"(milter.state_directory, systemd's StateDirectory=, or {missing})",
+                      milter.log())
 
 
 class ConnectProxy:
@@ -517,6 +534,14 @@ class EntraCertificateAuth(ApiRouteTestCase):
         self.assertEqual(self.mock.wait_for_accepted(1)[0].auth, "bearer")
         tokens = self.mock.token_requests()
         self.assertEqual([(t.kind, t.status) for t in tokens], [("assertion", 200)])
+        # By default PS256 with x5t#S256, as Microsoft's certificate-credentials page says
+        # (the mock verified the RSASSA-PSS signature).
+        encoded = tokens[0].form["client_assertion"].split(".")[0]
+        header = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+        der = base64.b64decode("".join(
+            pathlib.Path(self.cert).read_text().split("-----")[2].split()))
+        x5t_s256 = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+        self.assertEqual(header, {"alg": "PS256", "typ": "JWT", "x5t#S256": x5t_s256})
 
 
 if __name__ == "__main__":

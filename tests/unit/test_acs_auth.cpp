@@ -17,10 +17,18 @@
 #include <thread>
 #include <vector>
 
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
 #include <nlohmann/json.hpp>
 
 #include "paasmilter/acs_auth.hpp"
+#include "paasmilter/c_handle.hpp"
 #include "paasmilter/crypto.hpp"
+#include "paasmilter/services.hpp"
 #include "temp_dir.hpp"
 #include "test_support.hpp"
 
@@ -164,6 +172,112 @@ std::string header(const HttpHeaders& headers, const std::string& name) {
     return {};
 }
 
+// An RSA (or other) certificate and its key, made by the openssl CLI; `pem` holds both, as
+// the certificate file of EntraCredentials does.
+struct AppCertificate {
+    TempDir dir;
+    std::string cert_file = (dir.path() / "cert.pem").string();
+    std::string key_file = (dir.path() / "key.pem").string();
+    std::string pem_file = (dir.path() / "app.pem").string();
+    std::string pem;
+    explicit AppCertificate(const std::string& newkey = "rsa:2048") {
+        run("openssl req -x509 -newkey " + newkey + " -nodes -keyout " + key_file + " -out " +
+            cert_file + " -subj /CN=paas-milter-app -days 2 2>/dev/null");
+        pem = read_all(cert_file) + read_all(key_file);
+        dir.write("app.pem", pem);
+    }
+};
+
+// Independent of crypto.cpp: the certificate as OpenSSL parses it, its DER digests, and JWS
+// signature checks with its public key.
+using X509Handle = std::unique_ptr<X509, Deleter<X509_free>>;
+using BioHandle = std::unique_ptr<BIO, Deleter<BIO_free>>;
+using MdCtxHandle = std::unique_ptr<EVP_MD_CTX, Deleter<EVP_MD_CTX_free>>;
+
+X509Handle parse_certificate(const std::string& pem) {
+    BioHandle bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+    REQUIRE(bio);
+    X509Handle cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+    REQUIRE(cert);
+    return cert;
+}
+
+std::string der_digest(const std::string& cert_pem, const EVP_MD* md) {
+    const X509Handle cert = parse_certificate(cert_pem);
+    const int length = i2d_X509(cert.get(), nullptr);
+    REQUIRE(length > 0);
+    std::vector<unsigned char> der(static_cast<size_t>(length));
+    unsigned char* end = der.data();
+    REQUIRE(i2d_X509(cert.get(), &end) == length);
+    unsigned char out[EVP_MAX_MD_SIZE];
+    unsigned int out_length = 0;
+    REQUIRE(EVP_Digest(der.data(), der.size(), out, &out_length, md, nullptr) == 1);
+    return std::string(reinterpret_cast<const char*>(out), out_length);
+}
+
+enum class Padding { pkcs1_v1_5, pss_salt_32 };
+
+// EVP_DigestVerify with SHA-256 and the certificate's public key: PKCS#1 v1.5 (RS256), or
+// PSS with MGF1-SHA-256 and exactly a 32-byte salt (PS256, RFC 7518 section 3.5).
+bool signature_verifies(const std::string& cert_pem, const std::string& input,
+                        const std::string& signature, Padding padding) {
+    const X509Handle cert = parse_certificate(cert_pem);
+    EVP_PKEY* key = X509_get0_pubkey(cert.get());  // owned by cert
+    REQUIRE(key != nullptr);
+    MdCtxHandle ctx(EVP_MD_CTX_new());
+    REQUIRE(ctx);
+    EVP_PKEY_CTX* key_ctx = nullptr;  // owned by ctx
+    REQUIRE(EVP_DigestVerifyInit(ctx.get(), &key_ctx, EVP_sha256(), nullptr, key) == 1);
+    if (padding == Padding::pss_salt_32) {
+        REQUIRE(EVP_PKEY_CTX_set_rsa_padding(key_ctx, RSA_PKCS1_PSS_PADDING) == 1);
+        REQUIRE(EVP_PKEY_CTX_set_rsa_mgf1_md(key_ctx, EVP_sha256()) == 1);
+        REQUIRE(EVP_PKEY_CTX_set_rsa_pss_saltlen(key_ctx, 32) == 1);
+    } else {
+        REQUIRE(EVP_PKEY_CTX_set_rsa_padding(key_ctx, RSA_PKCS1_PADDING) == 1);
+    }
+    const int verified = EVP_DigestVerify(
+        ctx.get(), reinterpret_cast<const unsigned char*>(signature.data()), signature.size(),
+        reinterpret_cast<const unsigned char*>(input.data()), input.size());
+    ERR_clear_error();
+    return verified == 1;
+}
+
+struct DecodedJwt {
+    nlohmann::json header;
+    nlohmann::json claims;
+    std::string signing_input;  // "header.claims" as sent
+    std::string signature;      // raw bytes
+};
+
+DecodedJwt decode_jwt(const std::string& jwt) {
+    const size_t dot1 = jwt.find('.');
+    const size_t dot2 = jwt.find('.', dot1 + 1);
+    REQUIRE(dot1 != std::string::npos);
+    REQUIRE(dot2 != std::string::npos);
+    CHECK(jwt.find('.', dot2 + 1) == std::string::npos);
+    CHECK(jwt.find('=') == std::string::npos);  // base64url without padding
+    auto header = base64url_decode(jwt.substr(0, dot1));
+    auto claims = base64url_decode(jwt.substr(dot1 + 1, dot2 - dot1 - 1));
+    auto signature = base64url_decode(jwt.substr(dot2 + 1));
+    REQUIRE((header.ok() && claims.ok() && signature.ok()));
+    return {nlohmann::json::parse(*header), nlohmann::json::parse(*claims), jwt.substr(0, dot2),
+            *signature};
+}
+
+void check_claims(const nlohmann::json& claims, const std::string& audience,
+                  const std::string& client_id, int64_t now) {
+    CHECK(claims.size() == 7);
+    CHECK(claims["aud"] == audience);
+    CHECK(claims["iss"] == client_id);
+    CHECK(claims["sub"] == client_id);
+    CHECK(claims["nbf"] == now);
+    CHECK(claims["iat"] == now);
+    CHECK(claims["exp"] == now + 600);
+    const std::string jti = claims["jti"];
+    CHECK(jti.size() == 36);
+    CHECK(jti[14] == '4');  // a random (version 4) UUID
+}
+
 }  // namespace
 
 TEST_CASE("parse_connection_string: accepted forms") {
@@ -285,59 +399,120 @@ TEST_CASE("sign_acs_request: a server checking what it received accepts the sign
     }
 }
 
-TEST_CASE("make_client_assertion: structure, claims and signature") {
-    TempDir dir;
-    const std::string key_file = (dir.path() / "key.pem").string();
-    const std::string cert_file = (dir.path() / "cert.pem").string();
-    run("openssl req -x509 -newkey rsa:2048 -nodes -keyout " + key_file + " -out " + cert_file +
-        " -subj /CN=paas-milter-app -days 2 2>/dev/null");
-    const std::string pem = read_all(cert_file) + read_all(key_file);
+TEST_CASE("make_client_assertion: PS256 with x5t#S256, the default") {
+    CHECK(EntraCredentials{}.assertion_algorithm == ClientAssertionAlgorithm::ps256);
+    AppCertificate app;
     const std::string audience = "https://login.microsoftonline.com/tenant-1/oauth2/v2.0/token";
-
-    auto assertion = make_client_assertion(pem, "client-1", audience, at(1752568200));
+    auto assertion = make_client_assertion(app.pem, "client-1", audience, at(1752568200),
+                                           ClientAssertionAlgorithm::ps256);
     REQUIRE_MESSAGE(assertion.ok(), assertion.error().message);
-    const size_t dot1 = assertion->find('.');
-    const size_t dot2 = assertion->find('.', dot1 + 1);
-    REQUIRE(dot2 != std::string::npos);
-    CHECK(assertion->find('.', dot2 + 1) == std::string::npos);
-    CHECK(assertion->find('=') == std::string::npos);
+    const DecodedJwt jwt = decode_jwt(*assertion);
 
-    const auto header_json = nlohmann::json::parse(*base64url_decode(assertion->substr(0, dot1)));
-    const auto claims =
-        nlohmann::json::parse(*base64url_decode(assertion->substr(dot1 + 1, dot2 - dot1 - 1)));
-    CHECK(header_json["alg"] == "RS256");
-    CHECK(header_json["typ"] == "JWT");
-    // x5t against the openssl CLI's SHA-1 fingerprint.
-    std::string fingerprint = run("openssl x509 -in " + cert_file + " -noout -fingerprint -sha1");
+    CHECK(jwt.header.size() == 3);
+    CHECK(jwt.header["alg"] == "PS256");
+    CHECK(jwt.header["typ"] == "JWT");
+    CHECK_FALSE(jwt.header.contains("x5t"));
+    REQUIRE(jwt.header.contains("x5t#S256"));
+    const std::string thumbprint = jwt.header["x5t#S256"];
+    CHECK(thumbprint.size() == 43);  // 32 bytes, base64url without padding
+    CHECK(*base64url_decode(thumbprint) == der_digest(read_all(app.cert_file), EVP_sha256()));
+    check_claims(jwt.claims, audience, "client-1", 1752568200);
+
+    // RSASSA-PSS, MGF1-SHA-256, 32-byte salt, with the certificate's public key; not a
+    // PKCS#1 v1.5 signature; not valid for other bytes.
+    const std::string cert = read_all(app.cert_file);
+    CHECK(jwt.signature.size() == 256);
+    CHECK(signature_verifies(cert, jwt.signing_input, jwt.signature, Padding::pss_salt_32));
+    CHECK_FALSE(signature_verifies(cert, jwt.signing_input, jwt.signature, Padding::pkcs1_v1_5));
+    CHECK_FALSE(
+        signature_verifies(cert, jwt.signing_input + "x", jwt.signature, Padding::pss_salt_32));
+
+    // PSS is randomized, and each assertion has its own jti.
+    auto again = make_client_assertion(app.pem, "client-1", audience, at(1752568200),
+                                       ClientAssertionAlgorithm::ps256);
+    REQUIRE(again.ok());
+    const DecodedJwt second = decode_jwt(*again);
+    CHECK(second.claims["jti"] != jwt.claims["jti"]);
+    CHECK(second.signature != jwt.signature);
+    CHECK(signature_verifies(cert, second.signing_input, second.signature, Padding::pss_salt_32));
+}
+
+TEST_CASE("make_client_assertion: RS256 with x5t") {
+    AppCertificate app;
+    const std::string audience = "https://login.microsoftonline.com/tenant-1/oauth2/v2.0/token";
+    auto assertion = make_client_assertion(app.pem, "client-1", audience, at(1752568200),
+                                           ClientAssertionAlgorithm::rs256);
+    REQUIRE_MESSAGE(assertion.ok(), assertion.error().message);
+    const DecodedJwt jwt = decode_jwt(*assertion);
+
+    CHECK(jwt.header.size() == 3);
+    CHECK(jwt.header["alg"] == "RS256");
+    CHECK(jwt.header["typ"] == "JWT");
+    CHECK_FALSE(jwt.header.contains("x5t#S256"));
+    const std::string thumbprint = jwt.header["x5t"];
+    CHECK(thumbprint.size() == 27);  // 20 bytes
+    const std::string cert = read_all(app.cert_file);
+    CHECK(*base64url_decode(thumbprint) == der_digest(cert, EVP_sha1()));
+    // ... which is also the openssl CLI's SHA-1 fingerprint.
+    std::string fingerprint =
+        run("openssl x509 -in " + app.cert_file + " -noout -fingerprint -sha1");
     std::string expected_hex;
     for (char c : fingerprint.substr(fingerprint.find('=') + 1))
         if (std::isxdigit(static_cast<unsigned char>(c)))
             expected_hex += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    CHECK(hex_encode(*base64url_decode(header_json["x5t"].get<std::string>())) == expected_hex);
+    CHECK(hex_encode(*base64url_decode(thumbprint)) == expected_hex);
+    check_claims(jwt.claims, audience, "client-1", 1752568200);
 
-    CHECK(claims["aud"] == audience);
-    CHECK(claims["iss"] == "client-1");
-    CHECK(claims["sub"] == "client-1");
-    CHECK(claims["nbf"] == 1752568200);
-    CHECK(claims["iat"] == 1752568200);
-    CHECK(claims["exp"] == 1752568200 + 600);
-    const std::string jti = claims["jti"];
-    CHECK(jti.size() == 36);
-    auto again = make_client_assertion(pem, "client-1", audience, at(1752568200));
-    REQUIRE(again.ok());
-    CHECK(*again != *assertion);  // a fresh jti each time
-
-    // The signature verifies with the certificate's public key, checked by the openssl CLI.
-    const std::string input_file = dir.write("input.txt", assertion->substr(0, dot2));
-    const std::string signature_file =
-        dir.write("signature.bin", *base64url_decode(assertion->substr(dot2 + 1)));
-    const std::string public_key = (dir.path() / "public.pem").string();
-    run("openssl x509 -in " + cert_file + " -pubkey -noout > " + public_key);
+    CHECK(signature_verifies(cert, jwt.signing_input, jwt.signature, Padding::pkcs1_v1_5));
+    CHECK_FALSE(signature_verifies(cert, jwt.signing_input, jwt.signature, Padding::pss_salt_32));
+    CHECK_FALSE(
+        signature_verifies(cert, jwt.signing_input + "x", jwt.signature, Padding::pkcs1_v1_5));
+    // Also by the openssl CLI.
+    const std::string input_file = app.dir.write("input.txt", jwt.signing_input);
+    const std::string signature_file = app.dir.write("signature.bin", jwt.signature);
+    const std::string public_key = (app.dir.path() / "public.pem").string();
+    run("openssl x509 -in " + app.cert_file + " -pubkey -noout > " + public_key);
     CHECK(run("openssl dgst -sha256 -verify " + public_key + " -signature " + signature_file + " " +
               input_file)
               .find("Verified OK") != std::string::npos);
+}
 
-    CHECK_FALSE(make_client_assertion(read_all(cert_file), "client-1", audience, at(0)).ok());
+TEST_CASE("client certificates: EC keys, another certificate's key and no key are refused") {
+    const std::string audience = "https://login.microsoftonline.com/tenant-1/oauth2/v2.0/token";
+    const auto refused = [&](const std::string& pem, const std::string& reason) {
+        INFO(reason);
+        auto checked = check_client_certificate(pem);
+        REQUIRE_FALSE(checked.ok());
+        CHECK(checked.error().message.find(reason) != std::string::npos);
+        for (auto algorithm : {ClientAssertionAlgorithm::ps256, ClientAssertionAlgorithm::rs256}) {
+            auto assertion = make_client_assertion(pem, "client-1", audience, at(0), algorithm);
+            REQUIRE_FALSE(assertion.ok());
+            CHECK(assertion.error().message == checked.error().message);
+            CHECK(assertion.error().message.find("BEGIN") == std::string::npos);
+        }
+    };
+    AppCertificate rsa;
+    CHECK(check_client_certificate(rsa.pem).ok());
+
+    // Microsoft documents RSA assertions only (PS256, RS256): no ES256.
+    AppCertificate ec("ec -pkeyopt ec_paramgen_curve:prime256v1");
+    refused(ec.pem, "the certificate's key is EC, not RSA");
+    AppCertificate other;
+    refused(read_all(rsa.cert_file) + read_all(other.key_file), "does not belong");
+    refused(read_all(rsa.cert_file), "private key");
+    refused(read_all(rsa.key_file), "certificate");
+    const std::string encrypted = (rsa.dir.path() / "encrypted.pem").string();
+    run("openssl pkey -in " + rsa.key_file + " -aes256 -passout pass:hunter2 -out " + encrypted);
+    refused(read_all(rsa.cert_file) + read_all(encrypted), "private key");
+}
+
+TEST_CASE("client assertion algorithm names") {
+    CHECK(to_string(ClientAssertionAlgorithm::ps256) == "PS256");
+    CHECK(to_string(ClientAssertionAlgorithm::rs256) == "RS256");
+    CHECK(parse_client_assertion_algorithm("PS256") == ClientAssertionAlgorithm::ps256);
+    CHECK(parse_client_assertion_algorithm("rs256") == ClientAssertionAlgorithm::rs256);
+    CHECK_FALSE(parse_client_assertion_algorithm("ES256").has_value());
+    CHECK_FALSE(parse_client_assertion_algorithm("").has_value());
 }
 
 TEST_CASE("EntraTokenProvider: one request for many calls, refresh before expiry") {
@@ -568,29 +743,81 @@ TEST_CASE("EntraTokenProvider: invalidate drops only the token it names") {
 }
 
 TEST_CASE("EntraTokenProvider: certificate credentials send a client assertion") {
-    control("mode=ok&expires_in=3600");
-    TempDir dir;
-    const std::string pem = (dir.path() / "app.pem").string();
-    run("openssl req -x509 -newkey rsa:2048 -nodes -keyout " + pem + ".key -out " + pem +
-        ".crt -subj /CN=app -days 2 2>/dev/null && cat " + pem + ".crt " + pem + ".key > " + pem);
+    AppCertificate app;
+    const std::string cert = read_all(app.cert_file);
     EntraCredentials credentials = secret_credentials();
     credentials.client_secret.clear();
-    credentials.certificate_file = pem;
-    EntraTokenProvider provider(credentials, client());
-    auto token = provider.token(5s);
-    REQUIRE_MESSAGE(token.ok(), token.error().message);
-    CHECK(*token == "token-1");
+    credentials.certificate_file = app.pem_file;
+    for (auto algorithm :
+         {std::optional<ClientAssertionAlgorithm>{}, std::optional{ClientAssertionAlgorithm::rs256},
+          std::optional{ClientAssertionAlgorithm::ps256}}) {
+        const std::string name(algorithm ? to_string(*algorithm) : "default");
+        INFO(name);
+        control("mode=ok&expires_in=3600");
+        if (algorithm) credentials.assertion_algorithm = *algorithm;
+        EntraTokenProvider provider(credentials, client());
+        auto token = provider.token(5s);
+        REQUIRE_MESSAGE(token.ok(), token.error().message);
+        CHECK(*token == "token-1");
 
-    const auto form = stats()["form"];
-    CHECK(form["client_assertion_type"] ==
-          "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
-    CHECK_FALSE(form.contains("client_secret"));
-    const std::string assertion = form["client_assertion"];
-    const size_t dot1 = assertion.find('.');
-    const size_t dot2 = assertion.find('.', dot1 + 1);
-    REQUIRE(dot2 != std::string::npos);
-    const auto claims =
-        nlohmann::json::parse(*base64url_decode(assertion.substr(dot1 + 1, dot2 - dot1 - 1)));
-    CHECK(claims["aud"] == entra_token_url(credentials));
-    CHECK(claims["aud"] == server().url("/tenant-1/oauth2/v2.0/token"));
+        const auto form = stats()["form"];
+        CHECK(form["client_assertion_type"] ==
+              "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+        CHECK(form["scope"] == "https://communication.azure.com//.default");
+        CHECK_FALSE(form.contains("client_secret"));
+        const DecodedJwt jwt = decode_jwt(form["client_assertion"]);
+        CHECK(jwt.claims["aud"] == entra_token_url(credentials));
+        CHECK(jwt.claims["aud"] == server().url("/tenant-1/oauth2/v2.0/token"));
+        if (algorithm == ClientAssertionAlgorithm::rs256) {
+            CHECK(jwt.header["alg"] == "RS256");
+            CHECK(*base64url_decode(jwt.header["x5t"].get<std::string>()) ==
+                  der_digest(cert, EVP_sha1()));
+            CHECK(signature_verifies(cert, jwt.signing_input, jwt.signature, Padding::pkcs1_v1_5));
+        } else {
+            CHECK(jwt.header["alg"] == "PS256");
+            CHECK(*base64url_decode(jwt.header["x5t#S256"].get<std::string>()) ==
+                  der_digest(cert, EVP_sha256()));
+            CHECK(signature_verifies(cert, jwt.signing_input, jwt.signature, Padding::pss_salt_32));
+        }
+    }
+
+    // An EC certificate: the error names the problem and the file.
+    AppCertificate ec("ec -pkeyopt ec_paramgen_curve:prime256v1");
+    credentials.certificate_file = ec.pem_file;
+    control("mode=ok");
+    auto refused = EntraTokenProvider(credentials, client()).token(5s);
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.error().to_string().find(ec.pem_file) != std::string::npos);
+    CHECK(refused.error().message.find("EC, not RSA") != std::string::npos);
+    CHECK(stats()["requests"] == 0);
+}
+
+TEST_CASE("EntraTokenProvider: the scope is sent as given, for any resource") {
+    for (const std::string scope :
+         {"https://graph.microsoft.com/.default", "https://communication.azure.com//.default",
+          "api://11111111-2222-3333-4444-555555555555/.default"}) {
+        INFO(scope);
+        control("mode=ok&expires_in=3600&delay_ms=0");
+        EntraCredentials credentials = secret_credentials();
+        credentials.scope = scope;
+        auto token = EntraTokenProvider(credentials, client()).token(5s);
+        REQUIRE_MESSAGE(token.ok(), token.error().message);
+        const auto form = stats()["form"];
+        CHECK(form["scope"] == scope);  // decoded by the server: exactly what was configured
+        CHECK(form["client_id"] == "client-1");
+    }
+}
+
+TEST_CASE("services: token caches differ by scope and by assertion algorithm") {
+    ServiceRegistry registry;
+    HttpClientOptions options;
+    EntraCredentials acs = secret_credentials();
+    EntraCredentials graph = acs;
+    graph.scope = "https://graph.microsoft.com/.default";
+    EntraCredentials rs256 = acs;
+    rs256.assertion_algorithm = ClientAssertionAlgorithm::rs256;
+    const auto shared = registry.token_provider(acs, options);
+    CHECK(registry.token_provider(acs, options) == shared);
+    CHECK(registry.token_provider(graph, options) != shared);
+    CHECK(registry.token_provider(rs256, options) != shared);
 }

@@ -178,3 +178,72 @@ TEST_CASE("RS256 refuses missing, encrypted and non-RSA keys without prompting")
     REQUIRE_FALSE(signed_with_ec.ok());
     CHECK(signed_with_ec.error().message.find("RSA") != std::string::npos);
 }
+
+TEST_CASE("SHA-256 thumbprint and PS256 agree with the openssl CLI") {
+    RsaFixture rsa;
+    const std::string cert = read_all(rsa.cert_file);
+    const std::string key = read_all(rsa.key_file);
+
+    std::string fingerprint =
+        run("openssl x509 -in " + rsa.cert_file + " -noout -fingerprint -sha256");
+    fingerprint = fingerprint.substr(fingerprint.find('=') + 1);
+    std::string expected;
+    for (char c : fingerprint)
+        if (std::isxdigit(static_cast<unsigned char>(c)))
+            expected += static_cast<char>(std::tolower(c));
+    CHECK(hex(certificate_sha256_thumbprint(cert)) == expected);
+    CHECK(hex(certificate_sha256_thumbprint(key + cert)) == expected);
+    CHECK_FALSE(certificate_sha256_thumbprint(key).ok());
+
+    // PSS is randomized: verify with the CLI, requiring MGF1-SHA-256 and a 32-byte salt.
+    const std::string data = "header.claims";
+    const std::string data_file = rsa.dir.write("data.txt", data);
+    const std::string public_key = (rsa.dir.path() / "public.pem").string();
+    run("openssl x509 -in " + rsa.cert_file + " -pubkey -noout > " + public_key);
+    auto signature = ps256_sign(cert + key, data);
+    REQUIRE(signature.ok());
+    CHECK(signature->size() == 256);
+    CHECK(*ps256_sign(cert + key, data) != *signature);
+    const std::string signature_file = rsa.dir.write("signature.bin", *signature);
+    const std::string verify =
+        "openssl dgst -sha256 -sigopt rsa_padding_mode:pss -sigopt "
+        "rsa_pss_saltlen:32 -sigopt rsa_mgf1_md:sha256 -verify " +
+        public_key + " -signature " + signature_file + " ";
+    CHECK(run(verify + data_file).find("Verified OK") != std::string::npos);
+    const std::string other_file = rsa.dir.write("other.txt", "header.claimz");
+    CHECK(run(verify + other_file + " 2>/dev/null || true").find("Verified OK") ==
+          std::string::npos);
+
+    const std::string ec = (rsa.dir.path() / "ec.pem").string();
+    run("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out " + ec);
+    auto signed_with_ec = ps256_sign(read_all(ec), "x");
+    REQUIRE_FALSE(signed_with_ec.ok());
+    CHECK(signed_with_ec.error().message.find("PS256 needs an RSA private key") !=
+          std::string::npos);
+    CHECK_FALSE(ps256_sign(cert, "x").ok());
+}
+
+TEST_CASE("certificate key type and key match") {
+    RsaFixture rsa;
+    const std::string cert = read_all(rsa.cert_file);
+    const std::string key = read_all(rsa.key_file);
+    CHECK(*certificate_key_type(cert) == "RSA");
+    CHECK(check_private_key_matches_certificate(cert + key).ok());
+    CHECK(check_private_key_matches_certificate(key + cert).ok());
+
+    const std::string ec_key = (rsa.dir.path() / "ec.key").string();
+    const std::string ec_cert = (rsa.dir.path() / "ec.pem").string();
+    run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " +
+        ec_key + " -out " + ec_cert + " -subj /CN=ec -days 2 2>/dev/null");
+    CHECK(*certificate_key_type(read_all(ec_cert)) == "EC");
+    CHECK(check_private_key_matches_certificate(read_all(ec_cert) + read_all(ec_key)).ok());
+
+    auto mismatch = check_private_key_matches_certificate(cert + read_all(ec_key));
+    REQUIRE_FALSE(mismatch.ok());
+    CHECK(mismatch.error().message.find("does not belong") != std::string::npos);
+    RsaFixture other;
+    CHECK_FALSE(check_private_key_matches_certificate(cert + read_all(other.key_file)).ok());
+    CHECK_FALSE(check_private_key_matches_certificate(cert).ok());
+    CHECK_FALSE(check_private_key_matches_certificate(key).ok());
+    CHECK_FALSE(certificate_key_type(key).ok());
+}
