@@ -7,7 +7,7 @@
 #include "paasmilter/delivery/eom_plan.hpp"
 #include "paasmilter/delivery/status_poller.hpp"
 #include "paasmilter/log.hpp"
-#include "paasmilter/mime_convert.hpp"
+#include "paasmilter/providers/provider.hpp"
 
 namespace paasmilter {
 
@@ -36,14 +36,34 @@ std::string describe_outcome(const ApiOutcome& outcome) {
 
 // Operations the service accepted in this transaction: their final status is logged later.
 void watch_final_status(const std::string& queue_id, const ApiOutcome& outcome,
+                        const ApiProvider& provider,
                         const std::shared_ptr<const ApiSettings>& api) {
+    std::optional<StatusPoller::Fetch> fetch;
     for (const auto& chunk : outcome.chunks) {
-        if (chunk.fate != ChunkFate::accepted) continue;
-        if (!status_poller().watch(queue_id, chunk.operation_id, acs_status_fetch(api))) {
+        if (chunk.fate != ChunkFate::accepted || chunk.operation_id.empty()) continue;
+        if (!fetch) fetch = provider.final_status_fetch(api);
+        if (!fetch) return;
+        if (!status_poller().watch(queue_id, chunk.operation_id, *fetch)) {
             log_warning("{}: too many operations awaiting their final status; not polling {}",
                         queue_id, chunk.operation_id);
         }
     }
+}
+
+ApiFailure failure_of(ApiOutcome::Kind kind) {
+    switch (kind) {
+        case ApiOutcome::Kind::accepted:
+            return ApiFailure::none;
+        case ApiOutcome::Kind::transient:
+            return ApiFailure::transient;
+        case ApiOutcome::Kind::permanent:
+            return ApiFailure::permanent;
+        case ApiOutcome::Kind::oversize:
+            return ApiFailure::oversize;
+        case ApiOutcome::Kind::unconvertible:
+            return ApiFailure::unconvertible;
+    }
+    return ApiFailure::internal;
 }
 
 ApiResult submit(const std::string& queue_id, MessageState& message, const Config& config,
@@ -51,6 +71,7 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
                  std::chrono::steady_clock::time_point deadline) {
     const auto& api_ptr = message.decision->route->api;
     const ApiSettings& api = *api_ptr;
+    const ApiProvider& provider = provider_for(api);
     ApiResult result;
     if (!message.spool || !message.digest) {
         result.failure = ApiFailure::internal;
@@ -61,30 +82,10 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     if (message.spool->oversize() || message.headers_truncated) {
         result.failure = ApiFailure::oversize;
         result.detail = "message too large for the service";
-        result.log =
-            fmt::format(", api=oversize (message larger than {} bytes)", api.max_request_bytes * 2);
+        result.log = fmt::format(", api=oversize (message larger than {} bytes)",
+                                 provider.max_source_bytes(api));
         return result;
     }
-    ConversionOptions options = api.conversion;
-    // The client's routing header (already removed from the MTA's copy) never goes out.
-    options.never_pass_headers.push_back(config.routing_header);
-    Envelope envelope{message.tx.sender, remote};
-    auto converted = message.spool->in_memory()
-                         ? convert_message(message.spool->memory(), envelope, options)
-                         : convert_message_fd(message.spool->fd(), envelope, options);
-    if (!converted) {
-        const std::string& why = converted.error().message;
-        result.failure = converted.error().kind == ErrorKind::too_many_mime_parts
-                             ? ApiFailure::oversize
-                             : ApiFailure::unconvertible;
-        result.detail = why;
-        result.log = fmt::format(", api=conversion-failed ({})", sanitize_for_log(why, 200));
-        return result;
-    }
-
-    ApiHooks hooks = default_api_hooks(api);
-    hooks.progress = [ctx] { smfi_progress(ctx); };
-    hooks.posted = &posted_requests();
     auto digest = message.digest->finish();
     if (!digest) {
         result.failure = ApiFailure::internal;
@@ -92,27 +93,24 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
         result.log = ", api=error (content digest)";
         return result;
     }
-    MessageIdentity identity{*digest, message.tx.sender};
-    ApiOutcome outcome = submit_to_acs(api, std::move(*converted), identity, deadline, hooks);
-    watch_final_status(queue_id, outcome, api_ptr);
+
+    ApiHooks hooks = default_api_hooks(api);
+    hooks.progress = [ctx] { smfi_progress(ctx); };
+    hooks.posted = &posted_requests();
+    // The client's routing header (already removed from the MTA's copy) never goes out.
+    ProviderInput input{*message.spool,
+                        message.tx.sender,
+                        remote,
+                        {config.routing_header},
+                        MessageIdentity{*digest, message.tx.sender},
+                        deadline};
+    ApiOutcome outcome = provider.submit(api, input, hooks);
+    watch_final_status(queue_id, outcome, provider, api_ptr);
     result.log = describe_outcome(outcome);
     result.detail = outcome.detail;
     result.accepted = outcome.accepted_recipients();
     result.unresolved = outcome.unresolved_recipients();
-    switch (outcome.kind) {
-        case ApiOutcome::Kind::accepted:
-            result.failure = ApiFailure::none;
-            break;
-        case ApiOutcome::Kind::transient:
-            result.failure = ApiFailure::transient;
-            break;
-        case ApiOutcome::Kind::permanent:
-            result.failure = ApiFailure::permanent;
-            break;
-        case ApiOutcome::Kind::oversize:
-            result.failure = ApiFailure::oversize;
-            break;
-    }
+    result.failure = failure_of(outcome.kind);
     return result;
 }
 
@@ -133,10 +131,8 @@ PostedRequests& posted_requests() {
 Result<void> start_api_spool(MessageState& message, const std::string& queue_id) {
     if (!api_active(message)) return {};
     const ApiSettings& api = *message.decision->route->api;
-    // Twice the request limit: base64 attachments are about as large in the message as in
-    // the JSON, so a source past this can never fit.
     message.spool = std::make_unique<MessageSpool>(api.spool_threshold, api.spool_directory,
-                                                   api.max_request_bytes * 2);
+                                                   provider_for(api).max_source_bytes(api));
     message.digest.emplace(std::vector<std::string>{message.config->routing_header}, queue_id);
     for (const auto& h : message.tx.headers) message.digest->add_header(h.name, h.value);
     return message.spool->append(header_block(message.tx.headers));

@@ -25,6 +25,8 @@ const char* to_string(ApiOutcome::Kind kind) {
             return "permanent-failure";
         case ApiOutcome::Kind::oversize:
             return "oversize";
+        case ApiOutcome::Kind::unconvertible:
+            return "conversion-failed";
     }
     return "?";
 }

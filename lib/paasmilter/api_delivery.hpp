@@ -56,6 +56,7 @@ struct ApiOutcome {
         transient,  // some or all not accepted, worth retrying later
         permanent,  // the service refused the message for good
         oversize,   // too large for the service
+        unconvertible,  // the message could not be made into the service's request
     };
     Kind kind = Kind::transient;
     std::string detail;

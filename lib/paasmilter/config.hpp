@@ -31,8 +31,10 @@ struct FailurePolicy {
 };
 std::string to_string(const FailurePolicy& policy);
 
-// An `action = "api"` route: submit to Azure Communication Services Email.
+// An `action = "api"` route: submit to Azure Communication Services Email or Microsoft Graph.
 struct ApiSettings {
+    enum class Provider { acs, graph };
+    Provider provider = Provider::acs;
     std::string endpoint;  // "https://contoso.europe.communication.azure.com"
     std::string api_version = "2023-03-31";
     bool inline_attachments = false;  // api-version >= 2025-09-01 has contentId
