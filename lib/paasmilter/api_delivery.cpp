@@ -177,17 +177,6 @@ std::string error_text(const nlohmann::json& error) {
     return text;
 }
 
-// "HTTP 400 InvalidSenderUserName: ..." from ACS's error body {"error":{"code","message"}}.
-std::string describe_failure(const HttpResponse& response) {
-    std::string text = fmt::format("HTTP {}", response.status);
-    auto body = nlohmann::json::parse(response.body, nullptr, false);
-    if (body.is_object() && body.contains("error") && body["error"].is_object()) {
-        std::string error = error_text(body["error"]);
-        if (!error.empty()) text += " " + error;
-    }
-    return text;
-}
-
 // A status answer for this operation: {"id": <the id>, "status": ...}.
 bool names_operation(const HttpResponse& response, const std::string& operation_id) {
     auto status = parse_operation_status(response.body);
@@ -571,6 +560,17 @@ ChunkReport Submission::deliver_alone(const std::string& operation_id, const std
 }
 
 }  // namespace
+
+// "HTTP 400 InvalidSenderUserName: ..." from ACS's error body {"error":{"code","message"}}.
+std::string describe_failure(const HttpResponse& response) {
+    std::string text = fmt::format("HTTP {}", response.status);
+    auto body = nlohmann::json::parse(response.body, nullptr, false);
+    if (body.is_object() && body.contains("error") && body["error"].is_object()) {
+        std::string error = error_text(body["error"]);
+        if (!error.empty()) text += " " + error;
+    }
+    return text;
+}
 
 std::optional<OperationStatus> parse_operation_status(std::string_view body) {
     auto json = nlohmann::json::parse(body, nullptr, false);

@@ -52,10 +52,10 @@ struct ChunkReport {
 
 struct ApiOutcome {
     enum class Kind {
-        accepted,   // every recipient: the local copy may go
-        transient,  // some or all not accepted, worth retrying later
-        permanent,  // the service refused the message for good
-        oversize,   // too large for the service
+        accepted,       // every recipient: the local copy may go
+        transient,      // some or all not accepted, worth retrying later
+        permanent,      // the service refused the message for good
+        oversize,       // too large for the service
         unconvertible,  // the message could not be made into the service's request
     };
     Kind kind = Kind::transient;
@@ -82,6 +82,9 @@ struct ApiHooks {
     std::function<std::chrono::steady_clock::time_point()> now;
     std::function<std::chrono::system_clock::time_point()> wall_clock;
     std::function<void()> progress;
+    // A bearer token for a service that takes only tokens (Graph), fetched within the
+    // timeout; unset: the route's Entra ID token provider.
+    std::function<Result<std::string>(std::chrono::milliseconds)> bearer_token;
     // Requests this process posted (see delivery/posted_requests.hpp); null: every request
     // counts as possibly posted before.
     PostedRequests* posted = nullptr;
@@ -118,6 +121,10 @@ struct OperationStatus {
     std::string error;
 };
 std::optional<OperationStatus> parse_operation_status(std::string_view body);
+
+// "HTTP 400 InvalidSenderUserName: ..." for the log and the reply: the status and the error
+// object {"error": {"code", "message"}} that ACS and Graph both answer with (no secrets).
+std::string describe_failure(const HttpResponse& response);
 
 // The requests' recipient split: chunks of at most `limit`, in to, cc, bcc order.
 std::vector<RecipientChunk> split_recipients(const EmailMessage& message, size_t limit);

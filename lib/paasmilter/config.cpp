@@ -40,6 +40,18 @@ const char* to_string(Action action) {
     return "?";
 }
 
+const char* to_string(AmbiguityPolicy policy) {
+    switch (policy) {
+        case AmbiguityPolicy::tempfail:
+            return "tempfail";
+        case AmbiguityPolicy::hold:
+            return "hold";
+        case AmbiguityPolicy::assume_sent:
+            return "assume-sent";
+    }
+    return "?";
+}
+
 std::string to_string(const FailurePolicy& policy) {
     switch (policy.kind) {
         case FailurePolicy::Kind::tempfail:
@@ -119,39 +131,6 @@ constexpr FieldSpec kFields[] = {
 
 constexpr std::string_view kDunno = "DUNNO";
 constexpr std::string_view kOk = "OK";
-
-// Keys of an `action = "api"` route (see etc/paas-milter.toml).
-constexpr std::string_view kApiKeys[] = {
-    "provider",
-    "api_version",
-    "endpoint",
-    "connection_string_file",
-    "tenant_id",
-    "client_id",
-    "client_secret_file",
-    "client_certificate_file",
-    "authority",
-    "sender",
-    "verified_domains",
-    "sender_source",
-    "reply_to_original",
-    "pass_headers",
-    "engagement_tracking",
-    "local_domains",
-    "on_failure",
-    "on_permanent_failure",
-    "on_oversize",
-    "time_budget",
-    "request_timeout",
-    "max_attempts",
-    "max_request_bytes",
-    "spool_threshold",
-    "spool_directory",
-    "ca_file",
-    "proxy",
-    "connect_timeout",
-    "max_concurrency",
-};
 
 // Why a libmilter socket can be reached from other hosts, or "" when it cannot. Whoever
 // connects speaks the milter protocol and chooses the macros (client address, certificate)
@@ -313,7 +292,8 @@ class Loader : private ConfigReader {
             std::vector<std::string_view> known = {"action",    "dry_run",    "header_value",
                                                    "transport", "reply_code", "reply_status",
                                                    "reply_text"};
-            known.insert(known.end(), std::begin(kApiKeys), std::end(kApiKeys));
+            const auto api_keys = api_route_keys();
+            known.insert(known.end(), api_keys.begin(), api_keys.end());
             for (auto&& [k, v] : *table) {
                 if (std::find(known.begin(), known.end(), k.str()) == known.end()) {
                     return error_at(k, fmt::format("unknown key \"{}.{}\"", context, k.str()));
@@ -351,7 +331,7 @@ class Loader : private ConfigReader {
                 if (!api) return api.error();
                 route.api = std::move(*api);
             } else {
-                for (std::string_view key : kApiKeys) {
+                for (std::string_view key : api_route_keys()) {
                     if (const toml::node* n = table->get(key)) {
                         return error_at(*n, fmt::format("{}.{}: only valid with action = \"api\"",
                                                         context, key));

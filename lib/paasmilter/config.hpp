@@ -31,10 +31,33 @@ struct FailurePolicy {
 };
 std::string to_string(const FailurePolicy& policy);
 
+// What to do when the service may or may not have taken the message (a timeout, a reset or a
+// 5xx after the request went out, and nothing could settle it).
+enum class AmbiguityPolicy {
+    tempfail,     // the client retries: a possible duplicate, never a loss (default)
+    hold,         // Postfix's hold queue: the operator decides
+    assume_sent,  // discard the local copy: never a duplicate, possibly a loss
+};
+const char* to_string(AmbiguityPolicy policy);
+
+// Microsoft Graph (provider = "graph"): POST {endpoint}/v1.0/users/{mailbox}/sendMail with
+// the message as the client sent it.
+struct GraphSettings {
+    std::string endpoint = "https://graph.microsoft.com";  // national clouds, tests
+    std::string mailbox;  // UPN or object id of the mailbox that sends
+    // Look for the message's Message-ID in the mailbox's Sent Items to settle an ambiguous
+    // send (needs Mail.ReadBasic.All or Mail.Read).
+    bool sent_items_check = false;
+    // Graph allows 4 concurrent requests per app and mailbox.
+    size_t mailbox_concurrency = 4;
+};
+
 // An `action = "api"` route: submit to Azure Communication Services Email or Microsoft Graph.
 struct ApiSettings {
     enum class Provider { acs, graph };
     Provider provider = Provider::acs;
+    GraphSettings graph;
+    AmbiguityPolicy on_ambiguous = AmbiguityPolicy::tempfail;
     std::string endpoint;  // "https://contoso.europe.communication.azure.com"
     std::string api_version = "2023-03-31";
     bool inline_attachments = false;  // api-version >= 2025-09-01 has contentId

@@ -1,4 +1,6 @@
 #include <filesystem>
+#include <span>
+#include <vector>
 
 #include <fmt/format.h>
 #include <toml++/toml.h>
@@ -8,18 +10,51 @@
 
 namespace paasmilter {
 
-Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reader,
-                                                             ServiceRegistry* services,
-                                                             const toml::table& table,
-                                                             const std::string& context) {
-    auto api = std::make_shared<ApiSettings>();
-    auto provider = reader.get_string(table, "provider", context, false, "acs");
-    if (!provider) return provider.error();
-    if (*provider != "acs") {
-        return reader.error_at(
-            *table.get("provider"),
-            fmt::format("{}.provider: \"{}\" is not supported (acs)", context, *provider));
-    }
+namespace {
+
+// Keys only one provider has (see etc/paas-milter.toml).
+constexpr std::string_view kAcsOnlyKeys[] = {
+    "api_version",         "endpoint",      "connection_string_file", "sender",
+    "verified_domains",    "sender_source", "reply_to_original",      "pass_headers",
+    "engagement_tracking",
+};
+constexpr std::string_view kGraphOnlyKeys[] = {
+    "mailbox",
+    "graph_endpoint",
+    "sent_items_check",
+    "mailbox_concurrency",
+};
+// Keys both have.
+constexpr std::string_view kSharedKeys[] = {
+    "provider",
+    "tenant_id",
+    "client_id",
+    "client_secret_file",
+    "client_certificate_file",
+    "authority",
+    "assertion_algorithm",
+    "local_domains",
+    "on_failure",
+    "on_permanent_failure",
+    "on_oversize",
+    "on_ambiguous",
+    "time_budget",
+    "request_timeout",
+    "max_attempts",
+    "max_request_bytes",
+    "spool_threshold",
+    "spool_directory",
+    "ca_file",
+    "proxy",
+    "connect_timeout",
+    "max_concurrency",
+};
+
+// ACS: api_version, an access key (connection string) or Entra ID, the endpoint, and how the
+// message is converted to the service's JSON.
+Result<void> load_acs_keys(ConfigReader& reader, const toml::table& table,
+                           const std::string& context, ApiSettings& settings) {
+    ApiSettings* api = &settings;
     auto version = reader.get_string(table, "api_version", context, false, "2023-03-31");
     if (!version) return version.error();
     if (version->size() != 10 || (*version)[4] != '-' || (*version)[7] != '-') {
@@ -64,62 +99,6 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
                     .begin.line));
     }
 
-    HttpClientOptions http;
-    auto ca_file = reader.get_string(table, "ca_file", context, false);
-    if (!ca_file) return ca_file.error();
-    http.ca_file = *ca_file;
-    auto proxy = reader.get_string(table, "proxy", context, false);
-    if (!proxy) return proxy.error();
-    http.proxy = *proxy;
-    auto connect_timeout = reader.get_integer(table, "connect_timeout", context, 10, 1, 120);
-    if (!connect_timeout) return connect_timeout.error();
-    http.connect_timeout = std::chrono::seconds(*connect_timeout);
-    auto concurrency = reader.get_integer(table, "max_concurrency", context, 8, 1, 256);
-    if (!concurrency) return concurrency.error();
-    http.max_concurrency = static_cast<size_t>(*concurrency);
-    api->http_options = http;
-    if (services) api->http = services->http_client(http);
-
-    if (has_entra) {
-        EntraCredentials credentials;
-        for (auto [key, field] : {std::pair{"tenant_id", &credentials.tenant_id},
-                                  std::pair{"client_id", &credentials.client_id}}) {
-            auto value = reader.get_string(table, key, context, true);
-            if (!value) return value.error();
-            *field = *value;
-        }
-        auto authority = reader.get_string(table, "authority", context, false,
-                                           "https://login.microsoftonline.com");
-        if (!authority) return authority.error();
-        credentials.authority = *authority;
-        while (!credentials.authority.empty() && credentials.authority.back() == '/') {
-            credentials.authority.pop_back();
-        }
-        bool has_secret = table.get("client_secret_file") != nullptr;
-        bool has_certificate = table.get("client_certificate_file") != nullptr;
-        if (has_secret == has_certificate) {
-            return make_error(fmt::format("{}: Entra ID needs client_secret_file or "
-                                          "client_certificate_file (one of them)",
-                                          context),
-                              reader.path(), static_cast<int>(table.source().begin.line));
-        }
-        if (has_secret) {
-            auto secret = reader.read_secret_file(table, "client_secret_file", context);
-            if (!secret) return secret.error();
-            credentials.client_secret = *secret;
-        } else {
-            auto file = reader.get_string(table, "client_certificate_file", context, true);
-            if (!file) return file.error();
-            std::filesystem::path certificate = *file;
-            if (certificate.is_relative()) certificate = reader.base_dir() / certificate;
-            credentials.certificate_file = certificate.string();
-            reader.warn_if_others_can_read(certificate, *table.get("client_certificate_file"),
-                                           context, "client_certificate_file");
-        }
-        if (services) api->entra = services->token_provider(credentials, http);
-        api->entra_credentials = std::move(credentials);
-    }
-
     ConversionOptions& conversion = api->conversion;
     auto sender = reader.get_string(table, "sender", context, true);
     if (!sender) return sender.error();
@@ -157,6 +136,167 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
     conversion.disable_engagement_tracking = !*tracking;
     conversion.inline_attachments = api->inline_attachments;
 
+    return {};
+}
+
+// Graph: Entra ID only; the mailbox that sends; the Graph endpoint; Sent Items lookups.
+Result<void> load_graph_keys(ConfigReader& reader, const toml::table& table,
+                             const std::string& context, ApiSettings& api) {
+    if (!table.get("tenant_id") || !table.get("client_id")) {
+        return make_error(fmt::format("{}: provider = \"graph\" needs tenant_id and client_id "
+                                      "(Entra ID app credentials)",
+                                      context),
+                          reader.path(), static_cast<int>(table.source().begin.line));
+    }
+    auto mailbox = reader.get_string(table, "mailbox", context, true);
+    if (!mailbox) return mailbox.error();
+    if (mailbox->empty() || mailbox->find_first_of("/?#% \t") != std::string::npos) {
+        return reader.error_at(*table.get("mailbox"),
+                               fmt::format("{}.mailbox: \"{}\" is not a user principal name "
+                                           "or object id",
+                                           context, *mailbox));
+    }
+    api.graph.mailbox = *mailbox;
+    auto endpoint =
+        reader.get_string(table, "graph_endpoint", context, false, "https://graph.microsoft.com");
+    if (!endpoint) return endpoint.error();
+    api.graph.endpoint = *endpoint;
+    while (!api.graph.endpoint.empty() && api.graph.endpoint.back() == '/') {
+        api.graph.endpoint.pop_back();
+    }
+    if (!api.graph.endpoint.starts_with("https://")) {
+        return reader.error_at(*table.get("graph_endpoint"),
+                               fmt::format("{}.graph_endpoint: \"{}\" must be an https:// URL",
+                                           context, api.graph.endpoint));
+    }
+    auto sent_items = reader.get_bool(table, "sent_items_check", context, false);
+    if (!sent_items) return sent_items.error();
+    api.graph.sent_items_check = *sent_items;
+    auto slots = reader.get_integer(table, "mailbox_concurrency", context, 4, 1, 4);
+    if (!slots) return slots.error();
+    api.graph.mailbox_concurrency = static_cast<size_t>(*slots);
+    // One sendMail request carries about 4 MB (REFERENCE.md "Microsoft Graph"), base64
+    // included: about 3 MB of MIME.
+    api.max_request_bytes = 4'000'000;
+    return {};
+}
+
+}  // namespace
+
+std::vector<std::string_view> api_route_keys() {
+    std::vector<std::string_view> keys;
+    for (std::span<const std::string_view> list :
+         {std::span<const std::string_view>(kAcsOnlyKeys),
+          std::span<const std::string_view>(kGraphOnlyKeys),
+          std::span<const std::string_view>(kSharedKeys)}) {
+        keys.insert(keys.end(), list.begin(), list.end());
+    }
+    return keys;
+}
+
+Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reader,
+                                                             ServiceRegistry* services,
+                                                             const toml::table& table,
+                                                             const std::string& context) {
+    auto api = std::make_shared<ApiSettings>();
+    auto provider = reader.get_string(table, "provider", context, false, "acs");
+    if (!provider) return provider.error();
+    if (*provider == "acs") {
+        api->provider = ApiSettings::Provider::acs;
+    } else if (*provider == "graph") {
+        api->provider = ApiSettings::Provider::graph;
+    } else {
+        return reader.error_at(
+            *table.get("provider"),
+            fmt::format("{}.provider: \"{}\" is not \"acs\" or \"graph\"", context, *provider));
+    }
+    const bool graph = api->provider == ApiSettings::Provider::graph;
+    // Keys of the other provider are mistakes, not options to ignore.
+    for (std::string_view key : graph ? std::span<const std::string_view>(kAcsOnlyKeys)
+                                      : std::span<const std::string_view>(kGraphOnlyKeys)) {
+        if (const toml::node* node = table.get(key)) {
+            return reader.error_at(*node, fmt::format("{}.{}: not a key of provider = \"{}\"",
+                                                      context, key, *provider));
+        }
+    }
+    if (graph) {
+        if (auto loaded = load_graph_keys(reader, table, context, *api); !loaded) {
+            return loaded.error();
+        }
+    } else {
+        if (auto loaded = load_acs_keys(reader, table, context, *api); !loaded) {
+            return loaded.error();
+        }
+    }
+    HttpClientOptions http;
+    auto ca_file = reader.get_string(table, "ca_file", context, false);
+    if (!ca_file) return ca_file.error();
+    http.ca_file = *ca_file;
+    auto proxy = reader.get_string(table, "proxy", context, false);
+    if (!proxy) return proxy.error();
+    http.proxy = *proxy;
+    auto connect_timeout = reader.get_integer(table, "connect_timeout", context, 10, 1, 120);
+    if (!connect_timeout) return connect_timeout.error();
+    http.connect_timeout = std::chrono::seconds(*connect_timeout);
+    auto concurrency = reader.get_integer(table, "max_concurrency", context, 8, 1, 256);
+    if (!concurrency) return concurrency.error();
+    http.max_concurrency = static_cast<size_t>(*concurrency);
+    api->http_options = http;
+    if (services) api->http = services->http_client(http);
+
+    if (table.get("tenant_id") || table.get("client_id")) {
+        EntraCredentials credentials;
+        for (auto [key, field] : {std::pair{"tenant_id", &credentials.tenant_id},
+                                  std::pair{"client_id", &credentials.client_id}}) {
+            auto value = reader.get_string(table, key, context, true);
+            if (!value) return value.error();
+            *field = *value;
+        }
+        auto authority = reader.get_string(table, "authority", context, false,
+                                           "https://login.microsoftonline.com");
+        if (!authority) return authority.error();
+        credentials.authority = *authority;
+        while (!credentials.authority.empty() && credentials.authority.back() == '/') {
+            credentials.authority.pop_back();
+        }
+        bool has_secret = table.get("client_secret_file") != nullptr;
+        bool has_certificate = table.get("client_certificate_file") != nullptr;
+        if (has_secret == has_certificate) {
+            return make_error(fmt::format("{}: Entra ID needs client_secret_file or "
+                                          "client_certificate_file (one of them)",
+                                          context),
+                              reader.path(), static_cast<int>(table.source().begin.line));
+        }
+        if (has_secret) {
+            auto secret = reader.read_secret_file(table, "client_secret_file", context);
+            if (!secret) return secret.error();
+            credentials.client_secret = *secret;
+        } else {
+            auto file = reader.get_string(table, "client_certificate_file", context, true);
+            if (!file) return file.error();
+            std::filesystem::path certificate = *file;
+            if (certificate.is_relative()) certificate = reader.base_dir() / certificate;
+            credentials.certificate_file = certificate.string();
+            reader.warn_if_others_can_read(certificate, *table.get("client_certificate_file"),
+                                           context, "client_certificate_file");
+        }
+        // The token is for the service the route talks to.
+        credentials.scope =
+            graph ? api->graph.endpoint + "/.default" : "https://communication.azure.com//.default";
+        auto algorithm = reader.get_string(table, "assertion_algorithm", context, false, "PS256");
+        if (!algorithm) return algorithm.error();
+        auto parsed_algorithm = parse_client_assertion_algorithm(*algorithm);
+        if (!parsed_algorithm) {
+            return reader.error_at(*table.get("assertion_algorithm"),
+                                   fmt::format("{}.assertion_algorithm: \"{}\" is not \"PS256\" "
+                                               "or \"RS256\"",
+                                               context, *algorithm));
+        }
+        credentials.assertion_algorithm = *parsed_algorithm;
+        if (services) api->entra = services->token_provider(credentials, http);
+        api->entra_credentials = std::move(credentials);
+    }
+
     auto local = reader.get_string_list(table, "local_domains", context);
     if (!local) return local.error();
     api->local_domains = *local;
@@ -171,6 +311,20 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
     auto on_oversize = reader.get_policy(table, "on_oversize", context, api->on_oversize);
     if (!on_oversize) return on_oversize.error();
     api->on_oversize = *on_oversize;
+    auto on_ambiguous = reader.get_string(table, "on_ambiguous", context, false, "tempfail");
+    if (!on_ambiguous) return on_ambiguous.error();
+    if (*on_ambiguous == "tempfail") {
+        api->on_ambiguous = AmbiguityPolicy::tempfail;
+    } else if (*on_ambiguous == "hold") {
+        api->on_ambiguous = AmbiguityPolicy::hold;
+    } else if (*on_ambiguous == "assume-sent") {
+        api->on_ambiguous = AmbiguityPolicy::assume_sent;
+    } else {
+        return reader.error_at(*table.get("on_ambiguous"),
+                               fmt::format("{}.on_ambiguous: \"{}\" is not tempfail, hold or "
+                                           "assume-sent",
+                                           context, *on_ambiguous));
+    }
 
     auto budget = reader.get_integer(table, "time_budget", context, 60, 5, 280);
     if (!budget) return budget.error();
@@ -182,7 +336,8 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
     if (!attempts) return attempts.error();
     api->max_attempts = static_cast<int>(*attempts);
     auto max_bytes =
-        reader.get_integer(table, "max_request_bytes", context, 10 * 1024 * 1024, 1024, 1 << 30);
+        reader.get_integer(table, "max_request_bytes", context,
+                           static_cast<int64_t>(api->max_request_bytes), 1024, 1 << 30);
     if (!max_bytes) return max_bytes.error();
     api->max_request_bytes = static_cast<size_t>(*max_bytes);
     auto threshold = reader.get_integer(table, "spool_threshold", context, 1024 * 1024, 0, 1 << 30);

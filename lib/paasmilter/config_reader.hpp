@@ -198,6 +198,9 @@ class ConfigReader {
     std::vector<std::string> warnings_;
 };
 
+// Every key an `action = "api"` route may have, whatever its provider.
+std::vector<std::string_view> api_route_keys();
+
 // The keys of an `action = "api"` route (provider, credentials, conversion, policies,
 // limits). With `services`, the route gets its HTTP client and token cache from it.
 Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reader,

@@ -12,6 +12,7 @@
 #include <set>
 #include <sstream>
 
+#include "fake_service.hpp"
 #include "paasmilter/acs_json.hpp"
 #include "paasmilter/api_delivery.hpp"
 #include "paasmilter/delivery/message_identity.hpp"
@@ -22,6 +23,7 @@
 using namespace paasmilter;
 using namespace std::chrono_literals;
 using paasmilter::testing::TempDir;
+using namespace paasmilter::testing;
 
 namespace {
 
@@ -43,71 +45,6 @@ ApiSettings settings() {
     api.time_budget = 60s;
     api.max_attempts = 4;
     return api;
-}
-
-// A scripted service: POST and GET answers in order (a GET with nothing scripted is 404:
-// "no such operation"), records requests, and a fake clock that sleeping advances.
-struct FakeService {
-    std::vector<Result<HttpResponse>> posts;
-    std::vector<Result<HttpResponse>> gets;
-    std::vector<HttpRequest> requests;
-    std::chrono::steady_clock::time_point clock{std::chrono::hours(1000)};
-    std::chrono::system_clock::time_point wall =
-        std::chrono::system_clock::from_time_t(1'800'000'000);
-    std::chrono::milliseconds slept{0};
-    std::vector<std::chrono::milliseconds> timeouts;
-    int progress_calls = 0;
-
-    ApiHooks hooks() {
-        ApiHooks h;
-        h.send = [this](const HttpRequest& request, std::chrono::milliseconds timeout) {
-            requests.push_back(request);
-            timeouts.push_back(timeout);
-            auto& queue = request.method == "GET" ? gets : posts;
-            if (queue.empty()) {
-                REQUIRE(request.method == "GET");
-                HttpResponse absent;
-                absent.status = 404;
-                return Result<HttpResponse>(absent);
-            }
-            auto answer = queue.front();
-            queue.erase(queue.begin());
-            return answer;
-        };
-        h.sleep = [this](std::chrono::milliseconds d) {
-            slept += d;
-            clock += d;
-            wall += d;
-        };
-        h.now = [this] { return clock; };
-        h.wall_clock = [this] { return wall; };
-        h.progress = [this] { ++progress_calls; };
-        return h;
-    }
-    std::chrono::steady_clock::time_point deadline(std::chrono::seconds budget = 60s) const {
-        return clock + budget;
-    }
-    std::vector<HttpRequest> of(std::string_view method) const {
-        std::vector<HttpRequest> out;
-        for (const auto& r : requests)
-            if (r.method == method) out.push_back(r);
-        return out;
-    }
-};
-
-HttpResponse status(long code, HttpHeaders headers = {}, std::string body = {}) {
-    HttpResponse r;
-    r.status = code;
-    r.headers = std::move(headers);
-    r.body = std::move(body);
-    return r;
-}
-
-std::string header_of(const HttpRequest& request, std::string_view name) {
-    for (const auto& [k, v] : request.headers) {
-        if (k == name) return v;
-    }
-    return {};
 }
 
 const MessageIdentity kIdentity{"0123abcd", "s@contoso.test"};

@@ -499,3 +499,79 @@ sender = "DoNotReply@contoso.test"
     CHECK(a->entra != (*other)->routes.at("acs").api->entra);
     CHECK(load_config(config_with("app-1")).value()->routes.at("acs").api->entra == nullptr);
 }
+
+TEST_CASE("graph routes") {
+    TempDir dir;
+    dir.write("secrets/graph.secret", "s3cret\n");
+    const std::string graph = R"(
+[milter]
+socket = "inet:10025@127.0.0.1"
+
+[routes.exo-smtp]
+action = "relay"
+
+[routes.graph]
+action = "api"
+provider = "graph"
+tenant_id = "contoso.onmicrosoft.com"
+client_id = "c"
+client_secret_file = "secrets/graph.secret"
+mailbox = "scanner@contoso.com"
+on_failure = "relay:exo-smtp"
+on_ambiguous = "hold"
+)";
+    std::string path = (dir.path() / "paas-milter.toml").string();
+
+    SUBCASE("a complete route") {
+        auto config = load_config(dir.write("paas-milter.toml", graph));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        const ApiSettings& api = *(*config)->find_route("graph")->api;
+        CHECK(api.provider == ApiSettings::Provider::graph);
+        CHECK(api.graph.mailbox == "scanner@contoso.com");
+        CHECK(api.graph.endpoint == "https://graph.microsoft.com");
+        CHECK_FALSE(api.graph.sent_items_check);
+        CHECK(api.graph.mailbox_concurrency == 4);
+        CHECK(api.on_ambiguous == AmbiguityPolicy::hold);
+        CHECK(api.max_request_bytes == 4'000'000);
+        REQUIRE(api.entra_credentials);
+        CHECK(api.entra_credentials->scope == "https://graph.microsoft.com/.default");
+        CHECK(api.entra_credentials->assertion_algorithm == ClientAssertionAlgorithm::ps256);
+    }
+    SUBCASE("a national cloud: the token is for its Graph") {
+        auto config = load_config(
+            dir.write("paas-milter.toml",
+                      replace(graph, "on_ambiguous = \"hold\"",
+                              "graph_endpoint = \"https://graph.microsoft.us/\"\n"
+                              "authority = \"https://login.microsoftonline.us\"\n"
+                              "assertion_algorithm = \"RS256\"\nsent_items_check = true")));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        const ApiSettings& api = *(*config)->find_route("graph")->api;
+        CHECK(api.graph.endpoint == "https://graph.microsoft.us");
+        CHECK(api.graph.sent_items_check);
+        CHECK(api.entra_credentials->scope == "https://graph.microsoft.us/.default");
+        CHECK(api.entra_credentials->assertion_algorithm == ClientAssertionAlgorithm::rs256);
+    }
+    SUBCASE("errors") {
+        CHECK(load_error(replace(graph, "mailbox = \"scanner@contoso.com\"\n", ""), dir)
+                  .find("routes.graph: missing key \"mailbox\"") != std::string::npos);
+        CHECK(load_error(replace(graph, "mailbox = ", "sender = \"a@b.c\"\nmailbox = "), dir)
+                  .find(path + ":14: routes.graph.sender: not a key of provider = \"graph\"") == 0);
+        CHECK(load_error(replace(graph, "tenant_id = \"contoso.onmicrosoft.com\"\n", ""), dir)
+                  .find("provider = \"graph\" needs tenant_id and client_id") != std::string::npos);
+        CHECK(load_error(replace(graph, "\"hold\"", "\"retry\""), dir)
+                  .find("routes.graph.on_ambiguous: \"retry\" is not tempfail, hold or "
+                        "assume-sent") != std::string::npos);
+        CHECK(load_error(replace(graph, "provider = \"graph\"", "provider = \"ses\""), dir)
+                  .find("\"ses\" is not \"acs\" or \"graph\"") != std::string::npos);
+        CHECK(
+            load_error(replace(graph, "on_ambiguous", "mailbox_concurrency = 5\non_ambiguous"), dir)
+                .find("mailbox_concurrency: 5 is not between 1 and 4") != std::string::npos);
+    }
+    SUBCASE("an ACS route refuses Graph's keys") {
+        dir.write("secrets/acs.conn",
+                  "endpoint=https://contoso.communication.azure.com/;accesskey=c2VjcmV0\n");
+        CHECK(load_error(replace(kApiRoutes, "time_budget = 90", "mailbox = \"x@y.z\""), dir)
+                  .find("routes.acs-api.mailbox: not a key of provider = \"acs\"") !=
+              std::string::npos);
+    }
+}

@@ -249,3 +249,48 @@ TEST_CASE("plan: routes that are not the API") {
     CHECK(plan.delete_routing_headers == 0);
     CHECK(plan.add_headers.empty());
 }
+
+TEST_CASE("plan: on_ambiguous decides what becomes of recipients the service may have") {
+    Fixture f;
+    f.add(2, 1);
+    ApiResult ambiguous;
+    ambiguous.failure = ApiFailure::transient;
+    ambiguous.detail = "HTTP 504";
+    ambiguous.unresolved = {f.recipients[0], f.recipients[1]};
+    f.api.on_failure = policy(FailurePolicy::Kind::relay);
+
+    SUBCASE("tempfail (default): the client retries, whatever on_failure says") {
+        MtaPlan plan = f.plan(ambiguous);
+        CHECK(plan.disposition == MtaPlan::Disposition::tempfail);
+        CHECK(plan.reply_code == "451");
+        CHECK(plan.add_headers.empty());
+    }
+    SUBCASE("hold: the operator decides") {
+        f.api.on_ambiguous = AmbiguityPolicy::hold;
+        MtaPlan plan = f.plan(ambiguous);
+        CHECK(plan.disposition == MtaPlan::Disposition::accept);
+        REQUIRE(plan.quarantine_reason);
+        CHECK(plan.quarantine_reason->find("may have it already: HTTP 504") != std::string::npos);
+        CHECK(plan.delete_recipients.empty());
+        CHECK(plan.add_headers.empty());
+        CHECK(plan.log.find("held, on_ambiguous=hold") != std::string::npos);
+    }
+    SUBCASE("assume-sent: counted as delivered; local recipients keep the MTA's copy") {
+        f.api.on_ambiguous = AmbiguityPolicy::assume_sent;
+        MtaPlan plan = f.plan(ambiguous);
+        CHECK(plan.disposition == MtaPlan::Disposition::accept);
+        CHECK(plan.delete_recipients == std::vector<std::string>{f.args[0], f.args[1]});
+        CHECK_FALSE(plan.quarantine_reason);
+        CHECK(plan.log.find("assumed sent for 2 recipient(s)") != std::string::npos);
+        CHECK(plan.log.find("local_copy=kept for 1 local recipient(s)") != std::string::npos);
+    }
+    SUBCASE("assume-sent with some recipients certainly not sent: they take on_failure") {
+        f.api.on_ambiguous = AmbiguityPolicy::assume_sent;
+        ambiguous.unresolved = {f.recipients[0]};
+        MtaPlan plan = f.plan(ambiguous);
+        CHECK(plan.disposition == MtaPlan::Disposition::accept);
+        CHECK(plan.delete_recipients == std::vector<std::string>{f.args[0]});
+        REQUIRE(plan.add_headers.size() == 1);
+        CHECK(plan.add_headers[0].second == "fallback-relay");
+    }
+}

@@ -98,7 +98,19 @@ void delete_recipients(MtaPlan& plan, const std::vector<std::string>& recipients
 
 MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict& verdict,
                      const std::vector<std::string>& recipients,
-                     const std::vector<std::string>& recipient_args, const ApiResult& result) {
+                     const std::vector<std::string>& recipient_args, const ApiResult& submitted) {
+    ApiResult result = submitted;
+    std::string assumed;  // the log's note when on_ambiguous = assume-sent applied
+    if (!result.unresolved.empty() && api.on_ambiguous == AmbiguityPolicy::assume_sent) {
+        // The operator prefers a possible loss to a possible duplicate: what the service may
+        // have counts as delivered.
+        assumed = fmt::format(" (unresolved requests: assumed sent for {} recipient(s), "
+                              "on_ambiguous=assume-sent)",
+                              result.unresolved.size());
+        result.accepted.insert(result.accepted.end(), result.unresolved.begin(),
+                               result.unresolved.end());
+        result.unresolved.clear();
+    }
     MtaPlan plan;
     plan.delete_routing_headers = verdict.forged_headers_to_delete;
     plan.log = result.log;
@@ -107,6 +119,15 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
         (address_in_domains(rcpt, api.local_domains) ? local : remote).push_back(rcpt);
     }
 
+    if (result.failure != ApiFailure::none && result.failure != ApiFailure::internal &&
+        !assumed.empty() &&
+        std::all_of(remote.begin(), remote.end(),
+                    [&](const std::string& rcpt) { return contains(result.accepted, rcpt); })) {
+        plan.log += fmt::format(", detail={}", sanitize_for_log(result.detail, 300)) + assumed;
+        result.failure = ApiFailure::none;
+    } else if (!assumed.empty()) {
+        plan.log += assumed;
+    }
     if (result.failure == ApiFailure::none) {
         // The service has the message for every remote recipient.
         if (local.empty()) {
@@ -152,8 +173,16 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
     }
 
     if (!result.unresolved.empty()) {
-        // The service could not say whether it has some of them: sending those elsewhere
-        // (relay, hold) could deliver twice, a bounce could lie. The retry asks again.
+        // The service could not say whether it has some of them: relaying them could deliver
+        // twice, a bounce could lie. The client's retry asks again (on_ambiguous = tempfail),
+        // or the operator decides (hold).
+        if (api.on_ambiguous == AmbiguityPolicy::hold) {
+            plan.log += " (unresolved requests: held, on_ambiguous=hold)";
+            delete_recipients(plan, recipients, recipient_args, result.accepted);
+            plan.quarantine_reason =
+                reply_text("paas-milter: the service may have it already: " + result.detail);
+            return plan;
+        }
         plan.log += " (unresolved requests: tempfail, the retry asks the service again)";
         tempfail(plan, result.detail);
         return plan;

@@ -1,0 +1,422 @@
+// Microsoft Graph: POST {graph}/v1.0/users/{mailbox}/sendMail with the message as the client
+// sent it, base64-encoded MIME (graph_mime), authenticated with an Entra ID app token.
+//
+// What Graph documents, and what this relies on:
+// - user-sendmail.md (microsoftgraph/microsoft-graph-docs-contrib, api-reference/v1.0/api):
+//   202 Accepted with an empty body; Content-Type text/plain with the MIME in base64.
+// - concepts/throttling.md: a 429 means the request failed (was not carried out); wait for
+//   Retry-After, or back off exponentially without it. throttling-limits.md (Outlook service
+//   limits): at most 4 concurrent requests per app and mailbox.
+// - Graph has no idempotency key, and nothing documents whether a 5xx, a timeout or a reset
+//   after the request was sent means "not sent" (errors.md says of 503 only that the request
+//   may be repeated after a delay). Those are ambiguous here: the message may have gone out.
+//   They are resent only where the operator prefers a possible duplicate to a possible loss
+//   (on_ambiguous = "tempfail", the default); otherwise on_ambiguous decides. With
+//   sent_items_check, the mailbox's Sent Items are searched for the message's Message-ID
+//   first (user-list-messages.md, $filter on internetMessageId; needs Mail.ReadBasic.All).
+#include <cctype>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "paasmilter/crypto.hpp"
+#include "paasmilter/delivery/message_identity.hpp"
+#include "paasmilter/providers/graph_mime.hpp"
+#include "paasmilter/providers/provider.hpp"
+#include "paasmilter/text.hpp"
+
+namespace paasmilter {
+
+namespace {
+
+using namespace std::chrono;
+using Steady = steady_clock;
+
+// The mailbox's request slots: Graph allows 4 concurrent requests per app and mailbox, across
+// every route, transaction and reload of this process.
+class MailboxSlots {
+  public:
+    explicit MailboxSlots(size_t limit) : limit_(limit) {}
+
+    bool acquire_until(Steady::time_point until) {
+        std::unique_lock lock(mutex_);
+        if (!freed_.wait_until(lock, until, [this] { return used_ < limit_; })) return false;
+        ++used_;
+        return true;
+    }
+    void release() {
+        {
+            std::lock_guard lock(mutex_);
+            --used_;
+        }
+        freed_.notify_one();
+    }
+
+  private:
+    const size_t limit_;
+    std::mutex mutex_;
+    std::condition_variable freed_;
+    size_t used_ = 0;
+};
+
+std::shared_ptr<MailboxSlots> slots_for(const GraphSettings& graph) {
+    // A long-lived service, like the token caches: one per mailbox, never dropped.
+    static std::mutex mutex;
+    static std::map<std::string, std::shared_ptr<MailboxSlots>> slots;
+    std::lock_guard lock(mutex);
+    std::string key = graph.endpoint + " ";
+    for (char c : graph.mailbox) key += ascii_lower(c);
+    auto& entry = slots[key];
+    if (!entry) entry = std::make_shared<MailboxSlots>(graph.mailbox_concurrency);
+    return entry;
+}
+
+// RFC 3986 percent-encoding of everything but the unreserved characters.
+std::string percent_encode(std::string_view text) {
+    std::string out;
+    for (unsigned char c : text) {
+        if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+            out += static_cast<char>(c);
+        } else {
+            out += fmt::format("%{:02X}", c);
+        }
+    }
+    return out;
+}
+
+// One message's conversation with Graph, within its deadline.
+class GraphSubmission {
+  public:
+    GraphSubmission(const ApiSettings& api, const ApiHooks& hooks, Steady::time_point deadline,
+                    ApiOutcome& counts)
+        : api_(api),
+          hooks_(hooks),
+          deadline_(deadline),
+          counts_(counts),
+          slots_(slots_for(api.graph)) {}
+
+    ChunkReport deliver(const std::string& request_key, const graph::GraphMime& mime);
+
+  private:
+    enum class SentItems { found, absent, unknown };
+
+    ChunkReport deliver_alone(const std::string& request_key, const graph::GraphMime& mime);
+    Result<HttpResponse> exchange(HttpRequest request);
+    SentItems look_in_sent_items(const std::optional<std::string>& message_id, std::string& why);
+    bool wait(milliseconds how_long, std::string& why);
+    milliseconds remaining() const { return duration_cast<milliseconds>(deadline_ - hooks_.now()); }
+    std::string user_url() const {
+        return fmt::format("{}/v1.0/users/{}", api_.graph.endpoint,
+                           percent_encode(api_.graph.mailbox));
+    }
+
+    const ApiSettings& api_;
+    const ApiHooks& hooks_;
+    Steady::time_point deadline_;
+    ApiOutcome& counts_;
+    std::shared_ptr<MailboxSlots> slots_;
+    std::string last_token_;
+};
+
+bool GraphSubmission::wait(milliseconds how_long, std::string& why) {
+    if (hooks_.now() + how_long >= deadline_) {
+        why += fmt::format(" (retry in {} s would exceed the time budget)",
+                           duration_cast<seconds>(how_long).count());
+        return false;
+    }
+    for (milliseconds left = how_long; left.count() > 0;) {
+        milliseconds slice = std::min(left, milliseconds(5000));
+        hooks_.sleep(slice);
+        hooks_.progress();
+        left -= slice;
+    }
+    return true;
+}
+
+Result<HttpResponse> GraphSubmission::exchange(HttpRequest request) {
+    // A slot of the mailbox's 4, waited for within the budget; the token fetch and the
+    // request share one timeout.
+    auto timeout = std::min(duration_cast<milliseconds>(api_.request_timeout), remaining());
+    if (timeout <= milliseconds(0)) {
+        return make_error(ErrorKind::request_not_sent, "time budget exhausted");
+    }
+    auto until = hooks_.now() + timeout;
+    if (!slots_->acquire_until(until)) {
+        return make_error(ErrorKind::request_not_sent,
+                          fmt::format("no free request slot for mailbox {} (Graph allows {} at "
+                                      "a time) within the time budget",
+                                      api_.graph.mailbox, api_.graph.mailbox_concurrency));
+    }
+    struct Slot {
+        MailboxSlots& slots;
+        ~Slot() { slots.release(); }
+    } slot{*slots_};
+    auto left = duration_cast<milliseconds>(until - hooks_.now());
+    Result<std::string> token = hooks_.bearer_token ? hooks_.bearer_token(left)
+                                : api_.entra        ? api_.entra->token(left)
+                                             : Result<std::string>(make_error("no token provider"));
+    if (!token) {
+        return make_error(ErrorKind::request_not_sent, "Entra ID token: " + token.error().message);
+    }
+    last_token_ = *token;
+    request.headers.emplace_back("Authorization", "Bearer " + *token);
+    if (auto id = uuid_v4()) request.headers.emplace_back("client-request-id", *id);
+    hooks_.progress();
+    left = duration_cast<milliseconds>(until - hooks_.now());
+    if (left <= milliseconds(0)) {
+        return make_error(ErrorKind::request_not_sent, "no time left after fetching a token");
+    }
+    ++(request.method == "GET" ? counts_.status_checks : counts_.requests);
+    auto response = hooks_.send(request, left);
+    hooks_.progress();
+    return response;
+}
+
+GraphSubmission::SentItems GraphSubmission::look_in_sent_items(
+    const std::optional<std::string>& message_id, std::string& why) {
+    if (!api_.graph.sent_items_check) return SentItems::unknown;
+    if (!message_id) {
+        why += "; no Message-ID to look for in Sent Items";
+        return SentItems::unknown;
+    }
+    // OData string literal: a quote is doubled.
+    std::string literal;
+    for (char c : *message_id) literal += c == '\'' ? std::string("''") : std::string(1, c);
+    HttpRequest request;
+    request.method = "GET";
+    request.url = fmt::format(
+        "{}/mailFolders/SentItems/messages?$filter={}&$select=id,internetMessageId&$top=1",
+        user_url(), percent_encode("internetMessageId eq '" + literal + "'"));
+    auto response = exchange(request);
+    if (!response) {
+        why += "; Sent Items lookup: " + response.error().message;
+        return SentItems::unknown;
+    }
+    if (response->status != 200) {
+        why += "; Sent Items lookup: " + describe_failure(*response);
+        return SentItems::unknown;
+    }
+    auto body = nlohmann::json::parse(response->body, nullptr, false);
+    if (!body.is_object() || !body.contains("value") || !body["value"].is_array()) {
+        why += "; Sent Items lookup: unexpected answer";
+        return SentItems::unknown;
+    }
+    // Messages show up in Sent Items with a delay: absence is no proof.
+    return body["value"].empty() ? SentItems::absent : SentItems::found;
+}
+
+ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph::GraphMime& mime) {
+    // Another transaction of the same message (a client that gave up and resent) may be
+    // sending it right now: never send it concurrently.
+    struct Delivering {
+        PostedRequests* posted;
+        const std::string& key;
+        bool alone;
+        ~Delivering() {
+            if (posted) posted->end(key);
+        }
+    } delivering{hooks_.posted, request_key, !hooks_.posted || hooks_.posted->begin(request_key)};
+    if (!delivering.alone) {
+        ChunkReport report;
+        report.fate = ChunkFate::unresolved;
+        report.detail = "another transaction of this message is sending it";
+        return report;
+    }
+    ChunkReport report = deliver_alone(request_key, mime);
+    if (hooks_.posted) {
+        hooks_.posted->set_uncertain(request_key, report.fate == ChunkFate::unresolved);
+    }
+    return report;
+}
+
+ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
+                                           const graph::GraphMime& mime) {
+    ChunkReport report;
+    std::string why;
+    // An earlier attempt of this message (before a tempfail, or before a crash) may have
+    // sent it: look for it first.
+    bool earlier_open =
+        hooks_.posted && hooks_.posted->uncertain_repeatability(request_key).has_value();
+    if (earlier_open) {
+        if (look_in_sent_items(mime.internet_message_id, why) == SentItems::found) {
+            report.fate = ChunkFate::already_accepted;
+            report.detail = "found in Sent Items after an earlier ambiguous attempt";
+            return report;
+        }
+        if (api_.on_ambiguous != AmbiguityPolicy::tempfail) {
+            // Sending it again could deliver twice, which the operator does not want.
+            report.fate = ChunkFate::unresolved;
+            report.detail = "an earlier attempt may have sent it" + why;
+            return report;
+        }
+        why.clear();
+    }
+
+    HttpRequest request;
+    request.method = "POST";
+    request.url = user_url() + "/sendMail";
+    request.headers = {{"Content-Type", "text/plain"}};
+    request.body = graph::base64_encode_mime(mime.mime);
+
+    bool ambiguous = false;  // an attempt of this transaction may have sent it
+    bool refreshed_token = false;
+    milliseconds backoff{1000};
+    auto settle_ambiguity = [&]() -> std::optional<ChunkReport> {
+        if (look_in_sent_items(mime.internet_message_id, why) == SentItems::found) {
+            report.fate = ChunkFate::accepted;
+            report.detail = "found in Sent Items after: " + why;
+            return report;
+        }
+        return std::nullopt;
+    };
+    auto final_answer = [&](ChunkFate fate) {
+        report.fate = ambiguous ? ChunkFate::unresolved : fate;
+        report.detail = why + (ambiguous ? "; an earlier attempt may have sent it" : "");
+        return report;
+    };
+    for (int attempt = 1; attempt <= api_.max_attempts; ++attempt) {
+        if (remaining() <= milliseconds(0)) {
+            why += " (time budget exhausted)";
+            break;
+        }
+        if (hooks_.posted) {
+            auto id = uuid_v4();
+            if (auto remembered = hooks_.posted->remember(
+                    request_key, {id ? *id : std::string(), hooks_.wall_clock()});
+                !remembered) {
+                why += (why.empty() ? "" : "; ") + remembered.error().message;
+                break;
+            }
+        }
+        auto response = exchange(request);
+        milliseconds pause = backoff;
+        bool was_ambiguous = false;
+        if (!response && response.error().kind == ErrorKind::request_not_sent) {
+            why = response.error().message;
+        } else if (!response) {
+            why = response.error().message;
+            was_ambiguous = true;
+        } else {
+            long status = response->status;
+            if (status == 202) {
+                report.fate = ChunkFate::accepted;
+                report.detail = ambiguous || earlier_open
+                                    ? "HTTP 202 after an ambiguous attempt (possibly sent twice)"
+                                    : "HTTP 202";
+                return report;
+            }
+            why = describe_failure(*response);
+            auto after = parse_retry_after(response->header("Retry-After").value_or(""),
+                                           hooks_.wall_clock());
+            if (after) pause = duration_cast<milliseconds>(*after);
+            if (status == 429) {
+                // Throttled: the request failed and was not carried out.
+            } else if (status == 401 && !refreshed_token) {
+                if (api_.entra) api_.entra->invalidate(last_token_);
+                refreshed_token = true;
+                pause = milliseconds(0);
+            } else if (status == 401 || status == 403 || status == 404) {
+                // The app's permissions or the mailbox are wrong: not the message's fault,
+                // so never a bounce.
+                return final_answer(ChunkFate::not_sent);
+            } else if (status == 413) {
+                return final_answer(ChunkFate::oversize);
+            } else if (status >= 500 || status == 408) {
+                was_ambiguous = true;
+            } else {
+                return final_answer(ChunkFate::rejected);
+            }
+        }
+        if (was_ambiguous) {
+            ambiguous = true;
+            if (auto found = settle_ambiguity()) return *found;
+            // Sending again could deliver twice: only if the operator prefers that to a loss.
+            if (api_.on_ambiguous != AmbiguityPolicy::tempfail) break;
+        }
+        if (attempt == api_.max_attempts) break;
+        if (pause.count() > 0 && !wait(pause, why)) break;
+        backoff = std::min(backoff * 2, milliseconds(32000));
+    }
+    if (ambiguous) {
+        report.fate = ChunkFate::unresolved;
+        report.detail = why + "; Graph may have sent it (it has no idempotency key)";
+        return report;
+    }
+    report.fate = ChunkFate::not_sent;
+    report.detail = why;
+    return report;
+}
+
+class GraphProvider final : public ApiProvider {
+  public:
+    const char* name() const override { return "graph"; }
+
+    size_t max_source_bytes(const ApiSettings& api) const override {
+        // The MIME goes whole, base64 (4/3) in one request.
+        return api.max_request_bytes / 4 * 3;
+    }
+
+    ApiOutcome submit(const ApiSettings& api, const ProviderInput& input,
+                      const ApiHooks& hooks) const override {
+        ApiOutcome outcome;
+        graph::GraphMimeOptions options;
+        options.never_pass_headers = input.never_pass_headers;
+        options.max_message_bytes = max_source_bytes(api) + 64 * 1024;  // room for a Bcc
+        auto prepared =
+            input.source.in_memory()
+                ? graph::prepare_graph_mime(input.source.memory(), input.recipients, options)
+                : graph::prepare_graph_mime_fd(input.source.fd(), input.recipients, options);
+        if (!prepared) {
+            outcome.kind = graph::is_message_too_large(prepared.error())
+                               ? ApiOutcome::Kind::oversize
+                               : ApiOutcome::Kind::unconvertible;
+            outcome.detail = prepared.error().message;
+            return outcome;
+        }
+        if (graph::exceeds_graph_request_limit(prepared->mime.size(), api.max_request_bytes)) {
+            outcome.kind = ApiOutcome::Kind::oversize;
+            outcome.detail = fmt::format(
+                "{} bytes of MIME are over Graph's single-request limit ({} bytes with base64)",
+                prepared->mime.size(), api.max_request_bytes);
+            return outcome;
+        }
+        // The same key for the same message and recipients across the client's retries.
+        std::string key = request_operation_id(input.identity.content_digest, input.identity.sender,
+                                               prepared->recipients());
+        GraphSubmission submission(api, hooks, input.deadline, outcome);
+        ChunkReport report = submission.deliver(key, *prepared);
+        report.recipients = prepared->recipients();
+        outcome.detail = report.detail;
+        switch (report.fate) {
+            case ChunkFate::accepted:
+            case ChunkFate::already_accepted:
+                outcome.kind = ApiOutcome::Kind::accepted;
+                break;
+            case ChunkFate::rejected:
+                outcome.kind = ApiOutcome::Kind::permanent;
+                break;
+            case ChunkFate::oversize:
+                outcome.kind = ApiOutcome::Kind::oversize;
+                break;
+            case ChunkFate::not_sent:
+            case ChunkFate::unresolved:
+                outcome.kind = ApiOutcome::Kind::transient;
+                break;
+        }
+        outcome.chunks.push_back(std::move(report));
+        return outcome;
+    }
+};
+
+}  // namespace
+
+const ApiProvider& graph_provider() {
+    static const GraphProvider provider;
+    return provider;
+}
+
+}  // namespace paasmilter
