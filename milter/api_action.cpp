@@ -25,7 +25,12 @@ std::string describe_outcome(const ApiOutcome& outcome) {
     std::string out = fmt::format(", api={}, requests={}, status_checks={}",
                                   to_string(outcome.kind), outcome.requests, outcome.status_checks);
     auto ids = outcome.accepted_operation_ids();
-    if (!ids.empty()) out += ", operation_id=" + fmt::format("{}", fmt::join(ids, ","));
+    if (!ids.empty() && !ids.front().empty()) {
+        out += ", operation_id=" + fmt::format("{}", fmt::join(ids, ","));
+    }
+    if (outcome.possible_duplicate) {
+        out += ", possible_duplicate=yes (" + sanitize_for_log(outcome.detail, 200) + ")";
+    }
     if (outcome.kind != ApiOutcome::Kind::accepted || outcome.chunks.size() > 1) {
         std::vector<std::string> fates;
         for (const auto& chunk : outcome.chunks) fates.emplace_back(to_string(chunk.fate));

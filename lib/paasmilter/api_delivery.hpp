@@ -48,6 +48,8 @@ struct ChunkReport {
     std::vector<std::string> recipients;
     ChunkFate fate = ChunkFate::not_sent;
     std::string detail;  // "HTTP 400 InvalidSenderUserName: ..." (no secrets)
+    // Accepted after an attempt without a clear answer that may have been carried out too.
+    bool possible_duplicate = false;
 };
 
 struct ApiOutcome {
@@ -62,6 +64,9 @@ struct ApiOutcome {
     std::string detail;
     std::vector<ChunkReport> chunks;
     int requests = 0;       // messages posted (each attempt counts)
+    // Accepted, but an earlier attempt got no clear answer and may have been carried out
+    // too (a service without idempotency: Graph).
+    bool possible_duplicate = false;
     int status_checks = 0;  // operation status lookups
 
     // Recipients the service has (accepted now or by an earlier attempt).

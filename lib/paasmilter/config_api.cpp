@@ -32,6 +32,7 @@ constexpr std::string_view kSharedKeys[] = {
     "client_secret_file",
     "client_certificate_file",
     "authority",
+    "token_scope",
     "assertion_algorithm",
     "local_domains",
     "on_failure",
@@ -281,8 +282,11 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
                                            context, "client_certificate_file");
         }
         // The token is for the service the route talks to.
-        credentials.scope =
-            graph ? api->graph.endpoint + "/.default" : "https://communication.azure.com//.default";
+        auto scope = reader.get_string(table, "token_scope", context, false,
+                                       graph ? api->graph.endpoint + "/.default"
+                                             : "https://communication.azure.com//.default");
+        if (!scope) return scope.error();
+        credentials.scope = *scope;
         auto algorithm = reader.get_string(table, "assertion_algorithm", context, false, "PS256");
         if (!algorithm) return algorithm.error();
         auto parsed_algorithm = parse_client_assertion_algorithm(*algorithm);

@@ -107,6 +107,7 @@ TEST_CASE("graph: a 429 is waited out, with or without Retry-After") {
     CHECK(run.posts.size() == 3);
     CHECK(service.slept == 1s + 7s);  // exponential from 1 s without the header
     CHECK(run.outcome.detail == "HTTP 202");
+    CHECK_FALSE(run.outcome.possible_duplicate);
 }
 
 TEST_CASE("graph: failures that are not the message's fault are not bounces") {
@@ -137,6 +138,7 @@ TEST_CASE("graph: an ambiguous answer is sent again only when duplicates are pre
         auto run = submit_graph(service, graph_settings());
         CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);
         CHECK(run.posts.size() == 2);
+        CHECK(run.outcome.possible_duplicate);
         CHECK(run.outcome.detail.find("possibly sent twice") != std::string::npos);
     }
     SUBCASE("on_ambiguous = hold: not sent again; the recipients are unresolved") {

@@ -304,6 +304,7 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
             long status = response->status;
             if (status == 202) {
                 report.fate = ChunkFate::accepted;
+                report.possible_duplicate = ambiguous || earlier_open;
                 report.detail = ambiguous || earlier_open
                                     ? "HTTP 202 after an ambiguous attempt (possibly sent twice)"
                                     : "HTTP 202";
@@ -391,6 +392,7 @@ class GraphProvider final : public ApiProvider {
         ChunkReport report = submission.deliver(key, *prepared);
         report.recipients = prepared->recipients();
         outcome.detail = report.detail;
+        outcome.possible_duplicate = report.possible_duplicate;
         switch (report.fate) {
             case ChunkFate::accepted:
             case ChunkFate::already_accepted:
