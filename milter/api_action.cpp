@@ -84,6 +84,21 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
         result.log = ", api=error (no message source)";
         return result;
     }
+    // Who sends: the route's sender_map may name the client's own sender or mailbox.
+    std::string sender;
+    if (api.sender_map) {
+        if (auto choice = map_sender(*api.sender_map, message.tx)) {
+            sender = choice->address;
+            result.log +=
+                fmt::format(", sender={} ({}={}@{})", sender, to_string(choice->hit.field),
+                            sanitize_for_log(choice->hit.key, 120), choice->hit.where);
+        } else if (api.sender_map->refuse_unmapped) {
+            result.failure = ApiFailure::refused;
+            result.detail = "this client may not send through this route";
+            result.log += ", sender=refused (no sender_map entry knows this client)";
+            return result;
+        }
+    }
     if (message.spool->oversize() || message.headers_truncated) {
         result.failure = ApiFailure::oversize;
         result.detail = "message too large for the service";
@@ -103,15 +118,13 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     hooks.progress = [ctx] { smfi_progress(ctx); };
     hooks.posted = &posted_requests();
     // The client's routing header (already removed from the MTA's copy) never goes out.
-    ProviderInput input{*message.spool,
-                        message.tx.sender,
-                        remote,
-                        {config.routing_header},
-                        MessageIdentity{*digest, message.tx.sender},
-                        deadline};
+    ProviderInput input{
+        *message.spool, message.tx.sender,       sender,
+        remote,         {config.routing_header}, MessageIdentity{*digest, message.tx.sender},
+        deadline};
     ApiOutcome outcome = provider.submit(api, input, hooks);
     watch_final_status(queue_id, outcome, provider, api_ptr);
-    result.log = describe_outcome(outcome);
+    result.log += describe_outcome(outcome);
     result.detail = outcome.detail;
     result.accepted = outcome.accepted_recipients();
     result.unresolved = outcome.unresolved_recipients();

@@ -135,7 +135,7 @@ int command_query(const Arguments& args) {
     }
     Decision decision = classify(**config, args.tx);
     Verdict verdict = decide_verdict(**config, decision, 0);
-    std::fputs(format_query_report(decision, verdict).c_str(), stdout);
+    std::fputs(format_query_report(decision, verdict, args.tx).c_str(), stdout);
     return 0;
 }
 

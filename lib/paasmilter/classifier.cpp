@@ -143,4 +143,15 @@ Decision classify(const Config& config, const Transaction& tx) {
     return decision;
 }
 
+std::optional<SenderChoice> map_sender(const SenderMap& map, const Transaction& tx) {
+    static const Rule kNoRule;  // the fields of a sender map never look at recipients
+    for (const auto& condition : map.conditions) {
+        if (auto hit = evaluate(condition, kNoRule, tx)) {
+            std::string address = hit->result;
+            return SenderChoice{std::move(address), std::move(*hit)};
+        }
+    }
+    return std::nullopt;
+}
+
 }  // namespace paasmilter

@@ -3,6 +3,7 @@
 // `paas-milter query` and in the tests.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,14 @@ struct Decision {
 };
 
 Decision classify(const Config& config, const Transaction& transaction);
+
+// The sender a route's sender_map gives this client, and the entry that gave it; nullopt when
+// no table knows the client.
+struct SenderChoice {
+    std::string address;
+    ConditionHit hit;
+};
+std::optional<SenderChoice> map_sender(const SenderMap& map, const Transaction& transaction);
 
 // "printer-42" from "/C=US/O=Contoso/CN=printer-42" (Sendmail's DN form); empty if none.
 std::string common_name_from_dn(std::string_view dn);

@@ -595,15 +595,6 @@ class Loader : private ConfigReader {
         return {};
     }
 
-    // "cidr:tables/x.cidr" is relative to the configuration file's directory.
-    std::string resolve(const std::string& spec) const {
-        auto colon = spec.find(':');
-        std::string type = spec.substr(0, colon + 1);
-        std::filesystem::path file = spec.substr(colon + 1);
-        if (file.is_relative()) file = base_dir() / file;
-        return type + file.lexically_normal().string();
-    }
-
     const std::string& path_;
     ServiceRegistry* services_;  // null: build no services (check, query)
 };

@@ -52,6 +52,8 @@ struct GraphSettings {
     size_t mailbox_concurrency = 4;
 };
 
+struct SenderMap;
+
 // An `action = "api"` route: submit to Azure Communication Services Email or Microsoft Graph.
 struct ApiSettings {
     enum class Provider { acs, graph };
@@ -70,7 +72,9 @@ struct ApiSettings {
     std::shared_ptr<EntraTokenProvider> entra;
     ConversionOptions conversion;
     std::vector<std::string> local_domains;  // recipients there stay with Postfix
-    FailurePolicy on_failure;                // transient: 429/5xx/timeouts/auth, after retries
+    // Who sends: the sender address (ACS) or mailbox (Graph) per client; null: the route's.
+    std::shared_ptr<const SenderMap> sender_map;
+    FailurePolicy on_failure;  // transient: 429/5xx/timeouts/auth, after retries
     FailurePolicy on_permanent_failure{FailurePolicy::Kind::reject, {}};
     FailurePolicy on_oversize{FailurePolicy::Kind::reject, {}};
     std::chrono::seconds time_budget{60};  // all attempts of one message, well under
@@ -121,6 +125,16 @@ struct Condition {
     // True when every source is a table whose results all name routes (or DUNNO), so a
     // match always yields a route: this is what lets a rule omit `route`.
     bool always_names_route = false;
+};
+
+// Which sender address (ACS) or mailbox (Graph) a transaction uses, by who the client is:
+// the first table that knows the client's certificate subject, SASL login, address or
+// envelope sender, in that order (the strongest proof of identity first).
+struct SenderMap {
+    std::vector<Condition> conditions;  // in lookup order
+    // A client no table knows: refused (an allow-list of who may send as whom), or sent as
+    // the route's `sender` / `mailbox`.
+    bool refuse_unmapped = false;
 };
 
 struct Rule {

@@ -7,6 +7,7 @@
 
 #include "paasmilter/config_reader.hpp"
 #include "paasmilter/services.hpp"
+#include "paasmilter/table.hpp"
 
 namespace paasmilter {
 
@@ -35,6 +36,7 @@ constexpr std::string_view kSharedKeys[] = {
     "token_scope",
     "assertion_algorithm",
     "local_domains",
+    "sender_map",
     "on_failure",
     "on_permanent_failure",
     "on_oversize",
@@ -182,6 +184,98 @@ Result<void> load_graph_keys(ConfigReader& reader, const toml::table& table,
     return {};
 }
 
+// [routes.NAME.sender_map]: tables by the client's identity, strongest first.
+Result<std::shared_ptr<const SenderMap>> load_sender_map(ConfigReader& reader,
+                                                         const toml::node& node,
+                                                         const std::string& context,
+                                                         ApiSettings::Provider provider) {
+    const std::string map_context = context + ".sender_map";
+    const toml::table* table = node.as_table();
+    if (!table) return reader.error_at(node, map_context + ": expected a table");
+    struct Source {
+        std::string_view key;
+        Field field;
+        KeyKind kind;
+    };
+    constexpr Source kSources[] = {
+        {"cert_subject", Field::cert_subject, KeyKind::text},
+        {"auth", Field::auth, KeyKind::text},
+        {"client_addr", Field::client_addr, KeyKind::ip},
+        {"sender", Field::sender, KeyKind::address},
+    };
+    if (auto r = reader.check_keys(
+            *table, {"cert_subject", "auth", "client_addr", "sender", "unmapped"}, map_context);
+        !r) {
+        return r.error();
+    }
+    auto map = std::make_shared<SenderMap>();
+    for (const Source& source : kSources) {
+        const toml::node* item = table->get(source.key);
+        if (!item) continue;
+        std::vector<const toml::node*> specs;
+        if (const toml::array* list = item->as_array()) {
+            for (const toml::node& spec : *list) specs.push_back(&spec);
+        } else {
+            specs.push_back(item);
+        }
+        Condition condition;
+        condition.field = source.field;
+        for (const toml::node* spec : specs) {
+            const std::string key_context = fmt::format("{}.{}", map_context, source.key);
+            if (!spec->is_string() || !is_table_reference(spec->as_string()->get())) {
+                return reader.error_at(*spec, key_context +
+                                                  ": expected a table (\"type:/path\", e.g. "
+                                                  "\"cidr:senders.cidr\") or a list of them");
+            }
+            auto opened = open_table(reader.resolve(spec->as_string()->get()), source.kind);
+            if (!opened) {
+                Error e = opened.error();
+                if (e.file.empty()) {
+                    e.file = reader.path();
+                    e.line = static_cast<int>(spec->source().begin.line);
+                    e.message = key_context + ": " + e.message;
+                }
+                return e;
+            }
+            // Every right-hand side must be usable as the sender: an address for ACS, a user
+            // principal name or object id for Graph.
+            std::optional<Error> bad;
+            (*opened)->for_each_result([&](const std::string& value, const std::string& where) {
+                if (bad || value == "DUNNO") return;
+                bool usable =
+                    provider == ApiSettings::Provider::acs
+                        ? value.find('@') != std::string::npos &&
+                              value.find_first_of(" \t<>") == std::string::npos
+                        : !value.empty() && value.find_first_of("/?#% \t") == std::string::npos;
+                if (!usable) {
+                    bad = ConfigReader::error_at_where(
+                        where, fmt::format("{}: \"{}\" is not {}", key_context, value,
+                                           provider == ApiSettings::Provider::acs
+                                               ? "a sender address"
+                                               : "a mailbox (user principal name or object id)"));
+                }
+            });
+            if (bad) return *bad;
+            condition.sources.push_back(std::move(*opened));
+        }
+        map->conditions.push_back(std::move(condition));
+    }
+    if (map->conditions.empty()) {
+        return reader.error_at(node, map_context +
+                                         ": names no table (cert_subject, auth, "
+                                         "client_addr, sender)");
+    }
+    auto unmapped = reader.get_string(*table, "unmapped", map_context, false, "route");
+    if (!unmapped) return unmapped.error();
+    if (*unmapped != "route" && *unmapped != "refuse") {
+        return reader.error_at(*table->get("unmapped"),
+                               fmt::format("{}.unmapped: \"{}\" is not \"route\" or \"refuse\"",
+                                           map_context, *unmapped));
+    }
+    map->refuse_unmapped = *unmapped == "refuse";
+    return std::shared_ptr<const SenderMap>(std::move(map));
+}
+
 }  // namespace
 
 std::vector<std::string_view> api_route_keys() {
@@ -299,6 +393,12 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
         credentials.assertion_algorithm = *parsed_algorithm;
         if (services) api->entra = services->token_provider(credentials, http);
         api->entra_credentials = std::move(credentials);
+    }
+
+    if (const toml::node* node = table.get("sender_map")) {
+        auto map = load_sender_map(reader, *node, context, api->provider);
+        if (!map) return map.error();
+        api->sender_map = std::move(*map);
     }
 
     auto local = reader.get_string_list(table, "local_domains", context);

@@ -34,6 +34,14 @@ class ConfigReader {
     const std::string& path() const { return path_; }
     // Relative file names in the configuration are relative to its directory.
     const std::filesystem::path& base_dir() const { return base_dir_; }
+    // "cidr:tables/x.cidr" is relative to the configuration file's directory.
+    std::string resolve(const std::string& spec) const {
+        auto colon = spec.find(':');
+        std::string type = spec.substr(0, colon + 1);
+        std::filesystem::path file = spec.substr(colon + 1);
+        if (file.is_relative()) file = base_dir_ / file;
+        return type + file.lexically_normal().string();
+    }
     // Valid but risky settings found so far ("file:line: key: why").
     std::vector<std::string>& warnings() { return warnings_; }
 

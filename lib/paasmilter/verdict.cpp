@@ -85,7 +85,8 @@ std::string format_decision_log(const Transaction& tx, const Decision& decision,
     return line;
 }
 
-std::string format_query_report(const Decision& decision, const Verdict& verdict) {
+std::string format_query_report(const Decision& decision, const Verdict& verdict,
+                                const Transaction& transaction) {
     std::string out;
     if (!decision.route) {
         out += "rule: (none matched)\nroute: (none)\naction: none (message left alone)\n";
@@ -110,8 +111,30 @@ std::string format_query_report(const Decision& decision, const Verdict& verdict
                            verdict.reply_text);
     }
     if (const ApiSettings* api = decision.route->api.get()) {
-        out += fmt::format("api: {}/emails:send?api-version={} ({})\n", api->endpoint,
-                           api->api_version, api->entra_credentials ? "Entra ID" : "access key");
+        const bool graph = api->provider == ApiSettings::Provider::graph;
+        std::string sender = graph ? api->graph.mailbox : api->conversion.sender;
+        if (graph) {
+            out += fmt::format("api: {}/v1.0/users/{{mailbox}}/sendMail (Microsoft Graph)\n",
+                               api->graph.endpoint);
+        } else {
+            out +=
+                fmt::format("api: {}/emails:send?api-version={} ({})\n", api->endpoint,
+                            api->api_version, api->entra_credentials ? "Entra ID" : "access key");
+        }
+        const char* what = graph ? "mailbox" : "sender";
+        if (!api->sender_map) {
+            out += fmt::format("{}: {} (the route's)\n", what, sender);
+        } else if (auto choice = map_sender(*api->sender_map, transaction)) {
+            out += fmt::format("{}: {} (sender_map: {} \"{}\" by {} ({}))\n", what, choice->address,
+                               to_string(choice->hit.field), sanitize_for_log(choice->hit.key, 200),
+                               choice->hit.source, choice->hit.where);
+        } else if (api->sender_map->refuse_unmapped) {
+            out += fmt::format("{}: (refused: no sender_map entry knows this client; 550 5.7.1)\n",
+                               what);
+        } else {
+            out += fmt::format("{}: {} (the route's: no sender_map entry knows this client)\n",
+                               what, sender);
+        }
         out +=
             fmt::format("on failure: {}, permanent: {}, oversize: {}\n", to_string(api->on_failure),
                         to_string(api->on_permanent_failure), to_string(api->on_oversize));

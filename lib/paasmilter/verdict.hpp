@@ -33,6 +33,7 @@ std::string format_decision_log(const Transaction& tx, const Decision& decision,
                                 const Verdict& verdict);
 
 // Multi-line human report for `paas-milter query`.
-std::string format_query_report(const Decision& decision, const Verdict& verdict);
+std::string format_query_report(const Decision& decision, const Verdict& verdict,
+                                const Transaction& transaction);
 
 }  // namespace paasmilter

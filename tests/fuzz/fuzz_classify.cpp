@@ -117,6 +117,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     check(tx.client_addr.find_first_of(kLineBreaks) != std::string::npos ||
               log_line.find_first_of(kLineBreaks) == std::string::npos,
           "client text broke the decision log line");
-    check(!format_query_report(decision, verdict).empty(), "empty query report");
+    check(!format_query_report(decision, verdict, tx).empty(), "empty query report");
     return 0;
 }

@@ -71,7 +71,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         check(!decision.rule || decision.route, "a rule matched but no route was chosen");
         const Verdict verdict = decide_verdict(c, decision, 0);
         check(!format_decision_log(tx, decision, verdict).empty(), "empty decision log line");
-        check(!format_query_report(decision, verdict).empty(), "empty query report");
+        check(!format_query_report(decision, verdict, tx).empty(), "empty query report");
     }
     return 0;
 }

@@ -274,8 +274,9 @@ TEST_CASE("verdicts") {
         CHECK(v.add_routing_header);  // what would have been done is still reported
     }
     SUBCASE("query report") {
-        Decision d = f.classify(from_client("192.0.2.1"));
-        std::string report = format_query_report(d, decide_verdict(*f.config, d, 0));
+        Transaction client = from_client("192.0.2.1");
+        Decision d = f.classify(client);
+        std::string report = format_query_report(d, decide_verdict(*f.config, d, 0), client);
         CHECK(report.find("rule: devices (") == 0);
         CHECK(report.find("route: acs\naction: relay\nheader: X-PaaS-Route: acs\n") !=
               std::string::npos);

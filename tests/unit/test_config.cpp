@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <string>
 
+#include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/drain.hpp"
 #include "paasmilter/services.hpp"
@@ -572,6 +573,78 @@ on_ambiguous = "hold"
                   "endpoint=https://contoso.communication.azure.com/;accesskey=c2VjcmV0\n");
         CHECK(load_error(replace(kApiRoutes, "time_budget = 90", "mailbox = \"x@y.z\""), dir)
                   .find("routes.acs-api.mailbox: not a key of provider = \"acs\"") !=
+              std::string::npos);
+    }
+}
+
+TEST_CASE("sender_map: who sends, by the client's identity") {
+    TempDir dir;
+    dir.write("secrets/graph.secret", "s3cret\n");
+    dir.write("senders.cidr", "192.0.2.0/24 printers@contoso.com\n10.0.0.0/8 DUNNO\n");
+    dir.write("senders-by-login", "erp erp-mailbox@contoso.com\n");
+    dir.write("senders-by-cert", "scanner-1.contoso.com scanner@contoso.com\n");
+    const std::string graph = R"(
+[milter]
+socket = "inet:10025@127.0.0.1"
+
+[routes.graph]
+action = "api"
+provider = "graph"
+tenant_id = "t"
+client_id = "c"
+client_secret_file = "secrets/graph.secret"
+mailbox = "noreply@contoso.com"
+
+[routes.graph.sender_map]
+client_addr = "cidr:senders.cidr"
+auth = "texthash:senders-by-login"
+cert_subject = "texthash:senders-by-cert"
+unmapped = "refuse"
+)";
+    std::string path = (dir.path() / "paas-milter.toml").string();
+    auto config = load_config(dir.write("paas-milter.toml", graph));
+    REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+    const ApiSettings& api = *(*config)->find_route("graph")->api;
+    REQUIRE(api.sender_map);
+    CHECK(api.sender_map->refuse_unmapped);
+
+    Transaction tx;
+    tx.client_addr = "192.0.2.7";
+    auto by_address = map_sender(*api.sender_map, tx);
+    REQUIRE(by_address);
+    CHECK(by_address->address == "printers@contoso.com");
+    CHECK(by_address->hit.field == Field::client_addr);
+    // The strongest proof of identity wins: a certificate, then a SASL login.
+    tx.auth_user = "erp";
+    CHECK(map_sender(*api.sender_map, tx)->address == "erp-mailbox@contoso.com");
+    tx.cert_subject = "scanner-1.contoso.com";
+    CHECK(map_sender(*api.sender_map, tx)->address == "scanner@contoso.com");
+    // DUNNO and unknown clients: no sender.
+    Transaction stranger;
+    stranger.client_addr = "10.1.2.3";
+    CHECK_FALSE(map_sender(*api.sender_map, stranger));
+
+    SUBCASE("errors name the file, the line and the key") {
+        dir.write("bad.cidr", "192.0.2.0/24 has space@contoso.com extra\n");
+        CHECK(load_error(replace(graph, "cidr:senders.cidr", "192.0.2.1"), dir)
+                  .find(":14: routes.graph.sender_map.client_addr: expected a table") !=
+              std::string::npos);
+        CHECK(load_error(replace(graph, "\"refuse\"", "\"drop\""), dir)
+                  .find("sender_map.unmapped: \"drop\" is not \"route\" or \"refuse\"") !=
+              std::string::npos);
+        CHECK(load_error(replace(graph, "unmapped", "recipient = \"cidr:x\"\nunmapped"), dir)
+                  .find("unknown key \"routes.graph.sender_map.recipient\"") != std::string::npos);
+        dir.write("acs.conn",
+                  "endpoint=https://contoso.communication.azure.com/;accesskey=c2VjcmV0\n");
+        dir.write("no-address", "erp erp-mailbox\n");
+        std::string acs = replace(
+            replace(replace(graph, "provider = \"graph\"\n", ""),
+                    "tenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_file = "
+                    "\"secrets/graph.secret\"\nmailbox = \"noreply@contoso.com\"",
+                    "connection_string_file = \"acs.conn\"\nsender = \"noreply@contoso.com\""),
+            "texthash:senders-by-login", "texthash:no-address");
+        CHECK(load_error(acs, dir).find("no-address:1: routes.graph.sender_map.auth: "
+                                        "\"erp-mailbox\" is not a sender address") !=
               std::string::npos);
     }
 }

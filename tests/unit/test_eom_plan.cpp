@@ -294,3 +294,17 @@ TEST_CASE("plan: on_ambiguous decides what becomes of recipients the service may
         CHECK(plan.add_headers[0].second == "fallback-relay");
     }
 }
+
+TEST_CASE("plan: a client the sender_map refuses is rejected whatever the policies") {
+    Fixture f;
+    f.add(1, 1);
+    f.api.on_permanent_failure = policy(FailurePolicy::Kind::hold);
+    ApiResult refused;
+    refused.failure = ApiFailure::refused;
+    refused.detail = "this client may not send through this route";
+    MtaPlan plan = f.plan(refused);
+    CHECK(plan.disposition == MtaPlan::Disposition::reject);
+    CHECK(plan.reply_code == "550");
+    CHECK(plan.reply_status == "5.7.1");
+    CHECK_FALSE(plan.quarantine_reason);
+}

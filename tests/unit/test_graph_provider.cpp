@@ -60,6 +60,7 @@ Run submit_graph(FakeService& service, const ApiSettings& api, PostedRequests* p
     hooks.posted = posted;
     ProviderInput input{spool,
                         "scanner@contoso.com",
+                        {},
                         std::move(recipients),
                         {"X-PaaS-Route"},
                         MessageIdentity{"digest", "scanner@contoso.com"},
@@ -258,6 +259,7 @@ TEST_CASE("graph: never more than 4 requests at a time per mailbox") {
             };
             ProviderInput input{spool,
                                 "scanner@contoso.com",
+                                {},
                                 {"alice@example.net"},
                                 {},
                                 MessageIdentity{fmt::format("digest-{}", i), "s@contoso.com"},

@@ -38,6 +38,8 @@ const char* to_string(ApiFailure failure) {
             return "unconvertible";
         case ApiFailure::oversize:
             return "oversize";
+        case ApiFailure::refused:
+            return "refused";
     }
     return "?";
 }
@@ -104,9 +106,10 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
     if (!result.unresolved.empty() && api.on_ambiguous == AmbiguityPolicy::assume_sent) {
         // The operator prefers a possible loss to a possible duplicate: what the service may
         // have counts as delivered.
-        assumed = fmt::format(" (unresolved requests: assumed sent for {} recipient(s), "
-                              "on_ambiguous=assume-sent)",
-                              result.unresolved.size());
+        assumed = fmt::format(
+            " (unresolved requests: assumed sent for {} recipient(s), "
+            "on_ambiguous=assume-sent)",
+            result.unresolved.size());
         result.accepted.insert(result.accepted.end(), result.unresolved.begin(),
                                result.unresolved.end());
         result.unresolved.clear();
@@ -120,9 +123,9 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
     }
 
     if (result.failure != ApiFailure::none && result.failure != ApiFailure::internal &&
-        !assumed.empty() &&
-        std::all_of(remote.begin(), remote.end(),
-                    [&](const std::string& rcpt) { return contains(result.accepted, rcpt); })) {
+        !assumed.empty() && std::all_of(remote.begin(), remote.end(), [&](const std::string& rcpt) {
+            return contains(result.accepted, rcpt);
+        })) {
         plan.log += fmt::format(", detail={}", sanitize_for_log(result.detail, 300)) + assumed;
         result.failure = ApiFailure::none;
     } else if (!assumed.empty()) {
@@ -143,6 +146,14 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
     plan.log += fmt::format(", detail={}", sanitize_for_log(result.detail, 300));
     if (result.failure == ApiFailure::internal) {
         tempfail(plan, "internal error");
+        return plan;
+    }
+    if (result.failure == ApiFailure::refused) {
+        // An allow-list says no: not a failure of the service, so no failure policy.
+        plan.disposition = MtaPlan::Disposition::reject;
+        plan.reply_code = "550";
+        plan.reply_status = "5.7.1";
+        plan.reply_text = reply_text("Sender not allowed to send through this gateway");
         return plan;
     }
     const FailurePolicy* policy = &api.on_failure;

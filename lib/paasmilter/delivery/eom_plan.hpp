@@ -41,6 +41,7 @@ enum class ApiFailure {
     permanent,      // the service refused the message: on_permanent_failure
     unconvertible,  // the MIME could not be converted: on_permanent_failure
     oversize,       // too large (or too many MIME parts): on_oversize
+    refused,        // the route's sender_map does not know the client: always rejected
 };
 const char* to_string(ApiFailure failure);
 

@@ -24,6 +24,12 @@ class AcsProvider final : public ApiProvider {
         options.never_pass_headers.insert(options.never_pass_headers.end(),
                                           input.never_pass_headers.begin(),
                                           input.never_pass_headers.end());
+        if (!input.sender.empty()) {
+            // The client's own sender, whatever its From says (the original goes to
+            // Reply-To, as for any rewritten sender).
+            options.sender = input.sender;
+            options.verified_domains.clear();
+        }
         Envelope envelope{input.envelope_sender, input.recipients};
         auto converted = input.source.in_memory()
                              ? convert_message(input.source.memory(), envelope, options)

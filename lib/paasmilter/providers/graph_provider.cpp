@@ -63,13 +63,13 @@ class MailboxSlots {
     size_t used_ = 0;
 };
 
-std::shared_ptr<MailboxSlots> slots_for(const GraphSettings& graph) {
+std::shared_ptr<MailboxSlots> slots_for(const GraphSettings& graph, const std::string& mailbox) {
     // A long-lived service, like the token caches: one per mailbox, never dropped.
     static std::mutex mutex;
     static std::map<std::string, std::shared_ptr<MailboxSlots>> slots;
     std::lock_guard lock(mutex);
     std::string key = graph.endpoint + " ";
-    for (char c : graph.mailbox) key += ascii_lower(c);
+    for (char c : mailbox) key += ascii_lower(c);
     auto& entry = slots[key];
     if (!entry) entry = std::make_shared<MailboxSlots>(graph.mailbox_concurrency);
     return entry;
@@ -91,13 +91,15 @@ std::string percent_encode(std::string_view text) {
 // One message's conversation with Graph, within its deadline.
 class GraphSubmission {
   public:
+    // `mailbox`: the one that sends (the route's, or the sender_map's for this client).
     GraphSubmission(const ApiSettings& api, const ApiHooks& hooks, Steady::time_point deadline,
-                    ApiOutcome& counts)
+                    ApiOutcome& counts, std::string mailbox)
         : api_(api),
           hooks_(hooks),
           deadline_(deadline),
           counts_(counts),
-          slots_(slots_for(api.graph)) {}
+          mailbox_(std::move(mailbox)),
+          slots_(slots_for(api.graph, mailbox_)) {}
 
     ChunkReport deliver(const std::string& request_key, const graph::GraphMime& mime);
 
@@ -110,14 +112,14 @@ class GraphSubmission {
     bool wait(milliseconds how_long, std::string& why);
     milliseconds remaining() const { return duration_cast<milliseconds>(deadline_ - hooks_.now()); }
     std::string user_url() const {
-        return fmt::format("{}/v1.0/users/{}", api_.graph.endpoint,
-                           percent_encode(api_.graph.mailbox));
+        return fmt::format("{}/v1.0/users/{}", api_.graph.endpoint, percent_encode(mailbox_));
     }
 
     const ApiSettings& api_;
     const ApiHooks& hooks_;
     Steady::time_point deadline_;
     ApiOutcome& counts_;
+    std::string mailbox_;
     std::shared_ptr<MailboxSlots> slots_;
     std::string last_token_;
 };
@@ -149,7 +151,7 @@ Result<HttpResponse> GraphSubmission::exchange(HttpRequest request) {
         return make_error(ErrorKind::request_not_sent,
                           fmt::format("no free request slot for mailbox {} (Graph allows {} at "
                                       "a time) within the time budget",
-                                      api_.graph.mailbox, api_.graph.mailbox_concurrency));
+                                      mailbox_, api_.graph.mailbox_concurrency));
     }
     struct Slot {
         MailboxSlots& slots;
@@ -388,7 +390,8 @@ class GraphProvider final : public ApiProvider {
         // The same key for the same message and recipients across the client's retries.
         std::string key = request_operation_id(input.identity.content_digest, input.identity.sender,
                                                prepared->recipients());
-        GraphSubmission submission(api, hooks, input.deadline, outcome);
+        GraphSubmission submission(api, hooks, input.deadline, outcome,
+                                   input.sender.empty() ? api.graph.mailbox : input.sender);
         ChunkReport report = submission.deliver(key, *prepared);
         report.recipients = prepared->recipients();
         outcome.detail = report.detail;

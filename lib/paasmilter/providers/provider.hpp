@@ -24,6 +24,9 @@ struct ProviderInput {
     // The message as the client sent it (header block, empty line, body).
     const MessageSpool& source;
     std::string envelope_sender;
+    // Who sends, from the route's sender_map: the sender address (ACS) or the mailbox
+    // (Graph); empty: the route's own `sender` / `mailbox`.
+    std::string sender;
     // The recipients the service must deliver to (the envelope's, minus local_domains).
     std::vector<std::string> recipients;
     // Header fields that never go out (the routing header).
