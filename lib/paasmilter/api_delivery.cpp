@@ -298,15 +298,8 @@ Existence Submission::check_operation(const std::string& operation_id, bool retr
 ChunkReport Submission::deliver(const std::string& operation_id, const std::string& body) {
     // Another transaction of the same message (a client that gave up and resent) may be
     // delivering this request right now: never post it concurrently.
-    struct Delivering {
-        PostedRequests* posted;
-        const std::string& id;
-        bool alone;
-        ~Delivering() {
-            if (posted) posted->end(id);
-        }
-    } delivering{hooks_.posted, operation_id, !hooks_.posted || hooks_.posted->begin(operation_id)};
-    if (!delivering.alone) {
+    DeliveringRequest delivering(hooks_.posted, operation_id);
+    if (!delivering.alone()) {
         ChunkReport report;
         report.operation_id = operation_id;
         report.fate = ChunkFate::unresolved;
@@ -314,11 +307,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         return report;
     }
     ChunkReport report = deliver_alone(operation_id, body);
-    // Whether this attempt left the request's fate open, recorded before another
-    // transaction may take the request over.
-    if (hooks_.posted) {
-        hooks_.posted->set_uncertain(operation_id, report.fate == ChunkFate::unresolved);
-    }
+    delivering.finish(report.fate == ChunkFate::unresolved);
     return report;
 }
 

@@ -1,6 +1,7 @@
 // MIME -> EmailMessage with GMime 3. GMime does all MIME work (parsing, transfer decodings,
 // RFC 2047/2231, charset conversion); this file only decides what goes where.
 #include "paasmilter/mime_convert.hpp"
+#include "paasmilter/mapped_file.hpp"
 #include "paasmilter/text.hpp"
 
 #include <fcntl.h>
@@ -940,30 +941,6 @@ Result<EmailMessage> convert_source(std::string_view source, GMimeStream* stream
     return convert_parsed(message.get(), parser_options.get(), envelope, options);
 }
 
-// A read-only view of a file open on a descriptor.
-class FileView {
-  public:
-    ~FileView() {
-        if (data_ != MAP_FAILED) ::munmap(data_, size_);
-    }
-    Result<void> map(int fd, size_t size) {
-        if (size == 0) return {};
-        data_ = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-        if (data_ == MAP_FAILED)
-            return make_error(std::string("cannot map the message: ") + std::strerror(errno));
-        size_ = size;
-        return {};
-    }
-    std::string_view view() const {
-        if (data_ == MAP_FAILED) return {};
-        return {static_cast<const char*>(data_), size_};
-    }
-
-  private:
-    void* data_ = MAP_FAILED;
-    size_t size_ = 0;
-};
-
 // A message touching every kind of entity, charset filter and decoder used above.
 constexpr std::string_view kWarmUpMessage =
     "From: =?ISO-8859-1?Q?J=F6rg?= <a@example.net>\nTo: a@example.net\nSubject: =?UTF-8?B?dw==?=\n"
@@ -1022,7 +999,7 @@ Result<EmailMessage> convert_message_fd(int fd, const Envelope& envelope,
     if (::fstat(fd, &status) != 0)
         return make_error(std::string("cannot read the message: ") + std::strerror(errno));
     const auto size = static_cast<size_t>(status.st_size);
-    FileView file;
+    MappedFile file;
     if (auto mapped = file.map(fd, size); !mapped) return mapped.error();
     // GMime's stream closes its descriptor: give it a duplicate. Bounded reads seek from offset
     // 0, whatever offset the descriptor (shared with the duplicate) has; a seekable file stream

@@ -113,4 +113,30 @@ class PostedRequests {
     size_t journal_lines_ = 0;  // appended since the last rewrite
 };
 
+// One transaction delivering one request (PostedRequests::begin/end as a scope); without a
+// record of posted requests every transaction is alone.
+class DeliveringRequest {
+  public:
+    DeliveringRequest(PostedRequests* posted, std::string id)
+        : posted_(posted), id_(std::move(id)), alone_(!posted_ || posted_->begin(id_)) {}
+    ~DeliveringRequest() {
+        if (posted_) posted_->end(id_);
+    }
+    DeliveringRequest(const DeliveringRequest&) = delete;
+    DeliveringRequest& operator=(const DeliveringRequest&) = delete;
+
+    // False when another transaction of the same message is delivering it right now.
+    bool alone() const { return alone_; }
+    // Records whether this transaction's attempt left the request's fate open, before
+    // another transaction may take the request over.
+    void finish(bool left_open) {
+        if (posted_) posted_->set_uncertain(id_, left_open);
+    }
+
+  private:
+    PostedRequests* posted_;
+    std::string id_;
+    bool alone_;
+};
+
 }  // namespace paasmilter

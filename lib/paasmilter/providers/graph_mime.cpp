@@ -2,6 +2,7 @@
 // GMime reads (and, for the fields that change, writes) addresses and MIME structure; the only
 // text handled here is the header section's division into fields and lines.
 #include "paasmilter/providers/graph_mime.hpp"
+#include "paasmilter/mapped_file.hpp"
 
 #include <gmime/gmime.h>
 #include <sys/mman.h>
@@ -481,34 +482,6 @@ Result<GraphMime> prepare(std::string_view source,
         return too_large(mime.size(), options.max_message_bytes);
     return out;
 }
-
-// A read-only view of a whole file open on a descriptor.
-class MappedFile {
-  public:
-    MappedFile() = default;
-    ~MappedFile() {
-        if (data_ != MAP_FAILED) ::munmap(data_, size_);
-    }
-    MappedFile(const MappedFile&) = delete;
-    MappedFile& operator=(const MappedFile&) = delete;
-
-    Result<void> map(int fd, size_t size) {
-        if (size == 0) return {};
-        data_ = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-        if (data_ == MAP_FAILED)
-            return make_error(std::string("cannot map the message: ") + std::strerror(errno));
-        size_ = size;
-        return {};
-    }
-    std::string_view view() const {
-        if (data_ == MAP_FAILED) return {};
-        return {static_cast<const char*>(data_), size_};
-    }
-
-  private:
-    void* data_ = MAP_FAILED;
-    size_t size_ = 0;
-};
 
 // ---- detaching large attachments ----
 

@@ -214,24 +214,15 @@ GraphSubmission::SentItems GraphSubmission::look_in_sent_items(
 ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph::GraphMime& mime) {
     // Another transaction of the same message (a client that gave up and resent) may be
     // sending it right now: never send it concurrently.
-    struct Delivering {
-        PostedRequests* posted;
-        const std::string& key;
-        bool alone;
-        ~Delivering() {
-            if (posted) posted->end(key);
-        }
-    } delivering{hooks_.posted, request_key, !hooks_.posted || hooks_.posted->begin(request_key)};
-    if (!delivering.alone) {
+    DeliveringRequest delivering(hooks_.posted, request_key);
+    if (!delivering.alone()) {
         ChunkReport report;
         report.fate = ChunkFate::unresolved;
         report.detail = "another transaction of this message is sending it";
         return report;
     }
     ChunkReport report = deliver_alone(request_key, mime);
-    if (hooks_.posted) {
-        hooks_.posted->set_uncertain(request_key, report.fate == ChunkFate::unresolved);
-    }
+    delivering.finish(report.fate == ChunkFate::unresolved);
     return report;
 }
 
