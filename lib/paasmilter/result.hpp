@@ -19,6 +19,8 @@ enum class ErrorKind {
     no_answer,
     // A message with more MIME parts than allowed: too expensive to convert.
     too_many_mime_parts,
+    // A message larger than the service takes.
+    too_large,
 };
 
 struct Error {

@@ -354,8 +354,9 @@ std::string_view preferred_line_end(const HeaderSection& section, std::string_vi
 }
 
 Error too_large(size_t size, size_t limit) {
-    return make_error(std::string(kMessageTooLarge) + " (" + std::to_string(size) +
-                      " bytes, the limit is " + std::to_string(limit) + ")");
+    return make_error(ErrorKind::too_large, std::string(kMessageTooLarge) + " (" +
+                                                std::to_string(size) + " bytes, the limit is " +
+                                                std::to_string(limit) + ")");
 }
 
 Result<GraphMime> prepare(std::string_view source,
@@ -602,7 +603,7 @@ class Detacher {
 }  // namespace
 
 bool is_message_too_large(const Error& error) {
-    return error.message.starts_with(kMessageTooLarge);
+    return error.kind == ErrorKind::too_large;
 }
 
 std::vector<std::string> GraphMime::recipients() const {

@@ -48,10 +48,9 @@ inline constexpr size_t kDefaultMaxMessageBytes = 35'000'000;
 // the smaller reading is the safe one.
 inline constexpr size_t kGraphMaxRequestBytes = 4'000'000;
 
-// Error::message (its start) of a message refused because of GraphMimeOptions::max_message_bytes.
-// result.hpp has no ErrorKind for "too large" (too_many_mime_parts means something else), so the
-// kind is ErrorKind::other and is_message_too_large tells it apart; the caller applies its
-// oversize policy.
+// Error::message (its start) of a message refused because of GraphMimeOptions::max_message_bytes;
+// its kind is ErrorKind::too_large (is_message_too_large), and the caller applies its oversize
+// policy.
 inline constexpr std::string_view kMessageTooLarge = "message too large for Microsoft Graph";
 bool is_message_too_large(const Error& error);
 
