@@ -1,5 +1,11 @@
 """The API route end to end: swaks -> a real private Postfix -> paas-milter -> the loopback
-ACS mock (HTTPS, HMAC-verified). Discard only after 202; every failure takes its policy.
+ACS mock (HTTPS, HMAC-verified), for what needs code: a status the service changes after it
+accepted, a milter killed and restarted mid-request, an HTTPS proxy, a client certificate made
+for the test.
+
+The one-message cases (accepted and discarded, recipients and local domains, 120 recipients ->
+3 requests, 429, every failure policy: tempfail, relay fallback, hold, reject, oversize,
+Entra ID client secret) are data: tests/integration/cases/api-*/, run by test_cases.py.
 """
 
 from __future__ import annotations
@@ -90,29 +96,7 @@ class ApiRouteTestCase(harness.IntegrationTestCase):
         self.assertEqual(self.acs_sink.messages(), [])
 
 
-class Accepted(ApiRouteTestCase):
-    def test_accepted_message_is_discarded_locally(self) -> None:
-        result = self.send(headers=["Subject: Scan 42", "To: Customer <customer@example.net>"],
-                           body="Please find the scan attached.\n")
-        self.assertEqual(result.data_code, 250, result.transcript)
-        accepted = self.mock.wait_for_accepted(1)[0]
-        message = accepted.message
-        self.assertEqual(accepted.auth, "hmac")
-        # From is in a verified domain: kept.
-        self.assertEqual(message["senderAddress"], "scanner@contoso.test")
-        self.assertEqual(message["content"]["subject"], "Scan 42")
-        self.assertIn("Please find the scan attached.", message["content"]["plainText"])
-        self.assertEqual(message["recipients"]["to"],
-                         [{"address": "customer@example.net", "displayName": "Customer"}])
-        line = self.decision(result.queue_id)
-        self.assertIn("rule=devices, route=acs-api, action=api", line)
-        self.assertIn("api=accepted, requests=1", line)
-        self.assertIn(f"operation_id={accepted.operation_id}", line)
-        self.assertIn("local_copy=discarded", line)
-        self.postfix.wait_for_log(rf"{result.queue_id}: milter-discard")
-        self.assert_sinks_empty()
-        self.assertEqual(self.postfix.queue(), [])
-
+class FinalStatus(ApiRouteTestCase):
     def test_final_status_is_logged_with_the_queue_id(self) -> None:
         ok = self.send()
         failed = self.send(to=["bounce@example.net"])
@@ -125,251 +109,6 @@ class Accepted(ApiRouteTestCase):
         line = self.milter.wait_for_log(rf"{failed.queue_id}: api-status .*", timeout=30).group(0)
         self.assertIn(f"operation_id={op}, status=Failed", line)
         self.assertIn("EmailDroppedAllRecipientsSuppressed: All recipients are suppressed.", line)
-
-    def test_the_clients_routing_header_never_reaches_the_service(self) -> None:
-        result = self.send(headers=["X-PaaS-Route: acs-smtp", "X-Printer: floor-3"])
-        self.assertEqual(result.data_code, 250, result.transcript)
-        headers = self.mock.wait_for_accepted(1)[0].message.get("headers", {})
-        self.assertEqual(headers.get("X-Printer"), "floor-3")
-        self.assertNotIn("x-paas-route", [name.lower() for name in headers])
-
-    def test_envelope_recipients_are_authoritative_and_local_domains_stay(self) -> None:
-        result = self.send(to=["a@example.net", "hidden@example.org", "desk@local.test"],
-                           headers=["To: A <a@example.net>, Not Envelope <x@example.com>",
-                                    "From: Printer <printer@elsewhere.test>"])
-        self.assertEqual(result.data_code, 250, result.transcript)
-        message = self.mock.wait_for_accepted(1)[0].message
-        self.assertEqual(message["recipients"]["to"],
-                         [{"address": "a@example.net", "displayName": "A"}])
-        self.assertEqual([r["address"] for r in message["recipients"]["bcc"]],
-                         ["hidden@example.org"])
-        # From not in a verified domain: rewritten, original in replyTo.
-        self.assertEqual(message["senderAddress"], "DoNotReply@contoso.azurecomm.test")
-        self.assertEqual(message["replyTo"][0]["address"], "printer@elsewhere.test")
-        # The local recipient still gets Postfix's copy, and only it.
-        self.postfix.wait_for_status(result.queue_id, "sent")
-        delivered = self.default_sink.wait_for(1)
-        self.assertEqual(delivered[0].rcpt_to, ["desk@local.test"])
-        self.assertIn("local_copy=kept for 1 local recipient(s)", self.decision(result.queue_id))
-
-    def test_120_recipients_make_three_requests(self) -> None:
-        rcpts = [f"user{i:03d}@example.net" for i in range(120)]
-        result = self.send(to=rcpts)
-        self.assertEqual(result.data_code, 250, result.transcript)
-        accepted = self.mock.wait_for_accepted(3)
-        counts = sorted(sum(len(m.message["recipients"].get(k, [])) for k in ("to", "cc", "bcc"))
-                        for m in accepted)
-        self.assertEqual(counts, [20, 50, 50])
-        got = {r["address"] for m in accepted for k in ("to", "cc", "bcc")
-               for r in m.message["recipients"].get(k, [])}
-        self.assertEqual(got, set(rcpts))
-        self.assertIn("api=accepted, requests=3", self.decision(result.queue_id))
-        self.assert_sinks_empty()
-
-    def test_429_is_retried_after_retry_after(self) -> None:
-        self.mock.fail_next(429, retry_after=1)
-        result = self.send()
-        self.assertEqual(result.data_code, 250, result.transcript)
-        self.mock.wait_for_accepted(1)
-        self.assertIn("api=accepted, requests=2", self.decision(result.queue_id))
-
-    def test_attachment_and_html(self) -> None:
-        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\n"
-                "Subject: =?ISO-8859-1?Q?R=E9sum=E9?=\r\nMIME-Version: 1.0\r\n"
-                "Content-Type: multipart/mixed; boundary=b1\r\n\r\n"
-                "--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Hello</p>\r\n"
-                "--b1\r\nContent-Type: application/pdf\r\n"
-                "Content-Disposition: attachment; filename=\"scan.pdf\"\r\n"
-                "Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b1--\r\n")
-        result = self.send(data=data)
-        self.assertEqual(result.data_code, 250, result.transcript)
-        message = self.mock.wait_for_accepted(1)[0].message
-        self.assertEqual(message["content"]["subject"], "Résumé")
-        self.assertIn("<p>Hello</p>", message["content"]["html"])
-        self.assertEqual(message["attachments"], [{"name": "scan.pdf",
-                                                   "contentType": "application/pdf",
-                                                   "contentInBase64": "JVBERi0xLjQK"}])
-
-    def test_not_api_routed_mail_is_untouched(self) -> None:
-        result = self.send(local_interface="127.0.0.3")
-        self.assertEqual(result.data_code, 250, result.transcript)
-        self.postfix.wait_for_status(result.queue_id, "sent")
-        self.assertEqual(len(self.default_sink.wait_for(1)), 1)
-        self.assertEqual(self.mock.accepted_messages(), [])
-
-
-class TempfailPolicy(ApiRouteTestCase):
-    policies = 'on_failure = "tempfail"\nmax_attempts = 2'
-
-    def test_5xx_tempfails_and_nothing_is_lost(self) -> None:
-        self.mock.always(503)
-        result = self.send()
-        self.assertEqual(result.data_code, 451, result.transcript)
-        self.assertIn("4.3.0", result.data_reply)
-        self.assertIn("policy=tempfail", self.milter.wait_for_log(r"api=transient-failure.*").group(0))
-        self.assert_sinks_empty()
-        self.assertEqual(self.postfix.queue(), [])
-        # The client retries later; now the service answers.
-        self.mock.clear_faults()
-        retry = self.send()
-        self.assertEqual(retry.data_code, 250, retry.transcript)
-        self.assertEqual(len(self.mock.wait_for_accepted(1)), 1)
-
-    def test_a_client_retry_after_a_partial_acceptance_sends_only_the_rest(self) -> None:
-        # 120 recipients make 3 requests. The first is accepted, the second keeps failing: the
-        # client is told to try again. On the retry the milter asks the service about each
-        # request first: the accepted one exists and is not posted again. The message has no
-        # Message-ID or Date: its identity is its content.
-        self.mock.fail_next(delay=0.01)  # the first request goes through
-        self.mock.fail_next(503, count=2)
-        rcpts = [f"user{i:03d}@example.net" for i in range(120)]
-        data = ("From: scanner@contoso.test\r\nTo: team@example.net\r\n"
-                "Subject: scan 1\r\n\r\npage 1\r\n")
-        first = self.send(to=rcpts, data=data)
-        self.assertEqual(first.data_code, 451, first.transcript)
-        line = self.milter.wait_for_log(r"chunks=accepted,not-sent,not-sent.*").group(0)
-        self.assertIn("policy=tempfail", line)
-        self.assertEqual(len(self.mock.accepted_messages()), 1)
-        second = self.send(to=rcpts, data=data)
-        self.assertEqual(second.data_code, 250, second.transcript)
-        self.assertIn("chunks=already-accepted,accepted,accepted", self.decision(second.queue_id))
-        self.mock.wait_for_accepted(3)
-        time.sleep(0.5)
-        accepted = self.mock.accepted_messages()
-        self.assertEqual(len(accepted), 3)
-        got = sorted(r["address"] for m in accepted for k in ("to", "cc", "bcc")
-                     for r in m.message["recipients"].get(k, []))
-        self.assertEqual(got, rcpts)
-        # A different message from the same client to the same recipients is not mistaken
-        # for the first one.
-        other = self.send(to=rcpts, data=data.replace("page 1", "page 2"))
-        self.assertEqual(other.data_code, 250, other.transcript)
-        self.mock.wait_for_accepted(6)
-
-    def test_a_5xx_after_the_message_went_out_is_not_sent_twice(self) -> None:
-        # Accepted by the service, but the client sees 504 (a gateway timeout in front of a
-        # service that carried on): the milter asks before posting again.
-        self.mock.fail_next(504, accept=True)
-        result = self.send()
-        self.assertEqual(result.data_code, 250, result.transcript)
-        self.assertIn("api=accepted", self.decision(result.queue_id))
-        time.sleep(0.5)
-        self.assertEqual(len(self.mock.accepted_messages()), 1)
-        self.assertEqual(len(self.mock.requests("send")), 1)
-
-    def test_too_many_mime_parts_take_the_oversize_policy(self) -> None:
-        parts = "".join(f"--b\r\nContent-Type: text/plain\r\n\r\npart {i}\r\n" for i in range(600))
-        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\nSubject: parts\r\n"
-                "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
-                + parts + "--b--\r\n")
-        result = self.send(data=data)
-        self.assertEqual(result.data_code, 550, result.transcript)
-        self.assertIn("5.3.4", result.data_reply)
-        self.assertEqual(self.mock.requests("send"), [])
-
-    def test_permanent_failure_rejects(self) -> None:
-        self.mock.fail_next(400, code="InvalidSenderUserName", message="bad sender")
-        result = self.send()
-        self.assertEqual(result.data_code, 550, result.transcript)
-        self.assertIn("InvalidSenderUserName", result.data_reply)
-
-    def test_oversize_message_takes_the_oversize_policy_without_a_request(self) -> None:
-        big = "x" * 76 + "\r\n"
-        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\nSubject: big\r\n\r\n"
-                + big * (15 * 1024 * 1024 // len(big)))
-        result = self.send(data=data)
-        self.assertEqual(result.data_code, 550, result.transcript)
-        self.assertIn("5.3.4", result.data_reply)
-        self.assertEqual(self.mock.requests("send"), [])
-        self.assertEqual(os.listdir(self.spool), [])  # spool file removed
-
-
-class RelayFallback(ApiRouteTestCase):
-    policies = 'on_failure = "relay:acs-smtp"\nmax_attempts = 1\non_oversize = "relay:acs-smtp"'
-
-    def test_failure_falls_back_to_the_relay_route(self) -> None:
-        self.mock.always(500)
-        result = self.send()
-        self.assertEqual(result.data_code, 250, result.transcript)
-        self.postfix.wait_for_status(result.queue_id, "sent")
-        delivered = self.acs_sink.wait_for(1)
-        self.assertEqual(delivered[0].get_all(harness.ROUTING_HEADER), ["acs-smtp"])
-        line = self.decision(result.queue_id)
-        self.assertIn("policy=relay:acs-smtp", line)
-
-    def test_an_unreachable_service_falls_back_to_the_relay_route(self) -> None:
-        # Nothing listens: the request never left, and this process never posted it before,
-        # so the service certainly lacks it and the fallback may carry it.
-        self.mock.stop()
-        result = self.send()
-        self.assertEqual(result.data_code, 250, result.transcript)
-        self.postfix.wait_for_status(result.queue_id, "sent")
-        self.assertEqual(len(self.acs_sink.wait_for(1)), 1)
-        line = self.decision(result.queue_id)
-        self.assertIn("chunks=not-sent", line)
-        self.assertIn("policy=relay:acs-smtp", line)
-
-    def test_oversize_falls_back_to_the_relay_route(self) -> None:
-        big = "y" * 76 + "\r\n"
-        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\nSubject: big\r\n\r\n"
-                + big * (15 * 1024 * 1024 // len(big)))
-        result = self.send(data=data)
-        self.assertEqual(result.data_code, 250, result.transcript)
-        self.postfix.wait_for_status(result.queue_id, "sent", timeout=60)
-        self.assertEqual(len(self.acs_sink.wait_for(1)), 1)
-        self.assertEqual(self.mock.requests("send"), [])
-
-
-class RejectPolicy(ApiRouteTestCase):
-    policies = 'on_failure = "reject"\nmax_attempts = 1'
-
-    def test_reject_after_a_partial_acceptance_holds_the_rest(self) -> None:
-        # The first 50 recipients have the message: a bounce would tell the sender nobody
-        # got it. The other 20 are held for the operator instead.
-        self.mock.fail_next(delay=0.01)
-        self.mock.always(503)
-        rcpts = [f"user{i:03d}@example.net" for i in range(70)]
-        result = self.send(to=rcpts)
-        self.assertEqual(result.data_code, 250, result.transcript)
-        line = self.decision(result.queue_id)
-        self.assertIn("policy=reject, partly_accepted=50", line)
-        self.assertIn("held instead", line)
-        self.postfix.wait_for_queue(lambda q: any(m.get("queue_name") == "hold" for m in q))
-        held = [m for m in self.postfix.queue() if m["queue_name"] == "hold"]
-        self.assertEqual(len(held), 1)
-        self.assertEqual(sorted(r["address"] for r in held[0]["recipients"]), rcpts[50:])
-        self.assert_sinks_empty()
-
-    def test_reject_without_any_acceptance_bounces(self) -> None:
-        self.mock.always(503)
-        result = self.send()
-        self.assertEqual(result.data_code, 550, result.transcript)
-        self.assertEqual(self.postfix.queue(), [])
-
-
-class HoldPolicy(ApiRouteTestCase):
-    policies = 'on_failure = "hold"\nmax_attempts = 1'
-
-    def test_failure_holds_the_message(self) -> None:
-        self.mock.fail_next(503)
-        result = self.send()
-        self.assertEqual(result.data_code, 250, result.transcript)
-        self.postfix.wait_for_queue(lambda q: any(m.get("queue_name") == "hold" for m in q))
-        self.assertEqual(self.postfix.held_queue_ids(), [result.queue_id])
-        self.assertIn("policy=hold", self.decision(result.queue_id))
-        self.assert_sinks_empty()
-
-    def test_a_lost_answer_is_not_held_but_tempfailed(self) -> None:
-        # The connection broke after the request was sent: the service may still carry it
-        # out, so holding (and later releasing) the message could deliver it twice.
-        # Twice: libcurl resends once on a fresh connection when a reused one breaks.
-        self.mock.fail_next(reset=True, count=2)
-        result = self.send()
-        self.assertEqual(result.data_code, 451, result.transcript)
-        line = self.milter.wait_for_log(r"chunks=unresolved.*").group(0)
-        self.assertIn("unresolved requests: tempfail", line)
-        self.assertEqual(self.postfix.queue(), [])
-
 
 class MilterRestart(ApiRouteTestCase):
     # The worst legal service: a repeated Operation-Id is executed again.
@@ -481,30 +220,6 @@ class ThroughProxy(ApiRouteTestCase):
         self.assertEqual(result.data_code, 250, result.transcript)
         self.mock.wait_for_accepted(1)
         self.assertEqual(self.proxy.tunnels, [self.mock.host])
-
-
-class EntraAuth(ApiRouteTestCase):
-    mock_options = {"tenant_id": "contoso-tenant", "client_id": "paas-milter-app",
-                    "client_secret": "entra-secret-for-tests", "token_lifetime": 3600}
-
-    def auth_config(self) -> str:
-        self.write_config("entra.secret", "entra-secret-for-tests\n")
-        return (f'endpoint = "{self.mock.endpoint}"\nauthority = "{self.mock.authority}"\n'
-                'tenant_id = "contoso-tenant"\nclient_id = "paas-milter-app"\n'
-                'client_secret_file = "entra.secret"')
-
-    def test_bearer_token_is_fetched_once_and_reused(self) -> None:
-        for _ in range(3):
-            result = self.send()
-            self.assertEqual(result.data_code, 250, result.transcript)
-        accepted = self.mock.wait_for_accepted(3)
-        self.assertEqual({m.auth for m in accepted}, {"bearer"})
-        tokens = self.mock.token_requests()
-        self.assertEqual(len(tokens), 1, tokens)
-        self.assertEqual(tokens[0].kind, "secret")
-        self.assertEqual(tokens[0].form.get("scope"), "https://communication.azure.com//.default")
-        # The secret never reaches the log.
-        self.assertNotIn("entra-secret-for-tests", self.milter.log())
 
 
 class EntraCertificateAuth(ApiRouteTestCase):
