@@ -55,6 +55,12 @@ void watch_final_status(const std::string& queue_id, const ApiOutcome& outcome,
     }
 }
 
+// For the log of a message too large for the route: what would let it go, if anything.
+std::string oversize_note(const ApiProvider& provider, const ApiSettings& api) {
+    std::string hint = provider.oversize_hint(api);
+    return hint.empty() ? std::string() : "; " + hint;
+}
+
 ApiFailure failure_of(ApiOutcome::Kind kind) {
     switch (kind) {
         case ApiOutcome::Kind::accepted:
@@ -102,8 +108,8 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     if (message.spool->oversize() || message.headers_truncated) {
         result.failure = ApiFailure::oversize;
         result.detail = "message too large for the service";
-        result.log = fmt::format(", api=oversize (message larger than {} bytes)",
-                                 provider.max_source_bytes(api));
+        result.log += fmt::format(", api=oversize (message larger than {} bytes{})",
+                                  provider.max_source_bytes(api), oversize_note(provider, api));
         return result;
     }
     auto digest = message.digest->finish();
@@ -125,6 +131,11 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     ApiOutcome outcome = provider.submit(api, input, hooks);
     watch_final_status(queue_id, outcome, provider, api_ptr);
     result.log += describe_outcome(outcome);
+    if (outcome.kind == ApiOutcome::Kind::oversize) {
+        if (auto note = oversize_note(provider, api); !note.empty()) {
+            result.log += ", note=" + note.substr(2);
+        }
+    }
     result.detail = outcome.detail;
     result.accepted = outcome.accepted_recipients();
     result.unresolved = outcome.unresolved_recipients();

@@ -96,6 +96,24 @@ ApiHooks default_api_hooks(const ApiSettings& api) {
     return hooks;
 }
 
+bool wait_for_retry(const ApiHooks& hooks, std::chrono::steady_clock::time_point deadline,
+                    std::chrono::milliseconds how_long, std::string& why,
+                    std::chrono::milliseconds keep) {
+    using namespace std::chrono;
+    if (hooks.now() + how_long + keep >= deadline) {
+        why += fmt::format(" (retry in {} s would exceed the time budget)",
+                           duration_cast<seconds>(how_long).count());
+        return false;
+    }
+    for (milliseconds left = how_long; left.count() > 0;) {
+        milliseconds slice = std::min(left, milliseconds(5000));
+        hooks.sleep(slice);
+        hooks.progress();
+        left -= slice;
+    }
+    return true;
+}
+
 std::vector<RecipientChunk> split_recipients(const EmailMessage& message, size_t limit) {
     std::vector<RecipientChunk> chunks;
     RecipientChunk current;
@@ -246,19 +264,7 @@ Result<HttpResponse> Submission::exchange(HttpRequest request, milliseconds time
 }
 
 bool Submission::wait(milliseconds how_long, std::string& why, milliseconds keep) {
-    if (hooks_.now() + how_long + keep >= deadline_) {
-        why += fmt::format(" (retry in {} s would exceed the time budget)",
-                           duration_cast<seconds>(how_long).count());
-        return false;
-    }
-    // Sleep in slices so the MTA hears from us (smfi_progress) while we wait.
-    for (milliseconds left = how_long; left.count() > 0;) {
-        milliseconds slice = std::min(left, milliseconds(5000));
-        hooks_.sleep(slice);
-        hooks_.progress();
-        left -= slice;
-    }
-    return true;
+    return wait_for_retry(hooks_, deadline_, how_long, why, keep);
 }
 
 Existence Submission::check_operation(const std::string& operation_id, bool retry, std::string& why,

@@ -63,7 +63,7 @@ struct ApiOutcome {
     Kind kind = Kind::transient;
     std::string detail;
     std::vector<ChunkReport> chunks;
-    int requests = 0;       // messages posted (each attempt counts)
+    int requests = 0;  // messages posted (each attempt counts)
     // Accepted, but an earlier attempt got no clear answer and may have been carried out
     // too (a service without idempotency: Graph).
     bool possible_duplicate = false;
@@ -95,6 +95,13 @@ struct ApiHooks {
     PostedRequests* posted = nullptr;
 };
 ApiHooks default_api_hooks(const ApiSettings& api);
+
+// Waits `how_long` before a retry, in slices so the MTA hears from us (smfi_progress), if
+// that still leaves `keep` before `deadline`; otherwise adds why not to `why` and returns
+// false at once.
+bool wait_for_retry(const ApiHooks& hooks, std::chrono::steady_clock::time_point deadline,
+                    std::chrono::milliseconds how_long, std::string& why,
+                    std::chrono::milliseconds keep = std::chrono::milliseconds(0));
 
 // The message's identity across the client's retries: the content digest (see
 // delivery/message_identity.hpp) and the envelope sender.

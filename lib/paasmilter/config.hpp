@@ -50,6 +50,12 @@ struct GraphSettings {
     bool sent_items_check = false;
     // Graph allows 4 concurrent requests per app and mailbox.
     size_t mailbox_concurrency = 4;
+    // Messages over one request's limit go as a draft with upload sessions (needs
+    // Mail.ReadWrite besides Mail.Send); without, they take on_oversize.
+    bool upload_sessions = false;
+    // The largest message sent with upload_sessions: Exchange Online's default maximum
+    // message size (35 MB; a tenant may raise it to 150 MB).
+    size_t max_message_bytes = 35'000'000;
 };
 
 struct SenderMap;

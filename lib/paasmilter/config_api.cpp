@@ -20,10 +20,8 @@ constexpr std::string_view kAcsOnlyKeys[] = {
     "engagement_tracking",
 };
 constexpr std::string_view kGraphOnlyKeys[] = {
-    "mailbox",
-    "graph_endpoint",
-    "sent_items_check",
-    "mailbox_concurrency",
+    "mailbox",         "graph_endpoint",    "sent_items_check", "mailbox_concurrency",
+    "upload_sessions", "max_message_bytes",
 };
 // Keys both have.
 constexpr std::string_view kSharedKeys[] = {
@@ -178,6 +176,16 @@ Result<void> load_graph_keys(ConfigReader& reader, const toml::table& table,
     auto slots = reader.get_integer(table, "mailbox_concurrency", context, 4, 1, 4);
     if (!slots) return slots.error();
     api.graph.mailbox_concurrency = static_cast<size_t>(*slots);
+    // Larger messages as a draft with upload sessions: Mail.ReadWrite besides Mail.Send.
+    auto upload_sessions = reader.get_bool(table, "upload_sessions", context, false);
+    if (!upload_sessions) return upload_sessions.error();
+    api.graph.upload_sessions = *upload_sessions;
+    // Exchange Online's default maximum message size is 35 MB, 150 MB at most (REFERENCE.md
+    // "Microsoft Graph"; attachment-createuploadsession.md).
+    auto max_message =
+        reader.get_integer(table, "max_message_bytes", context, 35'000'000, 1'000'000, 150'000'000);
+    if (!max_message) return max_message.error();
+    api.graph.max_message_bytes = static_cast<size_t>(*max_message);
     // One sendMail request carries about 4 MB (REFERENCE.md "Microsoft Graph"), base64
     // included: about 3 MB of MIME.
     api.max_request_bytes = 4'000'000;

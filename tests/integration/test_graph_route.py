@@ -6,7 +6,9 @@ the client sent it, apart from the Bcc and the removed routing header; discard o
 
 from __future__ import annotations
 
+import base64
 import os
+import random
 import sys
 import time
 import unittest
@@ -48,6 +50,7 @@ route = "graph"
 class GraphRouteTestCase(harness.IntegrationTestCase):
     policies = ""
     mock_options: dict = {}
+    main_cf: dict = {}
 
     def setUp(self) -> None:
         if not harness.milter_binary():
@@ -69,13 +72,25 @@ class GraphRouteTestCase(harness.IntegrationTestCase):
                                         harness.milter_config(self.milter_port, body))
         self.postfix = self.start_postfix(
             default_sink=self.default_sink, milter_port=self.milter_port,
-            routes={"exo-relay": ("exo-relay", self.relay_sink.port)})
+            routes={"exo-relay": ("exo-relay", self.relay_sink.port)}, main_cf=self.main_cf)
 
     def send(self, **kw) -> harness.SwaksResult:
         kw.setdefault("local_interface", "127.0.0.2")
         kw.setdefault("from_", MAILBOX)
         kw.setdefault("to", ["customer@example.net"])
         return harness.swaks(self.postfix.smtpd_port, timeout=60, **kw)
+
+    def send_large(self, message: str, **kw) -> tuple[int | None, str | None, str]:
+        """Sends MESSAGE without swaks echoing it: (end-of-data code, queue id, reply)."""
+        result = self.send(data=message, extra_args=["--suppress-data"], **kw)
+        # With --suppress-data the transcript has no "." line: the replies after DATA's 354
+        # are the end of data's and QUIT's.
+        after_data = [(c, t) for cmd, c, t in result.replies if cmd == "DATA"]
+        if len(after_data) < 2:
+            return None, None, result.transcript[-2000:]
+        code, reply = after_data[1]
+        queued = harness.QUEUED_AS_RE.search(reply)
+        return code, queued.group(1) if queued else None, reply
 
     def decision(self, queue_id: str) -> str:
         return self.milter.wait_for_log(rf"{queue_id}: (.*)", timeout=30).group(1)
@@ -94,6 +109,35 @@ MESSAGE = ("From: Scanner <scanner@contoso.test>\r\n"
            "Gr\u00fc\u00dfe,\r\n"
            ".. a line that starts with a dot\r\n"
            "the scanner\r\n")
+
+
+def file_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def message_with_attachment(attachment: bytes, name: str = "scan.pdf") -> str:
+    """A scanner's message: a line of text and one PDF, base64 in 76-character lines."""
+    flat = base64.b64encode(attachment).decode()
+    lines = "".join(flat[i:i + 76] + "\r\n" for i in range(0, len(flat), 76))
+    return ("From: Scanner <scanner@contoso.test>\r\n"
+            "To: Customer <customer@example.net>\r\n"
+            "X-PaaS-Route: forged-by-client\r\n"
+            "Subject: large scan\r\n"
+            "Message-ID: <scan-large@contoso.test>\r\n"
+            "MIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=\"b1\"\r\n"
+            "\r\n"
+            "--b1\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "\r\n"
+            "Your scan is attached.\r\n"
+            "--b1\r\n"
+            f"Content-Type: application/pdf; name=\"{name}\"\r\n"
+            "Content-Transfer-Encoding: base64\r\n"
+            f"Content-Disposition: attachment; filename=\"{name}\"\r\n"
+            "\r\n"
+            f"{lines}"
+            "--b1--\r\n")
 
 
 class Sent(GraphRouteTestCase):
@@ -157,6 +201,17 @@ class Sent(GraphRouteTestCase):
         self.assertIn("HTTP 404", line)
         self.assertEqual(self.mock.sent(), [])
 
+    def test_over_one_request_without_upload_sessions_takes_on_oversize(self) -> None:
+        # on_oversize = "reject" (default); the log says what would let it go.
+        code, _, reply = self.send_large(message_with_attachment(file_bytes(3_500_000, 1)))
+        self.assertEqual(code, 550, reply)
+        line = self.milter.wait_for_log(r"route=graph, action=api.*").group(0)
+        self.assertIn("api=oversize", line)
+        self.assertIn("upload_sessions = true", line)
+        self.assertIn("Mail.ReadWrite", line)
+        self.assertEqual(self.mock.requests("createMessage"), [])
+        self.assertEqual(self.mock.sent(), [])
+
 
 class HoldWhenAmbiguous(GraphRouteTestCase):
     policies = 'on_ambiguous = "hold"\nsent_items_check = true\non_failure = "relay:exo-relay"'
@@ -192,6 +247,65 @@ class HoldWhenAmbiguous(GraphRouteTestCase):
         self.assertIn("policy=relay:exo-relay", line)
         self.relay_sink.wait_for(1)
         self.assertEqual(self.mock.sent(), [])
+
+
+class UploadSessions(GraphRouteTestCase):
+    """upload_sessions = true: a message over one request goes as a draft, its large
+    attachment by upload session, then the draft is sent."""
+    policies = "upload_sessions = true"
+    mock_options = {"permissions": ["Mail.Send", "Mail.ReadWrite"]}
+    main_cf = {"message_size_limit": 30 * 1024 * 1024}  # Postfix's default is 10,240,000
+
+    def test_a_7_mb_attachment_arrives_whole_through_an_upload_session(self) -> None:
+        attachment = file_bytes(7_000_000, 7)
+        rcpts = ["customer@example.net", "archive@example.net", "colleague@local.test"]
+        code, queue_id, reply = self.send_large(message_with_attachment(attachment), to=rcpts)
+        self.assertEqual(code, 250, reply)
+        sent = self.mock.wait_for_sent(1, timeout=30)[0]
+        self.assertEqual(sent.via, "draft")
+        self.assertEqual(sent.mailbox, MAILBOX)
+        self.assertEqual(sorted(sent.recipients), ["archive@example.net", "customer@example.net"])
+        self.assertEqual(len(sent.attachments), 1)
+        uploaded = sent.attachments[0]
+        self.assertEqual(uploaded.via, "uploadSession")
+        self.assertEqual(uploaded.name, "scan.pdf")
+        self.assertEqual(uploaded.content_type, "application/pdf")
+        self.assertEqual(uploaded.data, attachment)
+        self.assertEqual(sent.incomplete_uploads, [])
+        self.assertNotIn(b"X-PaaS-Route", sent.mime)
+        self.assertIn(b"Your scan is attached.", sent.mime)
+        # The ranges went to the upload URL as returned, without Authorization.
+        puts = [r for r in self.mock.requests("upload") if r.method == "PUT"]
+        self.assertEqual([r.status for r in puts], [200, 201])
+        self.assertTrue(all("authorization" not in r.headers for r in puts))
+        self.assertEqual(self.mock.drafts(), [])
+        self.assertEqual(self.mock.duplicates(), [])
+        line = self.decision(queue_id)
+        # the draft, the upload session, two ranges, the send
+        self.assertIn("api=accepted, requests=5", line)
+        self.assertIn("local_copy=kept for 1 local recipient(s)", line)
+        time.sleep(0.5)
+        self.assertEqual(self.relay_sink.messages(), [])
+        self.assertEqual([m.rcpt_to for m in self.default_sink.messages()],
+                         [["colleague@local.test"]])
+
+
+class UploadSessionsWithoutReadWrite(GraphRouteTestCase):
+    """The app has Mail.Send only: creating the draft is refused (403)."""
+    policies = 'upload_sessions = true\non_failure = "relay:exo-relay"'
+    mock_options = {"permissions": ["Mail.Send"]}
+
+    def test_the_refused_draft_takes_on_failure_and_never_bounces(self) -> None:
+        code, queue_id, reply = self.send_large(message_with_attachment(file_bytes(3_500_000, 3)))
+        self.assertEqual(code, 250, reply)
+        line = self.decision(queue_id)
+        self.assertIn("api=transient", line)
+        self.assertIn("HTTP 403", line)
+        self.assertIn("Mail.ReadWrite", line)
+        self.assertIn("policy=relay:exo-relay", line)
+        self.relay_sink.wait_for(1)
+        self.assertEqual(self.mock.sent(), [])
+        self.assertEqual(self.mock.drafts(), [])
 
 
 if __name__ == "__main__":

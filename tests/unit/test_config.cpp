@@ -532,6 +532,8 @@ on_ambiguous = "hold"
         CHECK(api.graph.endpoint == "https://graph.microsoft.com");
         CHECK_FALSE(api.graph.sent_items_check);
         CHECK(api.graph.mailbox_concurrency == 4);
+        CHECK_FALSE(api.graph.upload_sessions);
+        CHECK(api.graph.max_message_bytes == 35'000'000);
         CHECK(api.on_ambiguous == AmbiguityPolicy::hold);
         CHECK(api.max_request_bytes == 4'000'000);
         REQUIRE(api.entra_credentials);
@@ -552,6 +554,15 @@ on_ambiguous = "hold"
         CHECK(api.entra_credentials->scope == "https://graph.microsoft.us/.default");
         CHECK(api.entra_credentials->assertion_algorithm == ClientAssertionAlgorithm::rs256);
     }
+    SUBCASE("upload sessions for large messages, up to max_message_bytes") {
+        auto config = load_config(dir.write(
+            "paas-milter.toml", replace(graph, "on_ambiguous = \"hold\"",
+                                        "upload_sessions = true\nmax_message_bytes = 150000000")));
+        REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+        const ApiSettings& api = *(*config)->find_route("graph")->api;
+        CHECK(api.graph.upload_sessions);
+        CHECK(api.graph.max_message_bytes == 150'000'000);
+    }
     SUBCASE("errors") {
         CHECK(load_error(replace(graph, "mailbox = \"scanner@contoso.com\"\n", ""), dir)
                   .find("routes.graph: missing key \"mailbox\"") != std::string::npos);
@@ -567,12 +578,23 @@ on_ambiguous = "hold"
         CHECK(
             load_error(replace(graph, "on_ambiguous", "mailbox_concurrency = 5\non_ambiguous"), dir)
                 .find("mailbox_concurrency: 5 is not between 1 and 4") != std::string::npos);
+        CHECK(
+            load_error(
+                replace(graph, "on_ambiguous", "max_message_bytes = 150000001\non_ambiguous"), dir)
+                .find("max_message_bytes: 150000001 is not between 1000000 and 150000000") !=
+            std::string::npos);
+        CHECK(load_error(replace(graph, "on_ambiguous", "upload_sessions = \"yes\"\non_ambiguous"),
+                         dir)
+                  .find("routes.graph.upload_sessions") != std::string::npos);
     }
     SUBCASE("an ACS route refuses Graph's keys") {
         dir.write("secrets/acs.conn",
                   "endpoint=https://contoso.communication.azure.com/;accesskey=c2VjcmV0\n");
         CHECK(load_error(replace(kApiRoutes, "time_budget = 90", "mailbox = \"x@y.z\""), dir)
                   .find("routes.acs-api.mailbox: not a key of provider = \"acs\"") !=
+              std::string::npos);
+        CHECK(load_error(replace(kApiRoutes, "time_budget = 90", "upload_sessions = true"), dir)
+                  .find("routes.acs-api.upload_sessions: not a key of provider = \"acs\"") !=
               std::string::npos);
     }
 }

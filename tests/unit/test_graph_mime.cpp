@@ -411,7 +411,7 @@ TEST_CASE("graph mime: errors are values") {
         prepare_graph_mime(crlf("To: a@example.net\n\n0123456789\n"), {"a@example.net"}, small);
     REQUIRE_FALSE(large.ok());
     CHECK(is_message_too_large(large.error()));
-    CHECK(large.error().kind == ErrorKind::other);
+    CHECK(large.error().kind == ErrorKind::too_large);
     // The Bcc field can take the output over the limit.
     small.max_message_bytes = 31;
     auto grown = prepare_graph_mime(crlf("To: a@example.net\n\n0123456789\n"),

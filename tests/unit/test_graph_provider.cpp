@@ -130,6 +130,11 @@ TEST_CASE("graph: failures that are not the message's fault are not bounces") {
     FakeService too_big;
     too_big.posts = {status(413)};
     CHECK(submit_graph(too_big, graph_settings()).outcome.kind == ApiOutcome::Kind::oversize);
+    FakeService over_mailbox_limit;
+    over_mailbox_limit.posts = {status(400, {}, R"({"error":{"code":"ErrorMessageSizeExceeded",
+                                                    "message":"too big"}})")};
+    CHECK(submit_graph(over_mailbox_limit, graph_settings()).outcome.kind ==
+          ApiOutcome::Kind::oversize);
 }
 
 TEST_CASE("graph: an ambiguous answer is sent again only when duplicates are preferred") {

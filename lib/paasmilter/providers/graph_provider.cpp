@@ -14,6 +14,8 @@
 //   (on_ambiguous = "tempfail", the default); otherwise on_ambiguous decides. With
 //   sent_items_check, the mailbox's Sent Items are searched for the message's Message-ID
 //   first (user-list-messages.md, $filter on internetMessageId; needs Mail.ReadBasic.All).
+// - A message over one request's limit, on a route with upload_sessions: each attempt below
+//   sends a draft that graph_upload.cpp made ready (drafts, upload sessions, their pages).
 #include <cctype>
 #include <condition_variable>
 #include <map>
@@ -26,6 +28,7 @@
 #include "paasmilter/crypto.hpp"
 #include "paasmilter/delivery/message_identity.hpp"
 #include "paasmilter/providers/graph_mime.hpp"
+#include "paasmilter/providers/graph_upload.hpp"
 #include "paasmilter/providers/provider.hpp"
 #include "paasmilter/text.hpp"
 
@@ -75,21 +78,8 @@ std::shared_ptr<MailboxSlots> slots_for(const GraphSettings& graph, const std::s
     return entry;
 }
 
-// RFC 3986 percent-encoding of everything but the unreserved characters.
-std::string percent_encode(std::string_view text) {
-    std::string out;
-    for (unsigned char c : text) {
-        if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
-            out += static_cast<char>(c);
-        } else {
-            out += fmt::format("%{:02X}", c);
-        }
-    }
-    return out;
-}
-
 // One message's conversation with Graph, within its deadline.
-class GraphSubmission {
+class GraphSubmission final : public graph::GraphConversation {
   public:
     // `mailbox`: the one that sends (the route's, or the sender_map's for this client).
     GraphSubmission(const ApiSettings& api, const ApiHooks& hooks, Steady::time_point deadline,
@@ -101,18 +91,35 @@ class GraphSubmission {
           mailbox_(std::move(mailbox)),
           slots_(slots_for(api.graph, mailbox_)) {}
 
-    ChunkReport deliver(const std::string& request_key, const graph::GraphMime& mime);
+    // `route`: how each attempt sends (the draft route, graph_upload.cpp); null: sendMail.
+    ChunkReport deliver(const std::string& request_key, const graph::GraphMime& mime,
+                        graph::SendRoute* route = nullptr);
+
+    // graph::GraphConversation, for the draft route.
+    Result<HttpResponse> send(HttpRequest request, bool authorize) override {
+        return exchange(std::move(request), authorize);
+    }
+    std::string mailbox_url() const override { return user_url(); }
+    bool pause(milliseconds how_long, std::string& why) override { return wait(how_long, why); }
+    milliseconds time_left() const override { return remaining(); }
+    system_clock::time_point wall_clock() const override { return hooks_.wall_clock(); }
+    void token_refused() override {
+        if (api_.entra) api_.entra->invalidate(last_token_);
+    }
 
   private:
     enum class SentItems { found, absent, unknown };
 
-    ChunkReport deliver_alone(const std::string& request_key, const graph::GraphMime& mime);
-    Result<HttpResponse> exchange(HttpRequest request);
+    ChunkReport deliver_alone(const std::string& request_key, const graph::GraphMime& mime,
+                              graph::SendRoute* route);
+    // `authorize`: with the bearer token (not for an upload URL: it is pre-authenticated).
+    Result<HttpResponse> exchange(HttpRequest request, bool authorize = true);
     SentItems look_in_sent_items(const std::optional<std::string>& message_id, std::string& why);
     bool wait(milliseconds how_long, std::string& why);
     milliseconds remaining() const { return duration_cast<milliseconds>(deadline_ - hooks_.now()); }
     std::string user_url() const {
-        return fmt::format("{}/v1.0/users/{}", api_.graph.endpoint, percent_encode(mailbox_));
+        return fmt::format("{}/v1.0/users/{}", api_.graph.endpoint,
+                           graph::percent_encode(mailbox_));
     }
 
     const ApiSettings& api_;
@@ -125,21 +132,10 @@ class GraphSubmission {
 };
 
 bool GraphSubmission::wait(milliseconds how_long, std::string& why) {
-    if (hooks_.now() + how_long >= deadline_) {
-        why += fmt::format(" (retry in {} s would exceed the time budget)",
-                           duration_cast<seconds>(how_long).count());
-        return false;
-    }
-    for (milliseconds left = how_long; left.count() > 0;) {
-        milliseconds slice = std::min(left, milliseconds(5000));
-        hooks_.sleep(slice);
-        hooks_.progress();
-        left -= slice;
-    }
-    return true;
+    return wait_for_retry(hooks_, deadline_, how_long, why);
 }
 
-Result<HttpResponse> GraphSubmission::exchange(HttpRequest request) {
+Result<HttpResponse> GraphSubmission::exchange(HttpRequest request, bool authorize) {
     // A slot of the mailbox's 4, waited for within the budget; the token fetch and the
     // request share one timeout.
     auto timeout = std::min(duration_cast<milliseconds>(api_.request_timeout), remaining());
@@ -158,17 +154,21 @@ Result<HttpResponse> GraphSubmission::exchange(HttpRequest request) {
         ~Slot() { slots.release(); }
     } slot{*slots_};
     auto left = duration_cast<milliseconds>(until - hooks_.now());
-    Result<std::string> token = hooks_.bearer_token ? hooks_.bearer_token(left)
-                                : api_.entra        ? api_.entra->token(left)
-                                             : Result<std::string>(make_error("no token provider"));
-    if (!token) {
-        return make_error(ErrorKind::request_not_sent, "Entra ID token: " + token.error().message);
+    if (authorize) {
+        Result<std::string> token = hooks_.bearer_token ? hooks_.bearer_token(left)
+                                    : api_.entra
+                                        ? api_.entra->token(left)
+                                        : Result<std::string>(make_error("no token provider"));
+        if (!token) {
+            return make_error(ErrorKind::request_not_sent,
+                              "Entra ID token: " + token.error().message);
+        }
+        last_token_ = *token;
+        request.headers.emplace_back("Authorization", "Bearer " + *token);
+        if (auto id = uuid_v4()) request.headers.emplace_back("client-request-id", *id);
+        hooks_.progress();
+        left = duration_cast<milliseconds>(until - hooks_.now());
     }
-    last_token_ = *token;
-    request.headers.emplace_back("Authorization", "Bearer " + *token);
-    if (auto id = uuid_v4()) request.headers.emplace_back("client-request-id", *id);
-    hooks_.progress();
-    left = duration_cast<milliseconds>(until - hooks_.now());
     if (left <= milliseconds(0)) {
         return make_error(ErrorKind::request_not_sent, "no time left after fetching a token");
     }
@@ -192,7 +192,7 @@ GraphSubmission::SentItems GraphSubmission::look_in_sent_items(
     request.method = "GET";
     request.url = fmt::format(
         "{}/mailFolders/SentItems/messages?$filter={}&$select=id,internetMessageId&$top=1",
-        user_url(), percent_encode("internetMessageId eq '" + literal + "'"));
+        user_url(), graph::percent_encode("internetMessageId eq '" + literal + "'"));
     auto response = exchange(request);
     if (!response) {
         why += "; Sent Items lookup: " + response.error().message;
@@ -211,7 +211,8 @@ GraphSubmission::SentItems GraphSubmission::look_in_sent_items(
     return body["value"].empty() ? SentItems::absent : SentItems::found;
 }
 
-ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph::GraphMime& mime) {
+ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph::GraphMime& mime,
+                                     graph::SendRoute* route) {
     // Another transaction of the same message (a client that gave up and resent) may be
     // sending it right now: never send it concurrently.
     DeliveringRequest delivering(hooks_.posted, request_key);
@@ -221,13 +222,13 @@ ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph
         report.detail = "another transaction of this message is sending it";
         return report;
     }
-    ChunkReport report = deliver_alone(request_key, mime);
+    ChunkReport report = deliver_alone(request_key, mime, route);
     delivering.finish(report.fate == ChunkFate::unresolved);
     return report;
 }
 
 ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
-                                           const graph::GraphMime& mime) {
+                                           const graph::GraphMime& mime, graph::SendRoute* route) {
     ChunkReport report;
     std::string why;
     // An earlier attempt of this message (before a tempfail, or before a crash) may have
@@ -259,7 +260,9 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
     bool refreshed_token = false;
     milliseconds backoff{1000};
     auto settle_ambiguity = [&]() -> std::optional<ChunkReport> {
-        if (look_in_sent_items(mime.internet_message_id, why) == SentItems::found) {
+        auto message_id = route && route->internet_message_id() ? route->internet_message_id()
+                                                                : mime.internet_message_id;
+        if (look_in_sent_items(message_id, why) == SentItems::found) {
             report.fate = ChunkFate::accepted;
             report.detail = "found in Sent Items after: " + why;
             return report;
@@ -275,6 +278,12 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
         if (remaining() <= milliseconds(0)) {
             why += " (time budget exhausted)";
             break;
+        }
+        if (route) {
+            // A draft with every attachment uploaded, unless one is ready (graph_upload.cpp);
+            // nothing was sent if it cannot be made.
+            if (auto stop = route->prepare(why)) return final_answer(*stop);
+            request = route->send_request();
         }
         if (hooks_.posted) {
             auto id = uuid_v4();
@@ -317,7 +326,9 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
                 // The app's permissions or the mailbox are wrong: not the message's fault,
                 // so never a bounce.
                 return final_answer(ChunkFate::not_sent);
-            } else if (status == 413) {
+            } else if (status == 413 ||
+                       graph::error_code(*response) == "ErrorMessageSizeExceeded") {
+                // Too large for the mailbox (Exchange's size limits): the oversize policy.
                 return final_answer(ChunkFate::oversize);
             } else if (status >= 500 || status == 408) {
                 was_ambiguous = true;
@@ -327,6 +338,7 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
         }
         if (was_ambiguous) {
             ambiguous = true;
+            if (route) route->send_was_ambiguous();
             if (auto found = settle_ambiguity()) return *found;
             // Sending again could deliver twice: only if the operator prefers that to a loss.
             if (api_.on_ambiguous != AmbiguityPolicy::tempfail) break;
@@ -350,8 +362,16 @@ class GraphProvider final : public ApiProvider {
     const char* name() const override { return "graph"; }
 
     size_t max_source_bytes(const ApiSettings& api) const override {
-        // The MIME goes whole, base64 (4/3) in one request.
+        // The MIME goes whole, base64 (4/3) in one request; with upload sessions, up to
+        // max_message_bytes as a draft.
+        if (api.graph.upload_sessions) {
+            return std::max(api.graph.max_message_bytes, api.max_request_bytes / 4 * 3);
+        }
         return api.max_request_bytes / 4 * 3;
+    }
+
+    std::string oversize_hint(const ApiSettings& api) const override {
+        return graph::oversize_hint(api);
     }
 
     ApiOutcome submit(const ApiSettings& api, const ProviderInput& input,
@@ -371,7 +391,8 @@ class GraphProvider final : public ApiProvider {
             outcome.detail = prepared.error().message;
             return outcome;
         }
-        if (graph::exceeds_graph_request_limit(prepared->mime.size(), api.max_request_bytes)) {
+        if (graph::exceeds_graph_request_limit(prepared->mime.size(), api.max_request_bytes) &&
+            !api.graph.upload_sessions) {
             outcome.kind = ApiOutcome::Kind::oversize;
             outcome.detail = fmt::format(
                 "{} bytes of MIME are over Graph's single-request limit ({} bytes with base64)",
@@ -383,7 +404,19 @@ class GraphProvider final : public ApiProvider {
                                                prepared->recipients());
         GraphSubmission submission(api, hooks, input.deadline, outcome,
                                    input.sender.empty() ? api.graph.mailbox : input.sender);
-        ChunkReport report = submission.deliver(key, *prepared);
+        std::unique_ptr<graph::SendRoute> draft;
+        if (graph::exceeds_graph_request_limit(prepared->mime.size(), api.max_request_bytes)) {
+            // Too large for sendMail: a draft with upload sessions (graph_upload.cpp).
+            auto route = graph::make_draft_route(submission, api, std::move(prepared->mime));
+            if (!route) {
+                outcome.kind = graph::draft_error_kind(route.error());
+                outcome.detail = route.error().message;
+                return outcome;
+            }
+            draft = std::move(*route);
+        }
+        ChunkReport report = submission.deliver(key, *prepared, draft.get());
+        if (draft) draft->finish(report);
         report.recipients = prepared->recipients();
         outcome.detail = report.detail;
         outcome.possible_duplicate = report.possible_duplicate;

@@ -42,6 +42,12 @@ class ApiProvider {
     // Past this many bytes of source the message can never be submitted: the spool stops
     // storing it and the oversize policy applies.
     virtual size_t max_source_bytes(const ApiSettings& api) const = 0;
+    // For the log, when a message is too large for the route: what setting would let it go
+    // (and what it needs); empty when none would.
+    virtual std::string oversize_hint(const ApiSettings& api) const {
+        (void)api;
+        return {};
+    }
     // Converts and submits. Never throws; every failure is an outcome.
     virtual ApiOutcome submit(const ApiSettings& api, const ProviderInput& input,
                               const ApiHooks& hooks) const = 0;
