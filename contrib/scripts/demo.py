@@ -22,6 +22,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
 import harness  # noqa: E402
 from mock_acs import MockAcs  # noqa: E402
+from mock_graph import MockGraph  # noqa: E402
 
 
 def section(title: str) -> None:
@@ -62,11 +63,26 @@ def run(binary: str, work: str, started: list) -> int:
     mock.start()
     with open(os.path.join(etc, "secrets", "acs-connection-string"), "w") as f:
         f.write(mock.connection_string + "\n")
+    # Microsoft Graph and Entra ID likewise (tests/integration/mock_graph.py): the example's
+    # app registration, with the route's mailbox and the one its sender_map names.
     text = open(config_path).read()
+    tenant = re.search(r'(?m)^tenant_id = "(.*)"$', text).group(1)
+    client = re.search(r'(?m)^client_id = "(.*)"$', text).group(1)
+    graph = MockGraph(mailboxes=["noreply@contoso.com", "scanner-2@contoso.com"],
+                      tenant_id=tenant, client_id=client)
+    started.append(graph)
+    graph.start()
+    with open(os.path.join(etc, "secrets", "graph-client-secret"), "w") as f:
+        f.write(graph.client_secret + "\n")
     text = re.sub(r'(?m)^socket = ".*"$', f'socket = "inet:{milter_port}@127.0.0.1"', text, 1)
     text = text.replace('action = "api"\n',
                         f'action = "api"\nca_file = "{mock.ca_file}"\nspool_directory = "{work}"\n',
                         1)
+    text = text.replace('provider = "graph"\n',
+                        f'provider = "graph"\nca_file = "{graph.ca_file}"\n'
+                        f'spool_directory = "{work}"\nauthority = "{graph.endpoint}"\n'
+                        f'graph_endpoint = "{graph.endpoint}"\n'
+                        f'token_scope = "https://graph.microsoft.com/.default"\n', 1)
     with open(config_path, "w") as f:
         f.write(text)
 
@@ -95,8 +111,8 @@ def run(binary: str, work: str, started: list) -> int:
         work, default_sink_port=sinks["relayhost"].port, milter_port=milter_port, tls_ca=ca,
         routes={"acs-smtp": ("acs-relay", sinks["acs-relay"].port),
                 "exchange-online": ("exo-relay", sinks["exo-relay"].port)},
-        # XCLIENT lets the demo speak as the example's printer network (192.0.2.0/24)
-        main_cf={"mynetworks": "127.0.0.0/8 [::1]/128 192.0.2.0/24"})
+        # XCLIENT lets the demo speak as the example's device networks
+        main_cf={"mynetworks": "127.0.0.0/8 [::1]/128 192.0.2.0/24 198.51.100.0/24"})
     started.append(postfix)
     postfix.start()
     print(f"\nPostfix smtpd 127.0.0.1:{postfix.smtpd_port} (STARTTLS with client certificates: "
@@ -111,6 +127,11 @@ def run(binary: str, work: str, started: list) -> int:
         ("the same while the API answers 503: falls back to the acs-smtp relay route",
          dict(xclient={"ADDR": "192.0.2.201"}, from_="mfp-4@contoso.com",
               to=["customer@example.net"], headers=["Subject: Invoice 4712"])),
+        ("a scanner in 198.51.100.128/25: sent through Microsoft Graph as its own mailbox "
+         "(sender_map)",
+         dict(xclient={"ADDR": "198.51.100.130"}, from_="scanner-2@contoso.com",
+              to=["customer@example.net", "archive@example.org"],
+              headers=["Subject: Scan 0815", "To: Customer <customer@example.net>"])),
         ("a printer in 192.0.2.0/24 (cidr:tables/devices.cidr)",
          dict(xclient={"ADDR": "192.0.2.7"}, from_="printer-7@contoso.com",
               to=["customer@example.net"], headers=["Subject: Scan to mail"])),
@@ -140,6 +161,7 @@ def run(binary: str, work: str, started: list) -> int:
         if "503" in title:
             mock.always(503)
         accepted_before = len(mock.accepted_messages())
+        sent_before = len(graph.sent())
         mark = milter.log_mark()
         result = harness.swaks(port, **args)
         reply = result.data_reply if result.data_code else \
@@ -157,11 +179,15 @@ def run(binary: str, work: str, started: list) -> int:
                      for r in message.message["recipients"].get(k, [])]
             print(f"ACS API:  202 Accepted, Operation-Id {message.operation_id}, "
                   f"from {message.message['senderAddress']} to {', '.join(rcpts)}")
+        for sent in graph.sent()[sent_before:]:
+            print(f"Graph:    202 Accepted, sent as {sent.mailbox} to "
+                  f"{', '.join(sent.recipients)} (MIME as the client sent it, Bcc added)")
         if not result.queue_id:
             print("arrived:  nowhere (refused during SMTP)")
             continue
         if "local_copy=discarded" in line:
-            print("arrived:  only at the ACS API (Postfix discarded its copy)")
+            service = "Microsoft Graph" if "route=graph" in line else "the ACS API"
+            print(f"arrived:  only at {service} (Postfix discarded its copy)")
             continue
         postfix.wait_for_status(result.queue_id, "sent")
         where = arrival(sinks, result.queue_id)

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/../.."
 bash contrib/scripts/build.sh milter/paas-milter
 # The example secret must be readable by its owner only (paas-milter check warns otherwise);
 # git keeps no such mode, and demo.py copies etc/ with its modes.
-chmod 0600 etc/secrets/acs-connection-string
+chmod 0600 etc/secrets/acs-connection-string etc/secrets/graph-client-secret
 exec python3 contrib/scripts/demo.py build/milter/paas-milter
