@@ -139,6 +139,7 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     result.detail = outcome.detail;
     result.accepted = outcome.accepted_recipients();
     result.unresolved = outcome.unresolved_recipients();
+    result.busy = outcome.busy();
     result.failure = failure_of(outcome.kind);
     return result;
 }

@@ -41,6 +41,8 @@ const char* to_string(ChunkFate fate) {
             return "not-sent";
         case ChunkFate::unresolved:
             return "unresolved";
+        case ChunkFate::busy:
+            return "busy";
         case ChunkFate::rejected:
             return "rejected";
         case ChunkFate::oversize:
@@ -67,10 +69,16 @@ std::vector<std::string> ApiOutcome::accepted_recipients() const {
 std::vector<std::string> ApiOutcome::unresolved_recipients() const {
     std::vector<std::string> out;
     for (const auto& chunk : chunks) {
-        if (chunk.fate == ChunkFate::unresolved)
+        // Busy: another transaction's attempt may still get it accepted.
+        if (chunk.fate == ChunkFate::unresolved || chunk.fate == ChunkFate::busy)
             out.insert(out.end(), chunk.recipients.begin(), chunk.recipients.end());
     }
     return out;
+}
+
+bool ApiOutcome::busy() const {
+    return std::any_of(chunks.begin(), chunks.end(),
+                       [](const ChunkReport& chunk) { return chunk.fate == ChunkFate::busy; });
 }
 
 std::vector<std::string> ApiOutcome::accepted_operation_ids() const {
@@ -308,12 +316,12 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     if (!delivering.alone()) {
         ChunkReport report;
         report.operation_id = operation_id;
-        report.fate = ChunkFate::unresolved;
+        report.fate = ChunkFate::busy;
         report.detail = "another transaction of this message is delivering this request";
         return report;
     }
     ChunkReport report = deliver_alone(operation_id, body);
-    delivering.finish(report.fate == ChunkFate::unresolved);
+    delivering.finish(report.fate == ChunkFate::unresolved, report.fate == ChunkFate::accepted);
     return report;
 }
 

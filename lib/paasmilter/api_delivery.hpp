@@ -38,6 +38,7 @@ enum class ChunkFate {
     already_accepted,  // an earlier attempt of this message got it accepted (operation exists)
     not_sent,          // not accepted, and the service does not have it: safe to send elsewhere
     unresolved,        // may or may not have been accepted: the service could not tell us
+    busy,              // another transaction of the same message is delivering it right now
     rejected,          // the service refused it for good (4xx)
     oversize,          // too large for the service
 };
@@ -73,6 +74,9 @@ struct ApiOutcome {
     std::vector<std::string> accepted_recipients() const;
     // Recipients whose request may or may not have been accepted.
     std::vector<std::string> unresolved_recipients() const;
+    // True when another transaction of the message is delivering part of it: only a
+    // tempfail is safe (its outcome is not known yet, whatever on_ambiguous says).
+    bool busy() const;
     // Operation ids of the requests the service has.
     std::vector<std::string> accepted_operation_ids() const;
 };

@@ -407,6 +407,16 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
         auto map = load_sender_map(reader, *node, context, api->provider);
         if (!map) return map.error();
         api->sender_map = std::move(*map);
+        if (const toml::node* by_sender = node->as_table()->get("sender")) {
+            // MAIL FROM is whatever the client says.
+            reader.warnings().push_back(fmt::format(
+                "{}: {}.sender_map.sender: the envelope sender is chosen by the client, so any "
+                "client that reaches this route can send as any mailbox listed there{}; tie "
+                "MAIL FROM to a login in Postfix (reject_sender_login_mismatch) or map by "
+                "cert_subject, auth or client_addr",
+                reader.where(*by_sender), context,
+                api->sender_map->refuse_unmapped ? " and get past unmapped = \"refuse\"" : ""));
+        }
     }
 
     auto local = reader.get_string_list(table, "local_domains", context);
@@ -447,9 +457,12 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
     auto attempts = reader.get_integer(table, "max_attempts", context, 4, 1, 20);
     if (!attempts) return attempts.error();
     api->max_attempts = static_cast<int>(*attempts);
-    auto max_bytes =
-        reader.get_integer(table, "max_request_bytes", context,
-                           static_cast<int64_t>(api->max_request_bytes), 1024, 1 << 30);
+    // Graph: at most its documented ~4 MB per request (a larger value would send what Graph
+    // refuses with 413), and enough for a 3 MB attachment as JSON (4/3 of it).
+    const bool graph_route = api->provider == ApiSettings::Provider::graph;
+    auto max_bytes = reader.get_integer(
+        table, "max_request_bytes", context, static_cast<int64_t>(api->max_request_bytes),
+        graph_route ? 1'000'000 : 1024, graph_route ? 4'000'000 : int64_t{1} << 30);
     if (!max_bytes) return max_bytes.error();
     api->max_request_bytes = static_cast<size_t>(*max_bytes);
     auto threshold = reader.get_integer(table, "spool_threshold", context, 1024 * 1024, 0, 1 << 30);

@@ -357,7 +357,8 @@ TEST_CASE("submission: never two transactions of one message posting the same re
     REQUIRE(posted.begin(id));  // another transaction is delivering it
     auto outcome =
         submit_to_acs(settings(), message_with(1, 0, 0), kIdentity, service.deadline(), hooks);
-    CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+    CHECK(outcome.chunks[0].fate == ChunkFate::busy);
+    CHECK(outcome.busy());
     CHECK(service.of("POST").empty());
     posted.end(id);
     outcome =

@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <string>
 
@@ -578,6 +579,10 @@ on_ambiguous = "hold"
         CHECK(
             load_error(replace(graph, "on_ambiguous", "mailbox_concurrency = 5\non_ambiguous"), dir)
                 .find("mailbox_concurrency: 5 is not between 1 and 4") != std::string::npos);
+        CHECK(load_error(
+                  replace(graph, "on_ambiguous", "max_request_bytes = 5000000\non_ambiguous"), dir)
+                  .find("max_request_bytes: 5000000 is not between 1000000 and 4000000") !=
+              std::string::npos);
         CHECK(
             load_error(
                 replace(graph, "on_ambiguous", "max_message_bytes = 150000001\non_ambiguous"), dir)
@@ -646,6 +651,20 @@ unmapped = "refuse"
     stranger.client_addr = "10.1.2.3";
     CHECK_FALSE(map_sender(*api.sender_map, stranger));
 
+    SUBCASE("a map by envelope sender is warned about: the client chooses it") {
+        dir.write("by-sender", "printer@contoso.com printer@contoso.com\n");
+        auto loaded = load_config(
+            dir.write("paas-milter.toml",
+                      replace(graph, "unmapped", "sender = \"texthash:by-sender\"\nunmapped")));
+        REQUIRE(loaded.ok());
+        const auto& warnings = (*loaded)->warnings;
+        auto warned = std::find_if(warnings.begin(), warnings.end(), [](const std::string& w) {
+            return w.find("sender_map.sender: the envelope sender is chosen by the client") !=
+                   std::string::npos;
+        });
+        REQUIRE(warned != warnings.end());
+        CHECK(warned->find("get past unmapped = \"refuse\"") != std::string::npos);
+    }
     SUBCASE("errors name the file, the line and the key") {
         dir.write("bad.cidr", "192.0.2.0/24 has space@contoso.com extra\n");
         CHECK(load_error(replace(graph, "cidr:senders.cidr", "192.0.2.1"), dir)

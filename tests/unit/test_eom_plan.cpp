@@ -308,3 +308,20 @@ TEST_CASE("plan: a client the sender_map refuses is rejected whatever the polici
     CHECK(plan.reply_status == "5.7.1");
     CHECK_FALSE(plan.quarantine_reason);
 }
+
+TEST_CASE("plan: another transaction delivering the message always means tempfail") {
+    for (AmbiguityPolicy policy :
+         {AmbiguityPolicy::tempfail, AmbiguityPolicy::hold, AmbiguityPolicy::assume_sent}) {
+        Fixture f;
+        f.add(1, 0);
+        f.api.on_ambiguous = policy;
+        ApiResult busy;
+        busy.failure = ApiFailure::transient;
+        busy.unresolved = {f.recipients[0]};
+        busy.busy = true;
+        MtaPlan plan = f.plan(busy);
+        CAPTURE(to_string(policy));
+        CHECK(plan.disposition == MtaPlan::Disposition::tempfail);
+        CHECK_FALSE(plan.quarantine_reason);
+    }
+}

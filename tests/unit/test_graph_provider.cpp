@@ -173,8 +173,9 @@ TEST_CASE("graph: an ambiguous answer is sent again only when duplicates are pre
         api.graph.sent_items_check = true;
         FakeService service;
         service.posts = {status(504)};
-        service.gets = {status(200, {}, R"({"value":[{"id":"AAMk","internetMessageId":
-                                            "<scan-1@contoso.com>"}]})")};
+        service.gets = {status(200, {}, R"({"value":[{"id":"other-batch","toRecipients":[
+                                            {"emailAddress":{"address":"carol@example.com"}}]},
+                                           {"id":"AAMk","internetMessageId":"<scan-1@contoso.com>","toRecipients":[{"emailAddress":{"address":"Alice@Example.net"}}],"bccRecipients":[{"emailAddress":{"address":"bob@example.org"}}]}]})")};
         auto run = submit_graph(service, api);
         CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);
         CHECK(run.posts.size() == 1);
@@ -182,9 +183,46 @@ TEST_CASE("graph: an ambiguous answer is sent again only when duplicates are pre
         CHECK(run.gets[0].url ==
               "https://graph.example.test/v1.0/users/scanner%40contoso.com/mailFolders/SentItems/"
               "messages?$filter=internetMessageId%20eq%20%27%3Cscan-1%40contoso.com%3E%27"
-              "&$select=id,internetMessageId&$top=1");
+              "&$select=id,internetMessageId,toRecipients,ccRecipients,bccRecipients&$top=10");
         CHECK(run.outcome.detail.find("found in Sent Items") == 0);
     }
+}
+
+TEST_CASE("graph: a copy in Sent Items counts only if it went to these recipients") {
+    // Postfix may split one message into several transactions with the same Message-ID.
+    ApiSettings api = graph_settings();
+    api.graph.sent_items_check = true;
+    api.on_ambiguous = AmbiguityPolicy::hold;
+    FakeService service;
+    service.posts = {status(504)};
+    service.gets = {status(200, {}, R"({"value":[{"id":"batch-1","toRecipients":[
+                                        {"emailAddress":{"address":"alice@example.net"}}]}]})")};
+    auto run = submit_graph(service, api);
+    CHECK(run.outcome.chunks[0].fate == ChunkFate::unresolved);
+    CHECK(run.posts.size() == 1);
+}
+
+TEST_CASE("graph: a client's retry after an accepted attempt is not sent again") {
+    PostedRequests posted;
+    FakeService first;
+    first.posts = {status(202)};
+    CHECK(submit_graph(first, graph_settings(), &posted).outcome.kind ==
+          ApiOutcome::Kind::accepted);
+    FakeService retry;  // the client never saw our 250 and sends the message again
+    auto run = submit_graph(retry, graph_settings(), &posted);
+    CHECK(run.posts.empty());
+    CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);
+    CHECK(run.outcome.chunks[0].fate == ChunkFate::already_accepted);
+}
+
+TEST_CASE("graph: an undocumented success is not taken for a failure of the message") {
+    ApiSettings api = graph_settings();
+    api.on_ambiguous = AmbiguityPolicy::hold;
+    FakeService service;
+    service.posts = {status(200)};
+    auto run = submit_graph(service, api);
+    CHECK(run.outcome.chunks[0].fate == ChunkFate::unresolved);
+    CHECK(run.outcome.kind == ApiOutcome::Kind::transient);
 }
 
 TEST_CASE("graph: a client's retry after an ambiguous attempt looks before it sends") {
@@ -201,7 +239,9 @@ TEST_CASE("graph: a client's retry after an ambiguous attempt looks before it se
     }
     SUBCASE("found: not sent again") {
         FakeService retry;
-        retry.gets = {status(200, {}, R"({"value":[{"id":"x"}]})")};
+        retry.gets = {status(
+            200, {},
+            R"({"value":[{"id":"x","toRecipients":[{"emailAddress":{"address":"Alice@Example.net"}}],"bccRecipients":[{"emailAddress":{"address":"bob@example.org"}}]}]})")};
         auto run = submit_graph(retry, api, &posted);
         CHECK(run.posts.empty());
         CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);

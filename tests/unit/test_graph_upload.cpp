@@ -457,7 +457,9 @@ TEST_CASE("graph upload: a send without a clear answer, under each on_ambiguous"
         FakeService service;
         service.posts = {created_draft("d1", "<AAA@prod.outlook.com>"), created_session(),
                          upload_complete(), status(504)};
-        service.gets = {status(200, {}, R"({"value":[{"id":"sent-1"}]})")};
+        service.gets = {status(
+            200, {},
+            R"({"value":[{"id":"sent-1","toRecipients":[{"emailAddress":{"address":"Alice@Example.net"}}],"bccRecipients":[{"emailAddress":{"address":"bob@example.org"}}]}]})")};
         auto run =
             submit(service, api, message_with({{"scan.pdf", "application/pdf", kScan, ""}}, false));
         CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);
@@ -481,7 +483,9 @@ TEST_CASE("graph upload: a send without a clear answer, under each on_ambiguous"
                   ChunkFate::unresolved);
         }
         FakeService retry;
-        retry.gets = {status(200, {}, R"({"value":[{"id":"x"}]})")};
+        retry.gets = {status(
+            200, {},
+            R"({"value":[{"id":"x","toRecipients":[{"emailAddress":{"address":"Alice@Example.net"}}],"bccRecipients":[{"emailAddress":{"address":"bob@example.org"}}]}]})")};
         auto run = submit(retry, api, source, &posted);
         CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);
         CHECK(run.outcome.chunks[0].fate == ChunkFate::already_accepted);

@@ -250,3 +250,21 @@ TEST_CASE("posted requests: a state directory that does not exist is a clear err
     REQUIRE_FALSE(refused);
     CHECK(refused.error().message.find("missing/journal.lock") != std::string::npos);
 }
+
+TEST_CASE("posted requests: an accepted request is remembered as such across a restart") {
+    TempDir dir;
+    const std::string path = (dir.path() / "journal").string();
+    {
+        PostedRequests before;
+        REQUIRE(before.open_journal(path));
+        CHECK(before.remember("sent", repeatability("rep")));
+        CHECK_FALSE(before.was_accepted("sent"));
+        before.set_accepted("sent");
+        CHECK(before.was_accepted("sent"));
+        CHECK_FALSE(before.uncertain_repeatability("sent"));
+    }
+    PostedRequests after;
+    REQUIRE(after.open_journal(path));
+    CHECK(after.was_accepted("sent"));
+    CHECK_FALSE(after.was_accepted("unknown"));
+}

@@ -103,7 +103,8 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
                      const std::vector<std::string>& recipient_args, const ApiResult& submitted) {
     ApiResult result = submitted;
     std::string assumed;  // the log's note when on_ambiguous = assume-sent applied
-    if (!result.unresolved.empty() && api.on_ambiguous == AmbiguityPolicy::assume_sent) {
+    if (!result.unresolved.empty() && !result.busy &&
+        api.on_ambiguous == AmbiguityPolicy::assume_sent) {
         // The operator prefers a possible loss to a possible duplicate: what the service may
         // have counts as delivered.
         assumed = fmt::format(
@@ -187,7 +188,7 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
         // The service could not say whether it has some of them: relaying them could deliver
         // twice, a bounce could lie. The client's retry asks again (on_ambiguous = tempfail),
         // or the operator decides (hold).
-        if (api.on_ambiguous == AmbiguityPolicy::hold) {
+        if (api.on_ambiguous == AmbiguityPolicy::hold && !result.busy) {
             plan.log += " (unresolved requests: held, on_ambiguous=hold)";
             delete_recipients(plan, recipients, recipient_args, result.accepted);
             plan.quarantine_reason =

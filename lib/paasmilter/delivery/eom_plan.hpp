@@ -52,6 +52,9 @@ struct ApiResult {
     // tell whether it accepted them); the remaining remote recipients are not at the service.
     std::vector<std::string> accepted;
     std::vector<std::string> unresolved;
+    // Some of the unresolved are being delivered by another transaction of the same message
+    // right now: only a tempfail is safe, whatever on_ambiguous says.
+    bool busy = false;
     std::string log;  // ", api=accepted, requests=3, operation_id=..." from the submission
 };
 

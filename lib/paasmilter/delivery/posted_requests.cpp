@@ -24,6 +24,7 @@ namespace {
 //       line follows, its fate counts as left open -- the process died during the attempt
 //   S <operation-id>   the attempt settled the request's fate
 //   U <operation-id>   the attempt left it open
+//   A <operation-id>   the service accepted it
 //   D <when, unix ms>  records were dropped for room: for a retention after that, unknown
 //                      ids count as posted
 using Clock = std::chrono::system_clock;
@@ -115,6 +116,7 @@ std::string PostedRequests::live_records() const {
         // A request still in flight gets no line: if the process dies now, it is open.
         if (found->second.fate == Fate::settled) text += fmt::format("S {}\n", id);
         if (found->second.fate == Fate::open) text += fmt::format("U {}\n", id);
+        if (found->second.fate == Fate::accepted) text += fmt::format("A {}\n", id);
     }
     return text;
 }
@@ -160,9 +162,11 @@ void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
             return;
         }
     }
-    if (fields.size() == 2 && (fields[0] == "S" || fields[0] == "U")) {
+    if (fields.size() == 2 && (fields[0] == "S" || fields[0] == "U" || fields[0] == "A")) {
         if (auto found = entries_.find(std::string(fields[1])); found != entries_.end()) {
-            found->second.fate = fields[0] == "U" ? Fate::open : Fate::settled;
+            found->second.fate = fields[0] == "U"   ? Fate::open
+                                 : fields[0] == "A" ? Fate::accepted
+                                                    : Fate::settled;
         }
         return;
     }
@@ -323,6 +327,25 @@ void PostedRequests::set_uncertain(const std::string& operation_id, bool uncerta
     // Not flushed: if this line is lost, the request counts as open (the safe side).
     (void)append(fmt::format("{} {}\n", uncertain ? 'U' : 'S', operation_id), false);
     rewrite_if_due();
+}
+
+void PostedRequests::set_accepted(const std::string& operation_id) {
+    {
+        std::lock_guard lock(mutex_);
+        auto found = entries_.find(operation_id);
+        if (found == entries_.end()) return;
+        found->second.fate = Fate::accepted;
+    }
+    std::lock_guard journal_lock(journal_mutex_);
+    // Not flushed: if this line is lost, the request counts as open (the safe side).
+    (void)append(fmt::format("A {}\n", operation_id), false);
+    rewrite_if_due();
+}
+
+bool PostedRequests::was_accepted(const std::string& operation_id) {
+    std::lock_guard lock(mutex_);
+    auto found = entries_.find(operation_id);
+    return found != entries_.end() && found->second.fate == Fate::accepted;
 }
 
 std::optional<PostedRequests::Repeatability> PostedRequests::uncertain_repeatability(

@@ -62,6 +62,10 @@ class PostedRequests {
     // Called when the transaction's attempt ends (before end()): whether it left the
     // request's fate open. A request still in flight when the process dies counts as open.
     void set_uncertain(const std::string& operation_id, bool uncertain);
+    // Called instead when the attempt ended with the service's acceptance (for a service
+    // that cannot be asked later, a client's retry is then answered from this record).
+    void set_accepted(const std::string& operation_id);
+    bool was_accepted(const std::string& operation_id);
     // The repeatability headers of a request whose fate was left open, if any.
     std::optional<Repeatability> uncertain_repeatability(const std::string& operation_id);
     // True when the gateway posted it within the retention, or records were dropped for
@@ -74,7 +78,7 @@ class PostedRequests {
     void end(const std::string& operation_id);
 
   private:
-    enum class Fate { in_flight, settled, open };
+    enum class Fate { in_flight, settled, open, accepted };
     using Clock = std::chrono::system_clock;
     struct Entry {
         Clock::time_point posted;
@@ -129,8 +133,13 @@ class DeliveringRequest {
     bool alone() const { return alone_; }
     // Records whether this transaction's attempt left the request's fate open, before
     // another transaction may take the request over.
-    void finish(bool left_open) {
-        if (posted_) posted_->set_uncertain(id_, left_open);
+    void finish(bool left_open, bool accepted = false) {
+        if (!posted_) return;
+        if (accepted) {
+            posted_->set_accepted(id_);
+        } else {
+            posted_->set_uncertain(id_, left_open);
+        }
     }
 
   private:

@@ -114,7 +114,10 @@ class GraphSubmission final : public graph::GraphConversation {
                               graph::SendRoute* route);
     // `authorize`: with the bearer token (not for an upload URL: it is pre-authenticated).
     Result<HttpResponse> exchange(HttpRequest request, bool authorize = true);
-    SentItems look_in_sent_items(const std::optional<std::string>& message_id, std::string& why);
+    // A copy in Sent Items with this Message-ID addressed to every one of `recipients` (Postfix
+    // may split one message into several transactions with the same Message-ID).
+    SentItems look_in_sent_items(const std::optional<std::string>& message_id,
+                                 const std::vector<std::string>& recipients, std::string& why);
     bool wait(milliseconds how_long, std::string& why);
     milliseconds remaining() const { return duration_cast<milliseconds>(deadline_ - hooks_.now()); }
     std::string user_url() const {
@@ -179,7 +182,8 @@ Result<HttpResponse> GraphSubmission::exchange(HttpRequest request, bool authori
 }
 
 GraphSubmission::SentItems GraphSubmission::look_in_sent_items(
-    const std::optional<std::string>& message_id, std::string& why) {
+    const std::optional<std::string>& message_id, const std::vector<std::string>& recipients,
+    std::string& why) {
     if (!api_.graph.sent_items_check) return SentItems::unknown;
     if (!message_id) {
         why += "; no Message-ID to look for in Sent Items";
@@ -191,7 +195,8 @@ GraphSubmission::SentItems GraphSubmission::look_in_sent_items(
     HttpRequest request;
     request.method = "GET";
     request.url = fmt::format(
-        "{}/mailFolders/SentItems/messages?$filter={}&$select=id,internetMessageId&$top=1",
+        "{}/mailFolders/SentItems/messages?$filter={}"
+        "&$select=id,internetMessageId,toRecipients,ccRecipients,bccRecipients&$top=10",
         user_url(), graph::percent_encode("internetMessageId eq '" + literal + "'"));
     auto response = exchange(request);
     if (!response) {
@@ -207,8 +212,28 @@ GraphSubmission::SentItems GraphSubmission::look_in_sent_items(
         why += "; Sent Items lookup: unexpected answer";
         return SentItems::unknown;
     }
+    // A copy counts only if it addresses every recipient of this request.
+    for (const auto& item : body["value"]) {
+        std::vector<std::string> addressed;
+        for (const char* field : {"toRecipients", "ccRecipients", "bccRecipients"}) {
+            if (!item.is_object() || !item.contains(field) || !item[field].is_array()) continue;
+            for (const auto& recipient : item[field]) {
+                if (recipient.is_object() && recipient.contains("emailAddress") &&
+                    recipient["emailAddress"].is_object() &&
+                    recipient["emailAddress"].contains("address") &&
+                    recipient["emailAddress"]["address"].is_string()) {
+                    addressed.push_back(recipient["emailAddress"]["address"].get<std::string>());
+                }
+            }
+        }
+        bool all = std::all_of(recipients.begin(), recipients.end(), [&](const std::string& r) {
+            return std::any_of(addressed.begin(), addressed.end(),
+                               [&](const std::string& a) { return iequals(a, r); });
+        });
+        if (all) return SentItems::found;
+    }
     // Messages show up in Sent Items with a delay: absence is no proof.
-    return body["value"].empty() ? SentItems::absent : SentItems::found;
+    return SentItems::absent;
 }
 
 ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph::GraphMime& mime,
@@ -218,12 +243,12 @@ ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph
     DeliveringRequest delivering(hooks_.posted, request_key);
     if (!delivering.alone()) {
         ChunkReport report;
-        report.fate = ChunkFate::unresolved;
+        report.fate = ChunkFate::busy;
         report.detail = "another transaction of this message is sending it";
         return report;
     }
     ChunkReport report = deliver_alone(request_key, mime, route);
-    delivering.finish(report.fate == ChunkFate::unresolved);
+    delivering.finish(report.fate == ChunkFate::unresolved, report.fate == ChunkFate::accepted);
     return report;
 }
 
@@ -233,10 +258,17 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
     std::string why;
     // An earlier attempt of this message (before a tempfail, or before a crash) may have
     // sent it: look for it first.
+    // A client that missed our reply to an accepted message sends it again: never twice.
+    if (hooks_.posted && hooks_.posted->was_accepted(request_key)) {
+        report.fate = ChunkFate::already_accepted;
+        report.detail = "accepted by an earlier attempt of this message";
+        return report;
+    }
     bool earlier_open =
         hooks_.posted && hooks_.posted->uncertain_repeatability(request_key).has_value();
     if (earlier_open) {
-        if (look_in_sent_items(mime.internet_message_id, why) == SentItems::found) {
+        if (look_in_sent_items(mime.internet_message_id, mime.recipients(), why) ==
+            SentItems::found) {
             report.fate = ChunkFate::already_accepted;
             report.detail = "found in Sent Items after an earlier ambiguous attempt";
             return report;
@@ -262,7 +294,7 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
     auto settle_ambiguity = [&]() -> std::optional<ChunkReport> {
         auto message_id = route && route->internet_message_id() ? route->internet_message_id()
                                                                 : mime.internet_message_id;
-        if (look_in_sent_items(message_id, why) == SentItems::found) {
+        if (look_in_sent_items(message_id, mime.recipients(), why) == SentItems::found) {
             report.fate = ChunkFate::accepted;
             report.detail = "found in Sent Items after: " + why;
             return report;
@@ -330,10 +362,13 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
                        graph::error_code(*response) == "ErrorMessageSizeExceeded") {
                 // Too large for the mailbox (Exchange's size limits): the oversize policy.
                 return final_answer(ChunkFate::oversize);
-            } else if (status >= 500 || status == 408) {
-                was_ambiguous = true;
-            } else {
+            } else if (status >= 400 && status < 500 && status != 408) {
+                // The service's verdict on the message (400 and the like).
                 return final_answer(ChunkFate::rejected);
+            } else {
+                // 5xx, 408, and anything undocumented (another 2xx, a 3xx): it may have gone
+                // out.
+                was_ambiguous = true;
             }
         }
         if (was_ambiguous) {
@@ -433,6 +468,7 @@ class GraphProvider final : public ApiProvider {
                 break;
             case ChunkFate::not_sent:
             case ChunkFate::unresolved:
+            case ChunkFate::busy:
                 outcome.kind = ApiOutcome::Kind::transient;
                 break;
         }

@@ -380,6 +380,7 @@ void DraftRoute::finish(ChunkReport& report) {
             if (send_ambiguous_ && api_.on_ambiguous == AmbiguityPolicy::assume_sent) break;
             discard_draft();
             break;
+        case ChunkFate::busy:  // none was made: another transaction is sending it
         case ChunkFate::not_sent:
         case ChunkFate::rejected:
         case ChunkFate::oversize:
