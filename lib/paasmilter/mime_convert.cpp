@@ -1,6 +1,7 @@
 // MIME -> EmailMessage with GMime 3. GMime does all MIME work (parsing, transfer decodings,
 // RFC 2047/2231, charset conversion); this file only decides what goes where.
 #include "paasmilter/mime_convert.hpp"
+#include "paasmilter/gmime_support.hpp"
 #include "paasmilter/mapped_file.hpp"
 #include "paasmilter/text.hpp"
 
@@ -37,13 +38,6 @@ struct GFree {
     void operator()(gpointer memory) const { g_free(memory); }
 };
 using GCharPtr = std::unique_ptr<char, GFree>;
-
-struct ParserOptionsFree {
-    void operator()(GMimeParserOptions* options) const { g_mime_parser_options_free(options); }
-};
-using ParserOptionsPtr = std::unique_ptr<GMimeParserOptions, ParserOptionsFree>;
-
-void init_gmime_once();  // after convert_stream, which it uses
 
 // ---- small string helpers ----
 
@@ -831,20 +825,6 @@ GObjectPtr<GMimeStream> with_blank_lines(GMimeStream* stream, const std::vector<
 
 // ---- the whole message ----
 
-ParserOptionsPtr make_parser_options() {
-    // Per call, never the shared default object: the options are not safe to modify across
-    // threads. Loose modes are GMime's tolerance for what real mailers send.
-    ParserOptionsPtr options(g_mime_parser_options_new());
-    g_mime_parser_options_set_rfc2047_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
-    g_mime_parser_options_set_parameter_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
-    g_mime_parser_options_set_address_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
-    // Undeclared 8-bit text: UTF-8 if it is valid, else the Windows Latin-1 superset that
-    // devices and Outlook use, else ISO-8859-1 (which maps every byte).
-    const char* fallback[] = {"UTF-8", "windows-1252", "iso-8859-1", nullptr};
-    g_mime_parser_options_set_fallback_charsets(options.get(), fallback);
-    return options;
-}
-
 Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* parser_options,
                                     const Envelope& envelope, const ConversionOptions& options) {
     EmailMessage out;
@@ -952,6 +932,8 @@ constexpr std::string_view kWarmUpMessage =
     "--m\nContent-Type: message/rfc822\n\nSubject: inner\n\ninner\n"
     "--m\nContent-Type: application/pdf; name=a.pdf\n\n\xe9\n--m--\n";
 
+}  // namespace
+
 void init_gmime_once() {
     static std::once_flag once;
     std::call_once(once, [] {
@@ -968,8 +950,6 @@ void init_gmime_once() {
         (void)convert_source(kWarmUpMessage, stream.get(), envelope, options);
     });
 }
-
-}  // namespace
 
 Result<EmailMessage> convert_message(std::string_view source, const Envelope& envelope,
                                      const ConversionOptions& options) {

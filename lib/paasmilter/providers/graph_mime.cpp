@@ -17,7 +17,8 @@
 #include <utility>
 
 #include "paasmilter/c_handle.hpp"
-#include "paasmilter/mime_convert.hpp"
+#include "paasmilter/gmime_support.hpp"
+#include "paasmilter/mime_convert.hpp"  // kTooManyMimeParts
 #include "paasmilter/text.hpp"
 
 namespace paasmilter::graph {
@@ -28,40 +29,12 @@ namespace {
 template <class T>
 using GObjectPtr = std::unique_ptr<T, Deleter<g_object_unref>>;
 using GCharPtr = std::unique_ptr<char, Deleter<g_free>>;
-using ParserOptionsPtr = std::unique_ptr<GMimeParserOptions, Deleter<g_mime_parser_options_free>>;
 using FormatOptionsPtr = std::unique_ptr<GMimeFormatOptions, Deleter<g_mime_format_options_free>>;
 
 struct GStringFree {
     void operator()(GString* text) const noexcept { g_string_free(text, TRUE); }
 };
 using GStringPtr = std::unique_ptr<GString, GStringFree>;
-
-void init_gmime_once() {
-    static std::once_flag once;
-    std::call_once(once, [] {
-        // g_mime_init is not thread-safe, and mime_convert.cpp already makes its one first call
-        // (with a warm-up of GMime's lazily built tables) behind its own once-flag. Going
-        // through it keeps that call the only one: a second once-flag calling g_mime_init
-        // could run beside it and see GMime half initialized.
-        constexpr std::string_view kTinyMessage = "To: a@example.net\r\n\r\n\r\n";
-        ConversionOptions conversion;
-        conversion.sender = "a@example.net";
-        (void)convert_message(kTinyMessage, Envelope{"", {"a@example.net"}}, conversion);
-    });
-}
-
-ParserOptionsPtr make_parser_options() {
-    // Per call, never GMime's shared default object (not safe to modify across threads); the
-    // loose modes and fallback charsets are mime_convert.cpp's, so both routes read addresses
-    // alike.
-    ParserOptionsPtr options(g_mime_parser_options_new());
-    g_mime_parser_options_set_rfc2047_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
-    g_mime_parser_options_set_parameter_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
-    g_mime_parser_options_set_address_compliance_mode(options.get(), GMIME_RFC_COMPLIANCE_LOOSE);
-    const char* fallback[] = {"UTF-8", "windows-1252", "iso-8859-1", nullptr};
-    g_mime_parser_options_set_fallback_charsets(options.get(), fallback);
-    return options;
-}
 
 FormatOptionsPtr make_format_options(std::string_view line_end) {
     FormatOptionsPtr options(g_mime_format_options_new());
