@@ -321,7 +321,9 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         return report;
     }
     ChunkReport report = deliver_alone(operation_id, body);
-    delivering.finish(report.fate == ChunkFate::unresolved, report.fate == ChunkFate::accepted);
+    delivering.finish(
+        report.fate == ChunkFate::unresolved,
+        report.fate == ChunkFate::accepted || report.fate == ChunkFate::already_accepted);
     return report;
 }
 

@@ -208,11 +208,14 @@ TEST_CASE("graph: a client's retry after an accepted attempt is not sent again")
     first.posts = {status(202)};
     CHECK(submit_graph(first, graph_settings(), &posted).outcome.kind ==
           ApiOutcome::Kind::accepted);
-    FakeService retry;  // the client never saw our 250 and sends the message again
-    auto run = submit_graph(retry, graph_settings(), &posted);
-    CHECK(run.posts.empty());
-    CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);
-    CHECK(run.outcome.chunks[0].fate == ChunkFate::already_accepted);
+    for (int retry_number = 1; retry_number <= 2; ++retry_number) {
+        CAPTURE(retry_number);
+        FakeService retry;  // the client never saw our 250 and sends the message again
+        auto run = submit_graph(retry, graph_settings(), &posted);
+        CHECK(run.posts.empty());
+        CHECK(run.outcome.kind == ApiOutcome::Kind::accepted);
+        CHECK(run.outcome.chunks[0].fate == ChunkFate::already_accepted);
+    }
 }
 
 TEST_CASE("graph: an undocumented success is not taken for a failure of the message") {

@@ -248,7 +248,9 @@ ChunkReport GraphSubmission::deliver(const std::string& request_key, const graph
         return report;
     }
     ChunkReport report = deliver_alone(request_key, mime, route);
-    delivering.finish(report.fate == ChunkFate::unresolved, report.fate == ChunkFate::accepted);
+    delivering.finish(
+        report.fate == ChunkFate::unresolved,
+        report.fate == ChunkFate::accepted || report.fate == ChunkFate::already_accepted);
     return report;
 }
 
@@ -256,14 +258,14 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
                                            const graph::GraphMime& mime, graph::SendRoute* route) {
     ChunkReport report;
     std::string why;
-    // An earlier attempt of this message (before a tempfail, or before a crash) may have
-    // sent it: look for it first.
     // A client that missed our reply to an accepted message sends it again: never twice.
     if (hooks_.posted && hooks_.posted->was_accepted(request_key)) {
         report.fate = ChunkFate::already_accepted;
         report.detail = "accepted by an earlier attempt of this message";
         return report;
     }
+    // An earlier attempt of this message (before a tempfail, or before a crash) may have
+    // sent it: look for it first.
     bool earlier_open =
         hooks_.posted && hooks_.posted->uncertain_repeatability(request_key).has_value();
     if (earlier_open) {
