@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -112,6 +113,12 @@ std::string read_signals(int fd, int timeout_ms) {
     return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : std::string();
 }
 
+// Tells systemd (Type=notify) how we are: READY=1, RELOADING=1, STOPPING=1 and a STATUS= line
+// for `systemctl status`. Without $NOTIFY_SOCKET (not under systemd) it does nothing.
+void notify_service_manager(const std::string& state) {
+    [[maybe_unused]] int sent = sd_notify(0, state.c_str());
+}
+
 // HTTP clients and token caches, built beside the configuration and kept across reloads
 // whose settings for them did not change.
 ServiceRegistry& services() {
@@ -210,16 +217,19 @@ class Reloader {
     }
 
     void reload() {
+        notify_service_manager(fmt::format("RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading {}",
+                                           monotonic_usec(), path_));
+        auto refuse = [this](const std::string& why) {
+            log_error("reload refused, the running configuration stays in force: {}", why);
+            notify_service_manager(
+                fmt::format("READY=1\nSTATUS=reload refused, the running configuration stays "
+                            "in force: {}",
+                            sanitize_for_log(why, 200)));
+        };
         auto loaded = load_config(path_, &services());
-        if (!loaded) {
-            log_error("reload refused, the running configuration stays in force: {}",
-                      loaded.error().to_string());
-            return;
-        }
+        if (!loaded) return refuse(loaded.error().to_string());
         if (auto journal = open_journal_for(**loaded); !journal) {
-            log_error("reload refused, the running configuration stays in force: {}",
-                      journal.error().message);
-            return;
+            return refuse(journal.error().message);
         }
         auto old = config_snapshot().get();
         if (old && old->socket != (*loaded)->socket) {
@@ -233,6 +243,15 @@ class Reloader {
         log_info("configuration reloaded from {}: {} routes, {} rules, mode {}", path_,
                  now->routes.size(), now->rules.size(), to_string(now->mode));
         log_warnings(*now);
+        notify_service_manager(
+            fmt::format("READY=1\nSTATUS=configuration reloaded: {} routes, {} rules, mode {}",
+                        now->routes.size(), now->rules.size(), to_string(now->mode)));
+    }
+
+    static uint64_t monotonic_usec() {
+        return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                         std::chrono::steady_clock::now().time_since_epoch())
+                                         .count());
     }
 
     std::string path_;
@@ -251,7 +270,13 @@ int drain(int signal_fd) {
     if (int in_flight = messages_in_flight(); in_flight > 0) {
         log_info("waiting up to {} s for {} message(s) in progress", limit.count(), in_flight);
     }
+    int reported = -1;
     while (messages_in_flight() > 0 && std::chrono::steady_clock::now() < deadline) {
+        if (int in_flight = messages_in_flight(); in_flight != reported) {
+            notify_service_manager(
+                fmt::format("STATUS=stopping: {} message(s) in progress", in_flight));
+            reported = in_flight;
+        }
         const std::string signals = read_signals(signal_fd, 20);
         if (signals.find_first_of(std::string{char(SIGTERM), char(SIGINT)}) != std::string::npos) {
             log_warning("signal received again: not waiting any longer");
@@ -331,6 +356,7 @@ int run_daemon(const DaemonOptions& options) {
     });
     pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
     unblocked.set_value();
+    notify_service_manager(fmt::format("READY=1\nSTATUS=listening on {}", socket));
     log_info("listening on {} (config {}, mode {})", socket, options.config_path,
              to_string(config_snapshot().get()->mode));
 
@@ -346,6 +372,9 @@ int run_daemon(const DaemonOptions& options) {
         for (const char signal_number : {char(SIGTERM), char(SIGINT)}) {
             if (!stop_requested && received.find(signal_number) != std::string::npos) {
                 log_info("{}: shutting down", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+                notify_service_manager(
+                    fmt::format("STOPPING=1\nSTATUS=stopping: {} message(s) in progress",
+                                messages_in_flight()));
                 stop_requested = true;
                 stop_listening.set_value();
             }

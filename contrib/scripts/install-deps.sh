@@ -19,7 +19,7 @@ set -eu
 
 PACKAGES="
 build-essential g++ meson ninja-build pkg-config
-libmilter-dev libcurl4-openssl-dev libssl-dev libtomlplusplus-dev libfmt-dev doctest-dev
+libmilter-dev libsystemd-dev libcurl4-openssl-dev libssl-dev libtomlplusplus-dev libfmt-dev doctest-dev
 libgmime-3.0-dev nlohmann-json3-dev libpcre2-dev
 postfix postfix-pcre libsasl2-modules
 swaks libnet-ssleay-perl libio-socket-inet6-perl

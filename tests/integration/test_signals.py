@@ -199,5 +199,56 @@ class ConfigurationWarnings(harness.IntegrationTestCase):
         self.assertEqual(milter.stop(), 0, milter.log())
 
 
+class ServiceManagerNotifications(harness.IntegrationTestCase):
+    """Type=notify: what systemd hears on $NOTIFY_SOCKET (a datagram socket we own here)."""
+
+    def test_ready_reloading_and_stopping(self) -> None:
+        if not harness.milter_binary():
+            self.skipTest("PAAS_MILTER_BIN unset or not an executable")
+        import socket as socketlib
+        path = os.path.join(self.workdir(), "notify.sock")
+        listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+        listener.bind(path)
+        listener.settimeout(15)
+        self.addCleanup(listener.close)
+
+        def next_message() -> dict[str, str]:
+            data = listener.recv(4096).decode()
+            return dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+
+        port = harness.free_port()
+        config = self.write_config("paas-milter.toml", harness.milter_config(port, CONFIG))
+        milter = harness.Milter(config, port, env={**os.environ, "NOTIFY_SOCKET": path,
+                                                   "STATE_DIRECTORY": self.workdir()})
+        self._track(milter)
+        milter.start()
+        ready = next_message()
+        self.assertEqual(ready.get("READY"), "1", ready)
+        self.assertEqual(ready.get("STATUS"), f"listening on inet:{port}@127.0.0.1")
+
+        milter.reload()
+        reloading = next_message()
+        self.assertEqual(reloading.get("RELOADING"), "1", reloading)
+        self.assertTrue(reloading.get("MONOTONIC_USEC", "").isdigit(), reloading)
+        reloaded = next_message()
+        self.assertEqual(reloaded.get("READY"), "1", reloaded)
+        self.assertTrue(reloaded["STATUS"].startswith("configuration reloaded: 1 routes"))
+
+        with open(config, "a") as f:
+            f.write("[broken\n")
+        milter.reload()
+        self.assertEqual(next_message().get("RELOADING"), "1")
+        refused = next_message()
+        self.assertEqual(refused.get("READY"), "1", refused)
+        self.assertTrue(refused["STATUS"].startswith("reload refused, the running configuration "
+                                                     "stays in force: "), refused)
+
+        os.kill(milter.pid, signal.SIGTERM)
+        stopping = next_message()
+        self.assertEqual(stopping.get("STOPPING"), "1", stopping)
+        self.assertEqual(stopping.get("STATUS"), "stopping: 0 message(s) in progress")
+        self.assertEqual(milter.stop(), 0, milter.log())
+
+
 if __name__ == "__main__":
     unittest.main()
