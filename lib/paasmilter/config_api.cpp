@@ -375,10 +375,9 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
             if (!secret) return secret.error();
             credentials.client_secret = *secret;
         } else {
-            auto file = reader.get_string(table, "client_certificate_file", context, true);
+            auto file = reader.secret_path(table, "client_certificate_file", context);
             if (!file) return file.error();
-            std::filesystem::path certificate = *file;
-            if (certificate.is_relative()) certificate = reader.base_dir() / certificate;
+            const std::filesystem::path& certificate = *file;
             credentials.certificate_file = certificate.string();
             reader.warn_if_others_can_read(certificate, *table.get("client_certificate_file"),
                                            context, "client_certificate_file");

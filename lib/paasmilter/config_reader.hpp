@@ -136,12 +136,35 @@ class ConfigReader {
 
     // A secret lives in its own file (mode 0600, outside the TOML that may be shared); the
     // file's content, trimmed, is the secret. Errors name the file, never its content.
-    Result<std::string> read_secret_file(const toml::table& table, std::string_view key,
-                                         const std::string& context) {
+    // A file the configuration names at `key`: relative to the configuration's directory, or
+    // under systemd's credentials directory when it starts with "$CREDENTIALS_DIRECTORY/"
+    // (LoadCredential=: secrets the service manager hands over, readable only by the service).
+    Result<std::filesystem::path> secret_path(const toml::table& table, std::string_view key,
+                                              const std::string& context) const {
         auto path = get_string(table, key, context, true);
         if (!path) return path.error();
+        constexpr std::string_view kCredentials = "$CREDENTIALS_DIRECTORY/";
+        if (path->starts_with(kCredentials)) {
+            const char* directory = std::getenv("CREDENTIALS_DIRECTORY");
+            if (!directory || !*directory) {
+                return error_at(*table.get(key),
+                                fmt::format("{}.{}: \"{}\" names $CREDENTIALS_DIRECTORY, which is "
+                                            "not set (systemd sets it for a unit with "
+                                            "LoadCredential=)",
+                                            context, key, *path));
+            }
+            return std::filesystem::path(directory) / path->substr(kCredentials.size());
+        }
         std::filesystem::path file = *path;
         if (file.is_relative()) file = base_dir_ / file;
+        return file;
+    }
+
+    Result<std::string> read_secret_file(const toml::table& table, std::string_view key,
+                                         const std::string& context) {
+        auto resolved = secret_path(table, key, context);
+        if (!resolved) return resolved.error();
+        const std::filesystem::path& file = *resolved;
         std::ifstream in(file, std::ios::binary);
         if (!in) {
             return error_at(*table.get(key), fmt::format("{}.{}: cannot read {}: {}", context, key,

@@ -689,3 +689,24 @@ unmapped = "refuse"
               std::string::npos);
     }
 }
+
+TEST_CASE("secrets handed over by systemd's LoadCredential= ($CREDENTIALS_DIRECTORY)") {
+    TempDir dir;
+    TempDir credentials;
+    credentials.write("acs.conn",
+                      "endpoint=https://contoso.communication.azure.com/;accesskey=Y3JlZA==\n");
+    const std::string text =
+        replace(kApiRoutes, "connection_string_file = \"secrets/acs.conn\"",
+                "connection_string_file = \"$CREDENTIALS_DIRECTORY/acs.conn\"");
+    const char* saved = std::getenv("CREDENTIALS_DIRECTORY");
+    const std::string saved_value = saved ? saved : "";
+    ::setenv("CREDENTIALS_DIRECTORY", credentials.path().c_str(), 1);
+    auto config = load_config(dir.write("paas-milter.toml", text));
+    REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
+    CHECK((*config)->find_route("acs-api")->api->access_key == "Y3JlZA==");
+    ::unsetenv("CREDENTIALS_DIRECTORY");
+    CHECK(load_error(text, dir).find("names $CREDENTIALS_DIRECTORY, which is not set (systemd "
+                                     "sets it for a unit with LoadCredential=)") !=
+          std::string::npos);
+    if (saved) ::setenv("CREDENTIALS_DIRECTORY", saved_value.c_str(), 1);
+}
