@@ -104,6 +104,13 @@ ApiHooks default_api_hooks(const ApiSettings& api) {
     return hooks;
 }
 
+std::chrono::milliseconds retry_after_or(const HttpResponse& response,
+                                         std::chrono::milliseconds fallback,
+                                         std::chrono::system_clock::time_point now) {
+    auto after = parse_retry_after(response.header("Retry-After").value_or(""), now);
+    return after ? std::chrono::duration_cast<std::chrono::milliseconds>(*after) : fallback;
+}
+
 bool wait_for_retry(const ApiHooks& hooks, std::chrono::steady_clock::time_point deadline,
                     std::chrono::milliseconds how_long, std::string& why,
                     std::chrono::milliseconds keep) {
@@ -240,9 +247,7 @@ class Submission {
             milliseconds(1));
     }
     milliseconds retry_after_or(const HttpResponse& response, milliseconds fallback) const {
-        auto after =
-            parse_retry_after(response.header("Retry-After").value_or(""), hooks_.wall_clock());
-        return after ? duration_cast<milliseconds>(*after) : fallback;
+        return paasmilter::retry_after_or(response, fallback, hooks_.wall_clock());
     }
 
     const ApiSettings& api_;

@@ -150,6 +150,11 @@ std::vector<RecipientChunk> split_recipients(const EmailMessage& message, size_t
 std::optional<std::chrono::seconds> parse_retry_after(const std::string& value,
                                                       std::chrono::system_clock::time_point now);
 
+// How long to wait before retrying after `response`: its Retry-After, else `fallback`.
+std::chrono::milliseconds retry_after_or(const HttpResponse& response,
+                                         std::chrono::milliseconds fallback,
+                                         std::chrono::system_clock::time_point now);
+
 // True when the address's domain is one of `domains` (case-insensitive, exact).
 bool address_in_domains(std::string_view address, const std::vector<std::string>& domains);
 

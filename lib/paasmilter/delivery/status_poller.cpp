@@ -124,11 +124,7 @@ void StatusPoller::poll(Job& job) {
     } else {
         last = fmt::format("HTTP {}", response->status);
     }
-    if (response) {
-        auto after =
-            parse_retry_after(response->header("Retry-After").value_or(""), system_clock::now());
-        if (after) wait = std::max(wait, duration_cast<milliseconds>(*after));
-    }
+    if (response) wait = std::max(wait, retry_after_or(*response, wait, system_clock::now()));
     auto now = Steady::now();
     if (job.polls >= options_.max_polls || now + wait > job.started + options_.max_age) {
         return finish("Unknown", "gave up polling: " + last);

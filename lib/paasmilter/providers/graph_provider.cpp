@@ -347,9 +347,7 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
                 return report;
             }
             why = describe_failure(*response);
-            auto after = parse_retry_after(response->header("Retry-After").value_or(""),
-                                           hooks_.wall_clock());
-            if (after) pause = duration_cast<milliseconds>(*after);
+            pause = retry_after_or(*response, pause, hooks_.wall_clock());
             if (status == 429) {
                 // Throttled: the request failed and was not carried out.
             } else if (status == 401 && !refreshed_token) {

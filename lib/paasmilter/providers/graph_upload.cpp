@@ -160,10 +160,7 @@ Answer DraftRoute::call(const HttpRequest& request, bool authorize, bool repeat_
                 return answer;
             }
             why = fmt::format("{}: {}", what, describe_failure(*response));
-            if (auto after = parse_retry_after(response->header("Retry-After").value_or(""),
-                                               conversation_.wall_clock())) {
-                pause = duration_cast<milliseconds>(*after);
-            }
+            pause = retry_after_or(*response, pause, conversation_.wall_clock());
             if (status == 429) {
                 // Throttled: not carried out.
             } else if (status == 401 && authorize && !refreshed_token) {
