@@ -4,12 +4,17 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <chrono>
+#include <functional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "paasmilter/api_delivery.hpp"
+#include "paasmilter/providers/provider.hpp"
+#include "paasmilter/spool.hpp"
 
 namespace paasmilter::testing {
 
@@ -78,6 +83,55 @@ inline std::string header_of(const HttpRequest& request, std::string_view name) 
         if (k == name) return v;
     }
     return {};
+}
+
+// `threads` clients submit one message each at the same time through `api`'s provider (each
+// with its own content identity, to alice@example.net) against `answer`, which holds every
+// request `hold` long. How many were accepted, and the most requests in flight at once.
+struct ConcurrentRun {
+    int accepted = 0;
+    int most_in_flight = 0;
+};
+inline ConcurrentRun submit_concurrently(const ApiSettings& api, const std::string& source,
+                                         int threads, std::chrono::milliseconds hold,
+                                         std::function<HttpResponse(const HttpRequest&)> answer) {
+    std::atomic<int> running{0};
+    std::atomic<int> most{0};
+    std::atomic<int> accepted{0};
+    auto send = [&](const HttpRequest& request, std::chrono::milliseconds) {
+        int now = ++running;
+        int seen = most.load();
+        while (now > seen && !most.compare_exchange_weak(seen, now)) {
+        }
+        std::this_thread::sleep_for(hold);
+        --running;
+        return Result<HttpResponse>(answer(request));
+    };
+    std::vector<std::thread> clients;
+    for (int i = 0; i < threads; ++i) {
+        clients.emplace_back([&, i] {
+            MessageSpool spool(1 << 20, "/tmp", 64 << 20);
+            (void)spool.append(source);
+            ApiHooks hooks = default_api_hooks(api);
+            hooks.send = send;
+            hooks.bearer_token = [](std::chrono::milliseconds) {
+                return Result<std::string>("tok");
+            };
+            ProviderInput input{
+                spool,
+                "scanner@contoso.com",
+                {},
+                {"alice@example.net"},
+                {},
+                MessageIdentity{"concurrent-digest-" + std::to_string(i), "s@contoso.com"},
+                std::chrono::steady_clock::now() + 30s};
+            if (provider_for(api).submit(api, input, hooks).kind == ApiOutcome::Kind::accepted) {
+                ++accepted;
+            }
+        });
+    }
+    for (auto& client : clients) client.join();
+    return {accepted.load(), most.load()};
 }
 
 }  // namespace paasmilter::testing

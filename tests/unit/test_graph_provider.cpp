@@ -281,44 +281,9 @@ TEST_CASE("graph: a message over the single-request limit takes the oversize pol
 TEST_CASE("graph: never more than 4 requests at a time per mailbox") {
     ApiSettings api = graph_settings();
     api.graph.mailbox = "busy@contoso.com";
-    std::atomic<int> running{0};
-    std::atomic<int> most{0};
-    auto send = [&](const HttpRequest&, std::chrono::milliseconds) {
-        int now = ++running;
-        int seen = most.load();
-        while (now > seen && !most.compare_exchange_weak(seen, now)) {
-        }
-        std::this_thread::sleep_for(30ms);
-        --running;
-        HttpResponse accepted;
-        accepted.status = 202;
-        return Result<HttpResponse>(accepted);
-    };
-    std::vector<std::thread> clients;
-    std::atomic<int> accepted{0};
-    for (int i = 0; i < 10; ++i) {
-        clients.emplace_back([&, i] {
-            MessageSpool spool(1 << 20, "/tmp", 1 << 24);
-            (void)spool.append(kMessage);
-            ApiHooks hooks = default_api_hooks(api);
-            hooks.send = send;
-            hooks.bearer_token = [](std::chrono::milliseconds) {
-                return Result<std::string>("tok");
-            };
-            ProviderInput input{spool,
-                                "scanner@contoso.com",
-                                {},
-                                {"alice@example.net"},
-                                {},
-                                MessageIdentity{fmt::format("digest-{}", i), "s@contoso.com"},
-                                std::chrono::steady_clock::now() + 30s};
-            if (provider_for(api).submit(api, input, hooks).kind == ApiOutcome::Kind::accepted) {
-                ++accepted;
-            }
-        });
-    }
-    for (auto& client : clients) client.join();
-    CHECK(accepted == 10);
-    CHECK(most.load() <= 4);
-    CHECK(most.load() >= 2);
+    auto run = submit_concurrently(api, kMessage, 10, 30ms,
+                                   [](const HttpRequest&) { return status(202); });
+    CHECK(run.accepted == 10);
+    CHECK(run.most_in_flight <= 4);
+    CHECK(run.most_in_flight >= 2);
 }

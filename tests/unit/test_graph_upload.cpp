@@ -539,52 +539,19 @@ TEST_CASE("graph upload: what cannot go as a draft takes on_oversize") {
 TEST_CASE("graph upload: every request of the flow takes one of the mailbox's 4 slots") {
     ApiSettings api = upload_settings();
     api.graph.mailbox = "uploads@contoso.com";
-    std::atomic<int> running{0};
-    std::atomic<int> most{0};
     std::atomic<int> puts{0};
-    auto send = [&](const HttpRequest& request, std::chrono::milliseconds) {
-        int now = ++running;
-        int seen = most.load();
-        while (now > seen && !most.compare_exchange_weak(seen, now)) {
-        }
-        std::this_thread::sleep_for(5ms);
-        --running;
+    auto answer = [&](const HttpRequest& request) {
         if (request.method == "PUT") {
             ++puts;
-            return Result<HttpResponse>(upload_complete());
+            return upload_complete();
         }
-        if (request.url.ends_with("/send")) return Result<HttpResponse>(status(202));
-        if (request.url.ends_with("/createUploadSession"))
-            return Result<HttpResponse>(created_session());
-        return Result<HttpResponse>(created_draft());
+        if (request.url.ends_with("/send")) return status(202);
+        if (request.url.ends_with("/createUploadSession")) return created_session();
+        return created_draft();
     };
     const std::string source = message_with({{"scan.pdf", "application/pdf", kScan, ""}});
-    std::vector<std::thread> clients;
-    std::atomic<int> accepted{0};
-    for (int i = 0; i < 8; ++i) {
-        clients.emplace_back([&, i] {
-            MessageSpool spool(1 << 20, "/tmp", 64 << 20);
-            (void)spool.append(source);
-            ApiHooks hooks = default_api_hooks(api);
-            hooks.send = send;
-            hooks.bearer_token = [](std::chrono::milliseconds) {
-                return Result<std::string>("tok");
-            };
-            ProviderInput input{
-                spool,
-                "scanner@contoso.com",
-                {},
-                {"alice@example.net"},
-                {},
-                MessageIdentity{fmt::format("upload-digest-{}", i), "s@contoso.com"},
-                std::chrono::steady_clock::now() + 30s};
-            if (provider_for(api).submit(api, input, hooks).kind == ApiOutcome::Kind::accepted) {
-                ++accepted;
-            }
-        });
-    }
-    for (auto& client : clients) client.join();
-    CHECK(accepted == 8);
+    auto run = submit_concurrently(api, source, 8, 5ms, answer);
+    CHECK(run.accepted == 8);
     CHECK(puts == 8);
-    CHECK(most.load() <= 4);
+    CHECK(run.most_in_flight <= 4);
 }
