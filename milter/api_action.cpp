@@ -195,7 +195,8 @@ sfsistat act_api(SMFICTX* ctx, const std::string& id, MessageState& message, con
         plan_for_api(config, api, verdict, tx.recipients, message.recipient_args, result);
     line += plan.log;
     sfsistat status = replay(ctx, config.routing_header, plan, line);
-    log_info("{}: {}", id, line);
+    log_decision(id, line, *message.decision, tx,
+                 count_transaction(*message.decision, verdict, plan, status, &result));
     return status;
 }
 

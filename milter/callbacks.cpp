@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -17,6 +18,7 @@
 #include "mta_actions.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/log.hpp"
+#include "paasmilter/metrics.hpp"
 #include "paasmilter/verdict.hpp"
 
 namespace paasmilter {
@@ -35,12 +37,19 @@ constexpr size_t kMaxStoredHeaderBytes = 1024 * 1024;
 constexpr size_t kMaxStoredHeaders = 2000;
 
 std::atomic<int> g_messages_in_flight{0};
+std::atomic<uint64_t> g_sessions{0};  // numbers the SMTP sessions for --verbose
+
+ConnectionState* new_connection_state() {
+    auto* state = new (std::nothrow) ConnectionState();
+    if (state) state->session = ++g_sessions;
+    return state;
+}
 
 ConnectionState* state_of(SMFICTX* ctx) {
     auto* state = static_cast<ConnectionState*>(smfi_getpriv(ctx));
     if (state) return state;
     // negotiate normally creates it; an MTA that skips negotiation gets one here.
-    state = new (std::nothrow) ConnectionState();
+    state = new_connection_state();
     if (state && smfi_setpriv(ctx, state) != MI_SUCCESS) {
         delete state;
         return nullptr;
@@ -69,6 +78,21 @@ std::string address_to_string(const sockaddr* address) {
         if (inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text)) return text;
     }
     return {};
+}
+
+// --verbose: one line per milter stage, "stage=rcpt session=12 to=<a@example.net>", with the
+// queue id once Postfix has one (from MAIL FROM on). Names and addresses only: never a
+// header value, never the body.
+// `facts` are name=value pairs; empty values are left out.
+void log_stage(SMFICTX* ctx, const ConnectionState* conn, const char* stage,
+               std::initializer_list<std::pair<const char*, std::string>> facts = {}) {
+    if (!log_verbose_enabled()) return;
+    const std::string session = conn ? std::to_string(conn->session) : std::string("?");
+    std::string line = fmt::format("stage={} session={}", stage, session);
+    for (const auto& [name, value] : facts) {
+        if (!value.empty()) line += fmt::format(" {}={}", name, value);
+    }
+    log_for(LogLevel::info, queue_id(ctx), line, {{"stage", stage}, {"session", session}});
 }
 
 // TLS client-certificate facts. Postfix sends {cert_subject}/{cert_issuer} (CommonNames)
@@ -131,7 +155,7 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
         constexpr unsigned long wanted = SMFIP_NOUNKNOWN | SMFIP_NR_HDR | SMFIP_SKIP;
         *steps = offered_steps & wanted;
 
-        auto* state = new (std::nothrow) ConnectionState();
+        auto* state = new_connection_state();
         if (!state) return SMFIS_TEMPFAIL;
         state->header_needs_no_reply = (*steps & SMFIP_NR_HDR) != 0;
         state->body_skip = (*steps & SMFIP_SKIP) != 0;
@@ -150,6 +174,9 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
                                               "{cert_issuer} {verify} {cert_fp}"));
             smfi_setsymlist(ctx, SMFIM_EOM, const_cast<char*>("i"));
         }
+        log_stage(
+            ctx, state, "negotiate",
+            {{"actions", fmt::format("{:#x}", *actions)}, {"steps", fmt::format("{:#x}", *steps)}});
         return SMFIS_CONTINUE;
     });
 }
@@ -162,15 +189,23 @@ sfsistat on_connect(SMFICTX* ctx, char* hostname, _SOCK_ADDR* address) {
         if (conn->client_addr.empty()) conn->client_addr = macro(ctx, "{client_addr}");
         // Postfix passes "unknown" or "[addr]" when the client has no verified name.
         conn->client_name = hostname && hostname[0] != '[' ? hostname : "unknown";
+        log_stage(ctx, conn, "connect",
+                  {{"client", fmt::format("{}[{}]", sanitize_for_log(conn->client_name, 120),
+                                          conn->client_addr)}});
         return SMFIS_CONTINUE;
     });
 }
 
-sfsistat on_helo(SMFICTX* ctx, char*) {
+sfsistat on_helo(SMFICTX* ctx, char* helo) {
     return guarded(ctx, "helo", [&]() -> sfsistat {
         ConnectionState* conn = state_of(ctx);
         if (!conn) return SMFIS_TEMPFAIL;
         capture_certificate(ctx, *conn);
+        log_stage(ctx, conn, "helo",
+                  {{"helo", sanitize_for_log(helo ? helo : "", 120)},
+                   {"tls", sanitize_for_log(macro(ctx, "{tls_version}"), 40)},
+                   {"cert_subject", sanitize_for_log(conn->cert_subject, 200)},
+                   {"cert_issuer", sanitize_for_log(conn->cert_issuer, 200)}});
         return SMFIS_CONTINUE;
     });
 }
@@ -191,6 +226,9 @@ sfsistat on_envfrom(SMFICTX* ctx, char** argv) {
         tx.cert_fingerprint = conn->cert_fingerprint;
         tx.auth_user = macro(ctx, "{auth_authen}");
         tx.sender = argv && argv[0] ? strip_angle_brackets(argv[0]) : std::string();
+        log_stage(ctx, conn, "mail",
+                  {{"from", "<" + sanitize_for_log(tx.sender, 200) + ">"},
+                   {"auth", sanitize_for_log(tx.auth_user, 120)}});
         return SMFIS_CONTINUE;
     });
 }
@@ -202,6 +240,7 @@ sfsistat on_envrcpt(SMFICTX* ctx, char** argv) {
         if (argv && argv[0]) {
             conn->message->tx.recipients.push_back(strip_angle_brackets(argv[0]));
             conn->message->recipient_args.emplace_back(argv[0]);
+            log_stage(ctx, conn, "rcpt", {{"to", sanitize_for_log(argv[0], 200)}});
         }
         return SMFIS_CONTINUE;
     });
@@ -215,6 +254,7 @@ sfsistat on_header(SMFICTX* ctx, char* name, char* value) {
         if (strcasecmp(name, message.config->routing_header.c_str()) == 0) {
             ++message.forged_routing_headers;
         }
+        log_stage(ctx, conn, "header", {{"name", sanitize_for_log(name, 80)}});
         size_t size = std::strlen(name) + (value ? std::strlen(value) : 0);
         if (message.tx.headers.size() >= kMaxStoredHeaders ||
             message.stored_header_bytes + size > kMaxStoredHeaderBytes) {
@@ -248,6 +288,10 @@ sfsistat on_eoh(SMFICTX* ctx) {
                 queue_id(ctx), message.tx.headers.size(), message.stored_header_bytes);
         }
         message.decision = classify(*message.config, message.tx);
+        log_stage(ctx, conn, "eoh",
+                  {{"headers", std::to_string(message.tx.headers.size())},
+                   {"rule", message.decision->rule ? message.decision->rule->name : ""},
+                   {"route", message.decision->route ? message.decision->route->name : ""}});
         std::string id = macro(ctx, "i");
         if (auto r = start_api_spool(message, id); !r) {
             log_error("{}: {}; tempfail", queue_id(ctx), r.error().message);
@@ -262,6 +306,9 @@ sfsistat on_body(SMFICTX* ctx, unsigned char* data, size_t length) {
         ConnectionState* conn = state_of(ctx);
         if (!conn || !conn->message) return SMFIS_TEMPFAIL;
         MessageState& message = *conn->message;
+        log_stage(ctx, conn, "body",
+                  {{"bytes", std::to_string(length)},
+                   {"rest", message.spool ? "" : (conn->body_skip ? "skipped" : "ignored")}});
         if (!message.spool) return conn->body_skip ? SMFIS_SKIP : SMFIS_CONTINUE;
         auto appended =
             append_api_body(message, std::string_view(reinterpret_cast<const char*>(data), length));
@@ -284,8 +331,10 @@ sfsistat act(SMFICTX* ctx, const std::string& id, MessageState& message) {
         return act_api(ctx, id, message, verdict, started + decision.route->api->time_budget);
     }
     std::string line = format_decision_log(message.tx, decision, verdict);
-    sfsistat status = replay(ctx, config.routing_header, plan_for_verdict(verdict), line);
-    log_info("{}: {}", id, line);
+    MtaPlan plan = plan_for_verdict(verdict);
+    sfsistat status = replay(ctx, config.routing_header, plan, line);
+    log_decision(id, line, decision, message.tx,
+                 count_transaction(decision, verdict, plan, status, nullptr));
     return status;
 }
 
@@ -294,6 +343,8 @@ sfsistat on_eom(SMFICTX* ctx) {
         ConnectionState* conn = state_of(ctx);
         if (!conn || !conn->message) return SMFIS_TEMPFAIL;
         std::string id = queue_id(ctx);
+        log_stage(ctx, conn, "eom",
+                  {{"recipients", std::to_string(conn->message->tx.recipients.size())}});
         if (conn->message->failed) {
             conn->message.reset();
             log_error("{}: header processing failed earlier; tempfail", id);
@@ -310,7 +361,9 @@ sfsistat on_eom(SMFICTX* ctx) {
 
 sfsistat on_abort(SMFICTX* ctx) {
     return guarded(ctx, "abort", [&]() -> sfsistat {
-        if (auto* conn = static_cast<ConnectionState*>(smfi_getpriv(ctx))) conn->message.reset();
+        auto* conn = static_cast<ConnectionState*>(smfi_getpriv(ctx));
+        log_stage(ctx, conn, "abort", {{"message", conn && conn->message ? "open" : "none"}});
+        if (conn) conn->message.reset();
         return SMFIS_CONTINUE;
     });
 }
@@ -319,6 +372,10 @@ sfsistat on_close(SMFICTX* ctx) {
     // Take ownership back from libmilter so the state is freed however we leave.
     std::unique_ptr<ConnectionState> conn(static_cast<ConnectionState*>(smfi_getpriv(ctx)));
     smfi_setpriv(ctx, nullptr);
+    try {
+        log_stage(ctx, conn.get(), "close");
+    } catch (...) {  // nothing may cross into libmilter; a lost debug line is harmless
+    }
     return SMFIS_CONTINUE;
 }
 
@@ -326,9 +383,11 @@ sfsistat on_close(SMFICTX* ctx) {
 
 InFlight::InFlight() {
     ++g_messages_in_flight;
+    metrics().message_started();
 }
 InFlight::~InFlight() {
     --g_messages_in_flight;
+    metrics().message_finished();
 }
 
 int messages_in_flight() {

@@ -5,6 +5,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <prometheus/exposer.h>
+#include <prometheus/registry.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -31,6 +33,7 @@
 #include "paasmilter/delivery/posted_requests.hpp"
 #include "paasmilter/drain.hpp"
 #include "paasmilter/log.hpp"
+#include "paasmilter/metrics.hpp"
 #include "paasmilter/services.hpp"
 #include "paasmilter/unique_fd.hpp"
 
@@ -221,6 +224,7 @@ class Reloader {
                                            monotonic_usec(), path_));
         auto refuse = [this](const std::string& why) {
             log_error("reload refused, the running configuration stays in force: {}", why);
+            metrics().reload_refused(std::chrono::system_clock::now());
             notify_service_manager(
                 fmt::format("READY=1\nSTATUS=reload refused, the running configuration stays "
                             "in force: {}",
@@ -228,6 +232,15 @@ class Reloader {
         };
         auto loaded = load_config(path_, &services());
         if (!loaded) return refuse(loaded.error().to_string());
+        if (!(*loaded)->metrics_listen.empty() ||
+            !config_snapshot().get()->metrics_listen.empty()) {
+            if ((*loaded)->metrics_listen != config_snapshot().get()->metrics_listen) {
+                log_warning(
+                    "reload: metrics.listen changed to \"{}\"; a restart is needed to serve "
+                    "metrics there (still \"{}\")",
+                    (*loaded)->metrics_listen, config_snapshot().get()->metrics_listen);
+            }
+        }
         if (auto journal = open_journal_for(**loaded); !journal) {
             return refuse(journal.error().message);
         }
@@ -239,6 +252,7 @@ class Reloader {
                 (*loaded)->socket, old->socket);
         }
         config_snapshot().set(std::move(*loaded));
+        metrics().config_loaded(std::chrono::system_clock::now());
         auto now = config_snapshot().get();
         log_info("configuration reloaded from {}: {} routes, {} rules, mode {}", path_,
                  now->routes.size(), now->rules.size(), to_string(now->mode));
@@ -264,6 +278,19 @@ class Reloader {
 
 // Lets the messages in progress finish, for as long as the longest API time budget of the
 // configuration in force (a second SIGTERM/SIGINT cuts it short). Returns how many are left.
+// Serves the metrics on `listen` ("127.0.0.1:9940") at /metrics through prometheus-cpp's
+// embedded server (civetweb); its threads start blocking our signals, as every thread but
+// the main one must.
+Result<std::unique_ptr<prometheus::Exposer>> serve_metrics(const std::string& listen) {
+    try {
+        auto exposer = std::make_unique<prometheus::Exposer>(listen, 2);
+        exposer->RegisterCollectable(metrics().registry());
+        return exposer;
+    } catch (const std::exception& e) {
+        return make_error(fmt::format("cannot serve metrics on {}: {}", listen, e.what()));
+    }
+}
+
 int drain(int signal_fd) {
     const auto limit = drain_time(*config_snapshot().get());
     const auto deadline = std::chrono::steady_clock::now() + limit;
@@ -293,7 +320,8 @@ int run_daemon(const DaemonOptions& options) {
     // inherits the blocked mask; only the main thread unblocks them again (see above).
     const sigset_t signals = handled_signals();
     pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-    log_open(options.foreground ? LogTarget::stderr_stream : LogTarget::syslog, options.debug);
+    log_open({options.foreground ? LogTarget::stderr_stream : LogTarget::syslog, options.log_format,
+              options.debug, options.verbose});
     auto signal_pipe = install_signal_handlers();
     if (!signal_pipe) {
         log_error("{}", signal_pipe.error().message);
@@ -312,7 +340,18 @@ int run_daemon(const DaemonOptions& options) {
         return 1;
     }
     std::string socket = (*loaded)->socket;
+    std::unique_ptr<prometheus::Exposer> metrics_server;
+    if (const std::string& listen = (*loaded)->metrics_listen; !listen.empty()) {
+        auto served = serve_metrics(listen);
+        if (!served) {
+            log_error("{}", served.error().message);
+            return 1;
+        }
+        metrics_server = std::move(*served);
+        log_info("metrics on http://{}/metrics", listen);
+    }
     config_snapshot().set(std::move(*loaded));
+    metrics().config_loaded(std::chrono::system_clock::now());
 
     smfiDesc description = milter_description();
     if (smfi_register(description) != MI_SUCCESS) {

@@ -11,6 +11,7 @@
 #include "daemon.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
+#include "paasmilter/log.hpp"
 #include "paasmilter/verdict.hpp"
 
 namespace {
@@ -21,7 +22,7 @@ constexpr const char* kDefaultConfig = "/etc/paas-milter/paas-milter.toml";
 constexpr const char* kVersion = "0.1.0";
 
 constexpr const char* kUsage = R"(usage:
-  paas-milter run    [-c FILE] [--foreground] [--debug]
+  paas-milter run    [-c FILE] [--foreground] [--debug] [--verbose] [--log-format text|json]
   paas-milter check  [-c FILE]
   paas-milter query  [-c FILE] [--client-addr IP] [--client-name NAME]
                      [--cert-subject S] [--cert-issuer S] [--cert-fingerprint FP]
@@ -31,6 +32,8 @@ constexpr const char* kUsage = R"(usage:
 
   run            serve libmilter on milter.socket; logs to syslog (mail), or to stderr
                  with --foreground. SIGHUP reloads the configuration, SIGTERM stops.
+                 --verbose logs every milter stage of each transaction; --log-format
+                 json writes one JSON object per line (for container log collectors).
   check          validate the configuration and every table it names (exit 0 or 1);
                  risky settings (a socket other hosts can reach, secret files others
                  can read) are printed as warnings and still exit 0
@@ -49,6 +52,8 @@ struct Arguments {
     std::string config = kDefaultConfig;
     bool foreground = false;
     bool debug = false;
+    bool verbose = false;
+    LogFormat log_format = LogFormat::text;
     Transaction tx;
 };
 
@@ -71,6 +76,14 @@ std::string parse(int argc, char** argv, Arguments& args) {
             args.foreground = true;
         } else if (arg == "--debug") {
             args.debug = true;
+        } else if (arg == "--verbose" || arg == "-v") {
+            args.verbose = true;
+        } else if (arg == "--log-format") {
+            std::string format;
+            ok = value(format);
+            if (ok && !parse_log_format(format, args.log_format)) {
+                return fmt::format("--log-format wants \"text\" or \"json\", got '{}'", format);
+            }
         } else if (arg == "--client-addr") {
             ok = value(args.tx.client_addr);
         } else if (arg == "--client-name") {
@@ -161,7 +174,8 @@ int main(int argc, char** argv) {
         }
         if (std::string error = parse(argc, argv, args); !error.empty()) return usage_error(error);
         if (args.command == "run") {
-            return run_daemon({args.config, args.foreground, args.debug});
+            return run_daemon({args.config, args.foreground, args.debug, args.verbose,
+                               args.log_format});
         }
         if (args.command == "check") return command_check(args);
         if (args.command == "query") return command_query(args);

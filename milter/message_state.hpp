@@ -1,6 +1,7 @@
 // Per-connection and per-message state kept by the libmilter callbacks (smfi_setpriv).
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -38,6 +39,7 @@ struct MessageState {
 };
 
 struct ConnectionState {
+    uint64_t session = 0;  // serial number of the MTA's SMTP session, for --verbose lines
     std::string client_addr;
     std::string client_name;
     std::string cert_subject;

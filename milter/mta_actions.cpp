@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include "paasmilter/log.hpp"
+#include "paasmilter/metrics.hpp"
+
 namespace paasmilter {
 
 namespace {
@@ -11,6 +14,12 @@ sfsistat failed(SMFICTX* ctx, std::string& log, std::string_view what) {
     smfi_setreply(ctx, const_cast<char*>("451"), const_cast<char*>("4.3.0"),
                   const_cast<char*>("Temporary failure in mail filter, try again later"));
     return SMFIS_TEMPFAIL;
+}
+
+// The rule as logs and metrics name it: "(default)" for milter.default_route, "" for none.
+std::string rule_label(const Decision& decision) {
+    if (decision.rule) return decision.rule->name;
+    return decision.default_route ? "(default)" : "";
 }
 
 }  // namespace
@@ -57,6 +66,35 @@ sfsistat replay(SMFICTX* ctx, const std::string& routing_header, const MtaPlan& 
         }
     }
     return SMFIS_TEMPFAIL;
+}
+
+TransactionOutcome count_transaction(const Decision& decision, const Verdict& verdict,
+                                     const MtaPlan& plan, sfsistat told, const ApiResult* api) {
+    MtaPlan::Disposition disposition = MtaPlan::Disposition::accept;
+    if (told == SMFIS_DISCARD) disposition = MtaPlan::Disposition::discard;
+    if (told == SMFIS_REJECT) disposition = MtaPlan::Disposition::reject;
+    if (told == SMFIS_TEMPFAIL) disposition = MtaPlan::Disposition::tempfail;
+    // When the MTA refused an action (told differs from the plan) nothing was changed.
+    if (disposition == plan.disposition) {
+        metrics().forged_routing_headers_removed(plan.delete_routing_headers);
+    }
+    const TransactionOutcome outcome = transaction_outcome(
+        verdict, plan, disposition, api != nullptr, api && !api->accepted.empty());
+    metrics().transaction(rule_label(decision), decision.route ? decision.route->name : "",
+                          decision.route ? to_string(decision.route->action) : "", outcome);
+    return outcome;
+}
+
+void log_decision(const std::string& queue_id, const std::string& line, const Decision& decision,
+                  const Transaction& tx, TransactionOutcome outcome) {
+    log_for(LogLevel::info, queue_id, line,
+            {{"rule", rule_label(decision)},
+             {"route", decision.route ? decision.route->name : ""},
+             {"action", decision.route ? to_string(decision.route->action) : ""},
+             {"outcome", to_string(outcome)},
+             {"client", tx.client_addr},
+             {"from", sanitize_for_log(tx.sender, 120)},
+             {"nrcpt", std::to_string(tx.recipients.size())}});
 }
 
 }  // namespace paasmilter

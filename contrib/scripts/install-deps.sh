@@ -20,7 +20,7 @@ set -eu
 PACKAGES="
 build-essential g++ meson ninja-build pkg-config
 libmilter-dev libsystemd-dev libcurl4-openssl-dev libssl-dev libtomlplusplus-dev libfmt-dev doctest-dev
-libgmime-3.0-dev nlohmann-json3-dev libpcre2-dev
+libgmime-3.0-dev nlohmann-json3-dev libpcre2-dev prometheus-cpp-dev
 postfix postfix-pcre libsasl2-modules
 swaks libnet-ssleay-perl libio-socket-inet6-perl
 openssl python3 procps ca-certificates clang-format

@@ -13,6 +13,7 @@
 
 #include "paasmilter/crypto.hpp"
 #include "paasmilter/log.hpp"
+#include "paasmilter/metrics.hpp"
 
 namespace paasmilter {
 namespace {
@@ -432,6 +433,7 @@ Result<std::string> EntraTokenProvider::token(std::chrono::milliseconds timeout)
     fetching_ = false;
     ++generation_;
     fetched_.notify_all();
+    metrics().token_refresh(fetched.ok());
 
     if (fetched) {
         // Counted from before the request, so the cache never outlives the token.

@@ -12,6 +12,7 @@
 #include "paasmilter/acs_json.hpp"
 #include "paasmilter/crypto.hpp"
 #include "paasmilter/delivery/message_identity.hpp"
+#include "paasmilter/metrics.hpp"
 
 namespace paasmilter {
 
@@ -91,11 +92,11 @@ std::vector<std::string> ApiOutcome::accepted_operation_ids() const {
 
 ApiHooks default_api_hooks(const ApiSettings& api) {
     ApiHooks hooks;
-    auto http = api.http;
-    hooks.send = [http](const HttpRequest& request,
-                        std::chrono::milliseconds timeout) -> Result<HttpResponse> {
-        if (!http) return make_error(ErrorKind::request_not_sent, "no HTTP client");
-        return http->send(request, timeout);
+    hooks.provider = to_string(api.provider);
+    hooks.send = [http = api.http, provider = hooks.provider](
+                     const HttpRequest& request,
+                     std::chrono::milliseconds timeout) -> Result<HttpResponse> {
+        return send_measured(http.get(), provider, request, timeout);
     };
     hooks.sleep = [](std::chrono::milliseconds how_long) { std::this_thread::sleep_for(how_long); };
     hooks.now = [] { return std::chrono::steady_clock::now(); };
@@ -126,7 +127,21 @@ bool wait_for_retry(const ApiHooks& hooks, std::chrono::steady_clock::time_point
         hooks.progress();
         left -= slice;
     }
+    metrics().api_retry(hooks.provider);
     return true;
+}
+
+Result<HttpResponse> send_measured(HttpClient* http, const char* provider,
+                                   const HttpRequest& request, std::chrono::milliseconds timeout) {
+    const auto started = std::chrono::steady_clock::now();
+    auto response =
+        http ? http->send(request, timeout)
+             : Result<HttpResponse>(make_error(ErrorKind::request_not_sent, "no HTTP client"));
+    metrics().api_request(
+        provider, request.method,
+        response ? status_class(response->status) : status_class(response.error()),
+        std::chrono::steady_clock::now() - started);
+    return response;
 }
 
 std::vector<RecipientChunk> split_recipients(const EmailMessage& message, size_t limit) {

@@ -97,8 +97,15 @@ struct ApiHooks {
     // Requests this process posted (see delivery/posted_requests.hpp); null: every request
     // counts as possibly posted before.
     PostedRequests* posted = nullptr;
+    // The service, for metric labels ("acs", "graph").
+    const char* provider = "acs";
 };
 ApiHooks default_api_hooks(const ApiSettings& api);
+
+// `http`->send (an Error of kind request_not_sent when null), counted and timed in the
+// metrics under `provider`.
+Result<HttpResponse> send_measured(HttpClient* http, const char* provider,
+                                   const HttpRequest& request, std::chrono::milliseconds timeout);
 
 // Waits `how_long` before a retry, in slices so the MTA hears from us (smfi_progress), if
 // that still leaves `keep` before `deadline`; otherwise adds why not to `why` and returns

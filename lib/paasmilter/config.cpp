@@ -52,6 +52,16 @@ const char* to_string(AmbiguityPolicy policy) {
     return "?";
 }
 
+const char* to_string(ApiSettings::Provider provider) {
+    switch (provider) {
+        case ApiSettings::Provider::acs:
+            return "acs";
+        case ApiSettings::Provider::graph:
+            return "graph";
+    }
+    return "?";
+}
+
 std::string to_string(const FailurePolicy& policy) {
     switch (policy.kind) {
         case FailurePolicy::Kind::tempfail:
@@ -154,6 +164,37 @@ std::string socket_exposure(std::string_view socket) {
     return fmt::format("listens on {}, not a loopback address: {}", host, kRisk);
 }
 
+// "127.0.0.1:9940", "[::1]:9940", "localhost:9940" (civetweb's listening_ports syntax, as
+// prometheus-cpp's Exposer takes it, limited to one address and port).
+struct ListenAddress {
+    bool loopback = false;
+};
+Result<ListenAddress> parse_listen_address(std::string_view text) {
+    const size_t colon = text.rfind(':');
+    if (colon == std::string_view::npos || colon == 0)
+        return make_error("is not \"HOST:PORT\" (e.g. \"127.0.0.1:9940\")");
+    std::string_view host = text.substr(0, colon);
+    const std::string_view port = text.substr(colon + 1);
+    int number = 0;
+    for (char c : port) {
+        if (c < '0' || c > '9' || number > 65535) return make_error("has no valid port");
+        number = number * 10 + (c - '0');
+    }
+    if (port.empty() || number < 1 || number > 65535) return make_error("has no valid port");
+    if (host.starts_with('[') && host.ends_with(']')) {
+        host = host.substr(1, host.size() - 2);
+        auto address = parse_ip_address(host);
+        if (!address || address->family != IpFamily::v6)
+            return make_error("has no valid IPv6 address in brackets");
+        return ListenAddress{*address == *parse_ip_address("::1")};
+    }
+    if (host == "localhost") return ListenAddress{true};
+    auto address = parse_ip_address(host);
+    if (!address || address->family != IpFamily::v4)
+        return make_error("has no IPv4 address (write an IPv6 one as \"[::1]:PORT\")");
+    return ListenAddress{address->bytes[0] == 127};
+}
+
 // Everything the loader needs to report errors where they are.
 class Loader : private ConfigReader {
   public:
@@ -170,8 +211,10 @@ class Loader : private ConfigReader {
         }
         auto config = std::make_shared<Config>();
         config->path = path_;
-        if (auto r = check_keys(root, {"milter", "routes", "rules"}, ""); !r) return r.error();
+        if (auto r = check_keys(root, {"milter", "metrics", "routes", "rules"}, ""); !r)
+            return r.error();
         if (auto r = load_milter(root, *config); !r) return r.error();
+        if (auto r = load_metrics(root, *config); !r) return r.error();
         if (auto r = load_routes(root, *config); !r) return r.error();
         if (auto r = load_rules(root, *config); !r) return r.error();
         config->warnings = std::move(warnings());
@@ -184,6 +227,30 @@ class Loader : private ConfigReader {
     }
 
   private:
+    Result<void> load_metrics(const toml::table& root, Config& config) {
+        const toml::node* node = root.get("metrics");
+        if (!node) return {};
+        const toml::table* metrics = node->as_table();
+        if (!metrics) return error_at(*node, "metrics: expected a table");
+        if (auto r = check_keys(*metrics, {"listen"}, "metrics"); !r) return r;
+        auto listen = get_string(*metrics, "listen", "metrics", true);
+        if (!listen) return listen.error();
+        auto endpoint = parse_listen_address(*listen);
+        if (!endpoint) {
+            return error_at(
+                *metrics->get("listen"),
+                fmt::format("metrics.listen: \"{}\" {}", *listen, endpoint.error().message));
+        }
+        if (!endpoint->loopback) {
+            warnings().push_back(fmt::format(
+                "{}: metrics.listen: \"{}\" is not a loopback address: anyone who can reach it "
+                "reads your routes, rules and traffic; put a TLS proxy or a firewall in front",
+                where(*metrics->get("listen")), *listen));
+        }
+        config.metrics_listen = *listen;
+        return {};
+    }
+
     Result<void> load_milter(const toml::table& root, Config& config) {
         const toml::node* node = root.get("milter");
         if (!node) return make_error("missing table [milter]", path_);

@@ -93,6 +93,8 @@ struct ApiSettings {
     std::string spool_directory = "/var/tmp";
     std::shared_ptr<HttpClient> http;  // shared by all messages of this route
 };
+// "acs", "graph": the provider in logs and metric labels.
+const char* to_string(ApiSettings::Provider provider);
 
 struct Route {
     std::string name;
@@ -161,6 +163,9 @@ struct Config {
     // requests). Empty: $STATE_DIRECTORY (systemd's StateDirectory=), else
     // /var/lib/paas-milter; see state_directory_of().
     std::string state_directory;
+    // [metrics] listen: "127.0.0.1:9940" or "[::1]:9940" where the daemon serves Prometheus
+    // metrics on /metrics; empty: not served. Read at start only, like milter.socket.
+    std::string metrics_listen;
     std::map<std::string, Route, std::less<>> routes;
     std::vector<Rule> rules;
     // Valid but risky settings ("file:line: key: why"), for `check` and the daemon's log.

@@ -1358,7 +1358,26 @@ class IntegrationTestCase(unittest.TestCase):
             else:
                 self.addCleanup(shutil.rmtree, wd, True)
             self.addCleanup(self._snapshot_diagnostics)  # runs after the stops, before rmtree
+            self.addCleanup(self._check_logs_for_secrets)  # after the stops, too
         return wd
+
+    def _check_logs_for_secrets(self) -> None:
+        """No log line of the milter or of Postfix may show a secret a double made or was
+        given (mock_common.SECRETS_IN_PLAY: keys, client secrets, issued tokens)."""
+        mocks = sys.modules.get("mock_common")
+        secrets_in_play = getattr(mocks, "SECRETS_IN_PLAY", set()) if mocks else set()
+        if not secrets_in_play:
+            return
+        for obj in self._resources:
+            if isinstance(obj, Milter):
+                name, text = obj.log_path, obj.log()
+            elif isinstance(obj, PrivatePostfix):
+                name, text = "the Postfix mail log", obj.maillog()
+            else:
+                continue
+            leaked = sum(1 for secret in secrets_in_play if secret in text)
+            if leaked:
+                self.fail(f"{name} shows {leaked} secret(s) of the test doubles")
 
     def _track(self, obj: Any) -> Any:
         self.workdir()

@@ -175,7 +175,7 @@ from typing import Any
 
 from mock_common import (  # noqa: F401 (re-exported: `from mock_acs import Fault` still works)
     CLIENT_ASSERTION_TYPE, OPENSSL, ApiError as _ApiError, Fault, LoopbackMock,
-    Reply as _Reply, TokenRequest, _Handler)
+    Reply as _Reply, TokenRequest, _Handler, keep_secret)
 
 API_VERSIONS = ("2023-03-31", "2025-09-01")
 ACS_SCOPE = "https://communication.azure.com//.default"
@@ -397,6 +397,7 @@ class MockAcs(LoopbackMock):
                  keep: bool | None = None,
                  echo_log: bool = False):
         self.access_key = access_key or generate_access_key()
+        keep_secret(self.access_key)
         try:
             if len(base64.b64decode(self.access_key, validate=True)) == 0:
                 raise ValueError

@@ -57,6 +57,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+# Every secret a double made or was given (access keys, client secrets, the tokens it issued
+# and their signatures): the harness fails a test whose milter log or mail log shows one.
+SECRETS_IN_PLAY: set[str] = set()
+
+
+def keep_secret(value: str | None) -> None:
+    if value and len(value) >= 8:
+        SECRETS_IN_PLAY.add(value)
+
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -298,6 +307,7 @@ class LoopbackMock:
         self.client_id = client_id or str(uuid.uuid4())
         self.client_secret = client_secret if client_secret is not None else \
             "mock~" + secrets.token_urlsafe(30)
+        keep_secret(self.client_secret)
         self.token_lifetime = token_lifetime
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
@@ -922,6 +932,8 @@ class LoopbackMock:
             b64url(json.dumps(claims).encode())
         sig = hmac.new(self._token_signing_key, signing_input.encode(), hashlib.sha256).digest()
         token = signing_input + "." + b64url(sig)
+        keep_secret(token)
+        keep_secret(b64url(sig))
         with self._lock:
             self._tokens[token] = {"expires_at": time.time() + lifetime, "kind": kind, **extra}
         return Reply(200, {"token_type": "Bearer", "expires_in": lifetime,

@@ -88,6 +88,47 @@ TEST_CASE("the state directory: configured, else systemd's, else /var/lib/paas-m
                     "absolute path") != std::string::npos);
 }
 
+TEST_CASE("[metrics] listen: a loopback HOST:PORT, others warned about, bad ones refused") {
+    TempDir dir;
+    auto with = [&](const std::string& listen) {
+        return load_config(
+            dir.write("paas-milter.toml", kMinimal + "\n[metrics]\nlisten = \"" + listen + "\"\n"));
+    };
+    auto plain = load_config(dir.write("paas-milter.toml", kMinimal));
+    REQUIRE(plain.ok());
+    CHECK((*plain)->metrics_listen.empty());
+    for (const char* good : {"127.0.0.1:9940", "[::1]:9940", "localhost:9940"}) {
+        CAPTURE(good);
+        auto config = with(good);
+        REQUIRE(config.ok());
+        CHECK((*config)->metrics_listen == good);
+        CHECK((*config)->warnings.empty());
+    }
+    auto open = with("0.0.0.0:9940");
+    REQUIRE(open.ok());
+    REQUIRE((*open)->warnings.size() == 1);
+    CHECK((*open)->warnings[0].find("metrics.listen: \"0.0.0.0:9940\" is not a loopback address") !=
+          std::string::npos);
+    const std::pair<const char*, const char*> bad[] = {
+        {"9940", "is not \"HOST:PORT\""},
+        {"127.0.0.1:http", "has no valid port"},
+        {"127.0.0.1:70000", "has no valid port"},
+        {"::1:9940", "has no IPv4 address"},
+        {"[127.0.0.1]:9940", "has no valid IPv6 address"},
+        {"metrics.example:9940", "has no IPv4 address"},
+    };
+    for (const auto& [listen, why] : bad) {
+        CAPTURE(listen);
+        auto config = with(listen);
+        REQUIRE_FALSE(config.ok());
+        CHECK(config.error().to_string().find(why) != std::string::npos);
+        CHECK(config.error().to_string().find("paas-milter.toml:18: metrics.listen") !=
+              std::string::npos);
+    }
+    CHECK(load_error(kMinimal + "\n[metrics]\nport = 9940\n", dir).find("unknown key") !=
+          std::string::npos);
+}
+
 TEST_CASE("the shipped example configuration is valid") {
     auto config = load_config(PAAS_SOURCE_DIR "/etc/paas-milter.toml");
     REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));

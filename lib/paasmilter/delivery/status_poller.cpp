@@ -4,6 +4,7 @@
 
 #include "paasmilter/api_delivery.hpp"
 #include "paasmilter/log.hpp"
+#include "paasmilter/metrics.hpp"
 
 namespace paasmilter {
 
@@ -23,14 +24,12 @@ struct StatusPoller::Job {
 namespace {
 
 void log_final(const FinalStatus& s) {
-    std::string line = fmt::format("{}: api-status operation_id={}, status={}, polls={}",
-                                   s.queue_id, s.operation_id, s.status, s.polls);
+    metrics().final_status("acs", s.status);  // only ACS has operations to poll
+    std::string line = fmt::format("api-status operation_id={}, status={}, polls={}",
+                                   s.operation_id, s.status, s.polls);
     if (!s.detail.empty()) line += ", detail=" + sanitize_for_log(s.detail, 300);
-    if (s.status == "Succeeded") {
-        log_info("{}", line);
-    } else {
-        log_warning("{}", line);
-    }
+    log_for(s.status == "Succeeded" ? LogLevel::info : LogLevel::warning, s.queue_id, line,
+            {{"operation_id", s.operation_id}, {"status", s.status}});
 }
 
 bool terminal(std::string_view status) {
@@ -141,8 +140,7 @@ StatusPoller::Fetch acs_status_fetch(std::shared_ptr<const ApiSettings> api) {
         if (auto r = authorize_acs_request(*api, request, system_clock::now(), timeout); !r) {
             return r.error();
         }
-        if (!api->http) return make_error(ErrorKind::request_not_sent, "no HTTP client");
-        return api->http->send(request, timeout);
+        return send_measured(api->http.get(), to_string(api->provider), request, timeout);
     };
 }
 
