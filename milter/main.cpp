@@ -13,6 +13,7 @@
 #include "paasmilter/config.hpp"
 #include "paasmilter/log.hpp"
 #include "paasmilter/verdict.hpp"
+#include "postfix_facts.hpp"
 
 namespace {
 
@@ -23,7 +24,7 @@ constexpr const char* kVersion = "0.1.0";
 
 constexpr const char* kUsage = R"(usage:
   paas-milter run    [-c FILE] [--foreground] [--debug] [--verbose] [--log-format text|json]
-  paas-milter check  [-c FILE]
+  paas-milter check  [-c FILE] [--postconf PATH] [--postfix-config DIR]
   paas-milter query  [-c FILE] [--client-addr IP] [--client-name NAME]
                      [--cert-subject S] [--cert-issuer S] [--cert-fingerprint FP]
                      [--auth USER] [--from ADDR] [--rcpt ADDR]... [--header 'Name: value']...
@@ -36,7 +37,8 @@ constexpr const char* kUsage = R"(usage:
                  json writes one JSON object per line (for container log collectors).
   check          validate the configuration and every table it names (exit 0 or 1);
                  risky settings (a socket other hosts can reach, secret files others
-                 can read) are printed as warnings and still exit 0
+                 can read) are printed as warnings and still exit 0, as is Postfix
+                 miswiring found through postconf (--postfix-config DIR: its -c DIR)
   query          print the decision for one transaction (matched rule, route, action)
   header-checks  print the milter_header_checks lines for the relay routes
 The default FILE is /etc/paas-milter/paas-milter.toml.
@@ -55,6 +57,7 @@ struct Arguments {
     bool verbose = false;
     LogFormat log_format = LogFormat::text;
     Transaction tx;
+    PostfixCheckOptions postfix;  // check: --postconf, --postfix-config
 };
 
 // Returns an error message, or empty on success.
@@ -76,6 +79,10 @@ std::string parse(int argc, char** argv, Arguments& args) {
             args.foreground = true;
         } else if (arg == "--debug") {
             args.debug = true;
+        } else if (arg == "--postconf") {
+            ok = value(args.postfix.postconf);
+        } else if (arg == "--postfix-config") {
+            ok = value(args.postfix.config_directory);
         } else if (arg == "--verbose" || arg == "-v") {
             args.verbose = true;
         } else if (arg == "--log-format") {
@@ -135,6 +142,7 @@ int command_check(const Arguments& args) {
     for (const std::string& warning : (*config)->warnings) {
         std::fprintf(stderr, "warning: %s\n", warning.c_str());
     }
+    report_postfix_wiring(**config, args.postfix);
     std::printf("%s: OK (%zu routes, %zu rules, mode %s)\n", args.config.c_str(),
                 (*config)->routes.size(), (*config)->rules.size(), to_string((*config)->mode));
     return 0;

@@ -159,13 +159,15 @@ class ConfigurationWarnings(harness.IntegrationTestCase):
     def test_check_prints_warnings_and_succeeds(self) -> None:
         os.chmod(self.secret, 0o644)
         port = harness.free_port()
-        config = self.write_config("check.toml", harness.milter_config(port, API_ROUTE,
-                                                                        socket=f"inet:{port}"))
+        config = self.write_config("check.toml", harness.milter_config(
+            port, API_ROUTE, socket=f"inet:{port}", default_route="acs-api"))
         check = subprocess.run([harness.milter_binary(), "check", "-c", config],
                                capture_output=True, text=True, timeout=30)
         self.assertEqual(check.returncode, 0, check.stderr)
         self.assertIn(": OK (", check.stdout)
-        warnings = check.stderr.splitlines()
+        # This machine's Postfix has no /etc/postfix/main.cf: its wiring is not this test's.
+        warnings = [w for w in check.stderr.splitlines()
+                    if "Postfix wiring not checked" not in w]
         self.assertEqual(len(warnings), 2, check.stderr)
         self.assertTrue(all(w.startswith("warning: ") for w in warnings), check.stderr)
         self.assertIn(f'milter.socket: "inet:{port}" has no host', check.stderr)
@@ -173,10 +175,13 @@ class ConfigurationWarnings(harness.IntegrationTestCase):
         self.assertNotIn("c2VjcmV0", check.stderr + check.stdout)
 
         os.chmod(self.secret, 0o600)
-        config = self.write_config("check.toml", harness.milter_config(port, API_ROUTE))
+        config = self.write_config("check.toml", harness.milter_config(
+            port, API_ROUTE, default_route="acs-api"))
         check = subprocess.run([harness.milter_binary(), "check", "-c", config],
                                capture_output=True, text=True, timeout=30)
-        self.assertEqual((check.returncode, check.stderr), (0, ""))
+        warnings = [w for w in check.stderr.splitlines()
+                    if "Postfix wiring not checked" not in w]
+        self.assertEqual((check.returncode, warnings), (0, []))
 
     def test_daemon_logs_warnings_at_start_and_after_each_reload(self) -> None:
         os.chmod(self.secret, 0o640)
