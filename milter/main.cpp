@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "daemon.hpp"
+#include "health.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/log.hpp"
@@ -29,6 +30,7 @@ constexpr const char* kUsage = R"(usage:
                      [--cert-subject S] [--cert-issuer S] [--cert-fingerprint FP]
                      [--auth USER] [--from ADDR] [--rcpt ADDR]... [--header 'Name: value']...
   paas-milter header-checks [-c FILE]
+  paas-milter health [-c FILE] [--socket SPEC] [--timeout SECONDS]
   paas-milter version
 
   run            serve libmilter on milter.socket; logs to syslog (mail), or to stderr
@@ -179,6 +181,9 @@ int main(int argc, char** argv) {
                           std::strcmp(argv[1], "help") == 0)) {
             std::fputs(kUsage, stdout);
             return 0;
+        }
+        if (argc >= 2 && std::strcmp(argv[1], "health") == 0) {
+            return command_health(argc - 2, argv + 2, kDefaultConfig);
         }
         if (std::string error = parse(argc, argv, args); !error.empty()) return usage_error(error);
         if (args.command == "run") {

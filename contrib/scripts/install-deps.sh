@@ -15,6 +15,8 @@
 #   libio-socket-inet6-perl         swaks' IPv6 support (tests against [::1])
 #   postfix-pcre                    pcre: tables (milter_header_checks)
 #   libsasl2-modules                PLAIN/LOGIN for the Postfix SMTP client (SASL to relays)
+#   podman runc buildah catatonit   the container images and their test suite
+#   mmdebstrap podman-compose       (contrib/scripts/container-image.sh, tests/container/)
 set -eu
 
 PACKAGES="
@@ -24,6 +26,7 @@ libgmime-3.0-dev nlohmann-json3-dev libpcre2-dev prometheus-cpp-dev
 postfix postfix-pcre libsasl2-modules
 swaks libnet-ssleay-perl libio-socket-inet6-perl
 openssl python3 procps ca-certificates clang-format
+podman runc buildah catatonit mmdebstrap podman-compose
 "
 
 if [ "$(id -u)" -ne 0 ]; then
