@@ -21,7 +21,7 @@ namespace {
 using namespace paasmilter;
 
 constexpr const char* kDefaultConfig = "/etc/paas-milter/paas-milter.toml";
-constexpr const char* kVersion = "0.1.0";
+constexpr const char* kVersion = PAAS_MILTER_VERSION;  // meson's project version
 
 constexpr const char* kUsage = R"(usage:
   paas-milter run    [-c FILE] [--foreground] [--debug] [--verbose] [--log-format text|json]
@@ -31,7 +31,8 @@ constexpr const char* kUsage = R"(usage:
                      [--auth USER] [--from ADDR] [--rcpt ADDR]... [--header 'Name: value']...
   paas-milter header-checks [-c FILE]
   paas-milter health [-c FILE] [--socket SPEC] [--timeout SECONDS]
-  paas-milter version
+  paas-milter version | --version | -V
+  paas-milter help | --help | -h
 
   run            serve libmilter on milter.socket; logs to syslog (mail), or to stderr
                  with --foreground. SIGHUP reloads the configuration, SIGTERM stops.
@@ -43,7 +44,7 @@ constexpr const char* kUsage = R"(usage:
                  miswiring found through postconf (--postfix-config DIR: its -c DIR)
   query          print the decision for one transaction (matched rule, route, action)
   header-checks  print the milter_header_checks lines for the relay routes
-The default FILE is /etc/paas-milter/paas-milter.toml.
+-c FILE, --config FILE: the configuration, by default /etc/paas-milter/paas-milter.toml.
 )";
 
 int usage_error(const std::string& message) {
@@ -193,7 +194,7 @@ int main(int argc, char** argv) {
         if (args.command == "check") return command_check(args);
         if (args.command == "query") return command_query(args);
         if (args.command == "header-checks") return command_header_checks(args);
-        if (args.command == "version" || args.command == "--version") {
+        if (args.command == "version" || args.command == "--version" || args.command == "-V") {
             std::printf("paas-milter %s\n", kVersion);
             return 0;
         }

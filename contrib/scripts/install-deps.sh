@@ -15,17 +15,18 @@
 #   libio-socket-inet6-perl         swaks' IPv6 support (tests against [::1])
 #   postfix-pcre                    pcre: tables (milter_header_checks)
 #   libsasl2-modules                PLAIN/LOGIN for the Postfix SMTP client (SASL to relays)
+#   groff-base + man-db             the man page test renders paas-milter(8) with `man -l`
 #   podman runc buildah catatonit   the container images and their test suite
 #   mmdebstrap podman-compose       (contrib/scripts/container-image.sh, tests/container/)
 set -eu
 
 PACKAGES="
-build-essential g++ meson ninja-build pkg-config
+build-essential g++ meson ninja-build pkg-config scdoc
 libmilter-dev libsystemd-dev libcurl4-openssl-dev libssl-dev libtomlplusplus-dev libfmt-dev doctest-dev
 libgmime-3.0-dev nlohmann-json3-dev libpcre2-dev prometheus-cpp-dev
 postfix postfix-pcre libsasl2-modules
 swaks libnet-ssleay-perl libio-socket-inet6-perl
-openssl python3 procps ca-certificates clang-format
+openssl python3 procps ca-certificates clang-format groff-base man-db
 podman runc buildah catatonit mmdebstrap podman-compose
 "
 
