@@ -1,4 +1,5 @@
 #include "paasmilter/ip.hpp"
+#include "paasmilter/text.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -52,10 +53,6 @@ IpAddress masked(IpAddress address, int prefix_length) {
         address.bytes[i] &= static_cast<std::uint8_t>(0xff00u >> keep);
     }
     return address;
-}
-
-std::string quoted(std::string_view text) {
-    return "\"" + std::string(text) + "\"";
 }
 
 }  // namespace

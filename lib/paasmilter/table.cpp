@@ -1,4 +1,5 @@
 #include "paasmilter/table.hpp"
+#include "paasmilter/text.hpp"
 #include "paasmilter/unique_fd.hpp"
 
 #include <fcntl.h>
@@ -64,10 +65,6 @@ std::string lowercase(std::string_view text) {
     std::string out;
     lowercase_into(out, text);
     return out;
-}
-
-std::string quoted(std::string_view text) {
-    return "\"" + std::string(text) + "\"";
 }
 
 std::string location(std::string_view file, int line) {

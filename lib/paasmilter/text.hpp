@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <string>
 #include <string_view>
 
 namespace paasmilter {
@@ -16,6 +17,17 @@ inline bool iequals(std::string_view a, std::string_view b) {
     return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
                return ascii_lower(x) == ascii_lower(y);
            });
+}
+
+// "text" in double quotes, for error messages. Appended piecewise: `"\"" + std::string(..)`
+// trips GCC 12's false -Wrestrict at -O3 (GCC bug 105329), which -Werror turns into an error.
+inline std::string quoted(std::string_view text) {
+    std::string out;
+    out.reserve(text.size() + 2);
+    out += '"';
+    out += text;
+    out += '"';
+    return out;
 }
 
 }  // namespace paasmilter
