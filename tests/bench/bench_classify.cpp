@@ -17,6 +17,8 @@
 #include <string_view>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/table.hpp"
@@ -232,7 +234,7 @@ int run() {
         const CidrEntry* scan = naive_lookup(entries, tx.client_addr);
         const bool same =
             trie ? scan && trie->value == scan->value &&
-                       trie->where.ends_with(":" + std::to_string(scan - entries.data() + 1))
+                       trie->where.ends_with(fmt::format(":{}", scan - entries.data() + 1))
                  : scan == nullptr;
         if (!same) {
             std::fprintf(stderr, "bench-classify: trie and linear scan disagree on %s\n",
