@@ -8,6 +8,7 @@
 #include "paasmilter/delivery/status_poller.hpp"
 #include "paasmilter/log.hpp"
 #include "paasmilter/providers/provider.hpp"
+#include "paasmilter/quota/route_quota.hpp"
 
 namespace paasmilter {
 
@@ -79,7 +80,7 @@ ApiFailure failure_of(ApiOutcome::Kind kind) {
 
 ApiResult submit(const std::string& queue_id, MessageState& message, const Config& config,
                  const std::vector<std::string>& remote, SMFICTX* ctx,
-                 std::chrono::steady_clock::time_point deadline) {
+                 std::chrono::steady_clock::time_point deadline, const LoopVerdict& loop) {
     const auto& api_ptr = message.decision->route->api;
     const ApiSettings& api = *api_ptr;
     const ApiProvider& provider = provider_for(api);
@@ -120,14 +121,39 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
         return result;
     }
 
+    // The route's quota, before any request: with a bucket empty, on_quota applies.
+    if (config.quota_store) {
+        RouteQuotaCheck quota = take_route_quota(*config.quota_store, message.decision->route->name,
+                                                 api, remote.size());
+        result.log += quota.log;
+        if (!quota.granted) {
+            result.failure = ApiFailure::quota;
+            result.detail = quota.detail;
+            return result;
+        }
+    }
+
     ApiHooks hooks = default_api_hooks(api);
     hooks.progress = [ctx] { smfi_progress(ctx); };
     hooks.posted = &posted_requests();
+    // A 429 anyway: the route's buckets empty, so the next messages do not wait for one too.
+    hooks = drain_quota_on_throttle(std::move(hooks), config.quota_store,
+                                    message.decision->route->name, api.quota);
     // The client's routing header (already removed from the MTA's copy) never goes out.
     ProviderInput input{
         *message.spool, message.tx.sender,       sender,
         remote,         {config.routing_header}, MessageIdentity{*digest, message.tx.sender},
         deadline};
+    input.rewrite = &message.decision->route->rewrite;
+    if (!loop.header.empty()) {
+        // Loop protection: the client's stamp fields never go out as they came; the valid
+        // ones and this gateway's stamp go out as fields of the submitted copy.
+        input.never_pass_headers.push_back(loop.header);
+        for (const auto& field : loop.kept_fields) {
+            input.add_headers.emplace_back(loop.header, field);
+        }
+        if (!loop.stamp.empty()) input.add_headers.emplace_back(loop.header, loop.stamp);
+    }
     ApiOutcome outcome = provider.submit(api, input, hooks);
     watch_final_status(queue_id, outcome, provider, api_ptr);
     result.log += describe_outcome(outcome);
@@ -137,8 +163,10 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
         }
     }
     result.detail = outcome.detail;
-    result.accepted = outcome.accepted_recipients();
-    result.unresolved = outcome.unresolved_recipients();
+    // The service knows the recipients as recipient_rewrite made them, the MTA as sent.
+    const DomainMap& rewritten = message.decision->route->rewrite.recipient;
+    result.accepted = original_recipients(outcome.accepted_recipients(), remote, rewritten);
+    result.unresolved = original_recipients(outcome.unresolved_recipients(), remote, rewritten);
     result.busy = outcome.busy();
     result.failure = failure_of(outcome.kind);
     return result;
@@ -189,10 +217,10 @@ sfsistat act_api(SMFICTX* ctx, const std::string& id, MessageState& message, con
         result.log = fmt::format(", api=skipped (all {} recipients are in local_domains)",
                                  tx.recipients.size());
     } else {
-        result = submit(id, message, config, remote, ctx, deadline);
+        result = submit(id, message, config, remote, ctx, deadline, verdict.loop);
     }
-    MtaPlan plan =
-        plan_for_api(config, api, verdict, tx.recipients, message.recipient_args, result);
+    MtaPlan plan = plan_for_api(config, api, verdict, tx.recipients, message.recipient_args, result,
+                                &message.recipient_esmtp_args);
     line += plan.log;
     sfsistat status = replay(ctx, config.routing_header, plan, line);
     log_decision(id, line, *message.decision, tx,

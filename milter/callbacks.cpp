@@ -19,6 +19,7 @@
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/log.hpp"
 #include "paasmilter/metrics.hpp"
+#include "paasmilter/route_addresses.hpp"
 #include "paasmilter/verdict.hpp"
 
 namespace paasmilter {
@@ -117,6 +118,19 @@ void capture_certificate(SMFICTX* ctx, ConnectionState& conn) {
     conn.cert_fingerprint = fingerprint;
 }
 
+// Loop protection: keeps what the stamps are judged on at end of message, whatever the
+// limits on stored headers (every stamp field is counted, so a forged one is always removed).
+void note_loop_header(MessageState& message, const char* name, const char* value) {
+    const std::string_view text = value ? value : "";
+    if (strcasecmp(name, "Message-ID") == 0 && !message.message_id) {
+        message.message_id = std::string(text.substr(0, kMaxLoopFieldBytes));
+    } else if (strcasecmp(name, std::string(kLoopHeader).c_str()) == 0) {
+        const bool keep =
+            message.loop_fields.size() < kMaxLoopFields && text.size() <= kMaxLoopFieldBytes;
+        message.loop_fields.push_back(keep ? std::optional<std::string>(text) : std::nullopt);
+    }
+}
+
 // Every callback body runs inside this: an exception never crosses into libmilter, and
 // the message is tempfailed rather than passed or lost.
 template <class Body>
@@ -143,9 +157,10 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
             return SMFIS_REJECT;
         }
         // Deleting recipients (API-accepted ones when others stay local) and quarantine
-        // (the "hold" policy) are only used by API routes.
-        *actions =
-            needed | (offered_actions & (SMFIF_SETSYMLIST | SMFIF_DELRCPT | SMFIF_QUARANTINE));
+        // (the "hold" policy) are only used by API routes; adding recipients with ESMTP
+        // arguments (ORCPT) by external_only routes.
+        *actions = needed | (offered_actions & (SMFIF_SETSYMLIST | SMFIF_DELRCPT |
+                                                SMFIF_QUARANTINE | SMFIF_ADDRCPT_PAR));
         // Skip what we never look at; ask for no replies to headers when the MTA allows it
         // (fewer round trips per message), and for SMFIS_SKIP so that only messages for an
         // API route send us their body. The DATA step is NOT skipped: without it Postfix
@@ -227,7 +242,7 @@ sfsistat on_envfrom(SMFICTX* ctx, char** argv) {
         tx.auth_user = macro(ctx, "{auth_authen}");
         tx.sender = argv && argv[0] ? strip_angle_brackets(argv[0]) : std::string();
         log_stage(ctx, conn, "mail",
-                  {{"from", "<" + sanitize_for_log(tx.sender, 200) + ">"},
+                  {{"from", fmt::format("<{}>", sanitize_for_log(tx.sender, 200))},
                    {"auth", sanitize_for_log(tx.auth_user, 120)}});
         return SMFIS_CONTINUE;
     });
@@ -238,8 +253,23 @@ sfsistat on_envrcpt(SMFICTX* ctx, char** argv) {
         ConnectionState* conn = state_of(ctx);
         if (!conn || !conn->message) return SMFIS_TEMPFAIL;
         if (argv && argv[0]) {
+            if (is_route_pseudo_address(argv[0])) {
+                // Only the milter may put a recipient there (external_only routes): one named
+                // by a client would reach a route's transport without being classified.
+                log_warning("{}: RCPT {} refused: a route's pseudo-domain ({})", queue_id(ctx),
+                            sanitize_for_log(argv[0], 200), kRoutePseudoDomain);
+                smfi_setreply(ctx, const_cast<char*>("550"), const_cast<char*>("5.1.1"),
+                              const_cast<char*>("Recipient address reserved for routing"));
+                return SMFIS_REJECT;
+            }
             conn->message->tx.recipients.push_back(strip_angle_brackets(argv[0]));
             conn->message->recipient_args.emplace_back(argv[0]);
+            std::string esmtp;  // NOTIFY=, ORCPT=: kept if the recipient is rerouted
+            for (int i = 1; argv[i]; ++i) {
+                if (!esmtp.empty()) esmtp += ' ';
+                esmtp += argv[i];
+            }
+            conn->message->recipient_esmtp_args.push_back(std::move(esmtp));
             log_stage(ctx, conn, "rcpt", {{"to", sanitize_for_log(argv[0], 200)}});
         }
         return SMFIS_CONTINUE;
@@ -254,6 +284,7 @@ sfsistat on_header(SMFICTX* ctx, char* name, char* value) {
         if (strcasecmp(name, message.config->routing_header.c_str()) == 0) {
             ++message.forged_routing_headers;
         }
+        if (message.config->loop) note_loop_header(message, name, value);
         log_stage(ctx, conn, "header", {{"name", sanitize_for_log(name, 80)}});
         size_t size = std::strlen(name) + (value ? std::strlen(value) : 0);
         if (message.tx.headers.size() >= kMaxStoredHeaders ||
@@ -327,11 +358,22 @@ sfsistat act(SMFICTX* ctx, const std::string& id, MessageState& message) {
     if (!message.decision) message.decision = classify(config, message.tx);
     const Decision& decision = *message.decision;
     Verdict verdict = decide_verdict(config, decision, message.forged_routing_headers);
+    if (config.loop) {
+        LoopCheck arrived =
+            check_loop_stamps(*config.loop, message.loop_fields, message.message_id.value_or(""));
+        if (auto r = apply_loop_protection(*config.loop, decision, arrived, verdict); !r) {
+            log_error("{}: loop stamp: {}; tempfail", id, r.error().message);
+            return SMFIS_TEMPFAIL;
+        }
+    }
     if (verdict.submit_to_api && !verdict.dry_run) {
         return act_api(ctx, id, message, verdict, started + decision.route->api->time_budget);
     }
     std::string line = format_decision_log(message.tx, decision, verdict);
-    MtaPlan plan = plan_for_verdict(verdict);
+    MtaPlan plan = plan_for_verdict(
+        verdict, decision.route,
+        {message.tx.recipients, message.recipient_args, &message.recipient_esmtp_args});
+    line += plan.log;
     sfsistat status = replay(ctx, config.routing_header, plan, line);
     log_decision(id, line, decision, message.tx,
                  count_transaction(decision, verdict, plan, status, nullptr));
@@ -398,8 +440,8 @@ smfiDesc milter_description() {
     smfiDesc description{};
     description.xxfi_name = const_cast<char*>("paas-milter");
     description.xxfi_version = SMFI_VERSION;
-    description.xxfi_flags =
-        SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_SETSYMLIST | SMFIF_DELRCPT | SMFIF_QUARANTINE;
+    description.xxfi_flags = SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_SETSYMLIST | SMFIF_DELRCPT |
+                             SMFIF_QUARANTINE | SMFIF_ADDRCPT_PAR;
     description.xxfi_connect = on_connect;
     description.xxfi_helo = on_helo;
     description.xxfi_envfrom = on_envfrom;

@@ -13,6 +13,8 @@
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/log.hpp"
+#include "paasmilter/postfix_config.hpp"
+#include "paasmilter/quota/route_quota.hpp"
 #include "paasmilter/verdict.hpp"
 #include "postfix_facts.hpp"
 
@@ -30,6 +32,7 @@ constexpr const char* kUsage = R"(usage:
                      [--cert-subject S] [--cert-issuer S] [--cert-fingerprint FP]
                      [--auth USER] [--from ADDR] [--rcpt ADDR]... [--header 'Name: value']...
   paas-milter header-checks [-c FILE]
+  paas-milter postfix-config [-c FILE] [--table-dir DIR]
   paas-milter health [-c FILE] [--socket SPEC] [--timeout SECONDS]
   paas-milter version | --version | -V
   paas-milter help | --help | -h
@@ -44,6 +47,8 @@ constexpr const char* kUsage = R"(usage:
                  miswiring found through postconf (--postfix-config DIR: its -c DIR)
   query          print the decision for one transaction (matched rule, route, action)
   header-checks  print the milter_header_checks lines for the relay routes
+  postfix-config print what Postfix needs for the routes: main.cf and master.cf lines,
+                 milter_header_checks, transport and generic maps (tables in DIR)
 -c FILE, --config FILE: the configuration, by default /etc/paas-milter/paas-milter.toml.
 )";
 
@@ -61,6 +66,8 @@ struct Arguments {
     LogFormat log_format = LogFormat::text;
     Transaction tx;
     PostfixCheckOptions postfix;  // check: --postconf, --postfix-config
+    // postfix-config: --table-dir
+    PostfixConfigOptions postfix_config;
 };
 
 // Returns an error message, or empty on success.
@@ -86,6 +93,8 @@ std::string parse(int argc, char** argv, Arguments& args) {
             ok = value(args.postfix.postconf);
         } else if (arg == "--postfix-config") {
             ok = value(args.postfix.config_directory);
+        } else if (arg == "--table-dir") {
+            ok = value(args.postfix_config.table_directory);
         } else if (arg == "--verbose" || arg == "-v") {
             args.verbose = true;
         } else if (arg == "--log-format") {
@@ -146,8 +155,12 @@ int command_check(const Arguments& args) {
         std::fprintf(stderr, "warning: %s\n", warning.c_str());
     }
     report_postfix_wiring(**config, args.postfix);
-    std::printf("%s: OK (%zu routes, %zu rules, mode %s)\n", args.config.c_str(),
-                (*config)->routes.size(), (*config)->rules.size(), to_string((*config)->mode));
+    // Without [loop], routed messages are neither stamped nor checked for routing loops.
+    const std::string loop = (*config)->loop ? "loop protection as " + (*config)->loop->gateway_id
+                                             : std::string("no loop protection");
+    std::printf("%s: OK (%zu routes, %zu rules, mode %s, %s)\n", args.config.c_str(),
+                (*config)->routes.size(), (*config)->rules.size(), to_string((*config)->mode),
+                loop.c_str());
     return 0;
 }
 
@@ -160,6 +173,7 @@ int command_query(const Arguments& args) {
     Decision decision = classify(**config, args.tx);
     Verdict verdict = decide_verdict(**config, decision, 0);
     std::fputs(format_query_report(decision, verdict, args.tx).c_str(), stdout);
+    if (decision.route) std::fputs(format_quota_report(**config, *decision.route).c_str(), stdout);
     return 0;
 }
 
@@ -170,6 +184,16 @@ int command_header_checks(const Arguments& args) {
         return 1;
     }
     std::fputs(render_header_checks(**config).c_str(), stdout);
+    return 0;
+}
+
+int command_postfix_config(const Arguments& args) {
+    auto config = load_config(args.config);
+    if (!config) {
+        std::fprintf(stderr, "%s\n", config.error().to_string().c_str());
+        return 1;
+    }
+    std::fputs(render_postfix_config(**config, args.postfix_config).c_str(), stdout);
     return 0;
 }
 
@@ -188,12 +212,13 @@ int main(int argc, char** argv) {
         }
         if (std::string error = parse(argc, argv, args); !error.empty()) return usage_error(error);
         if (args.command == "run") {
-            return run_daemon({args.config, args.foreground, args.debug, args.verbose,
-                               args.log_format});
+            return run_daemon(
+                {args.config, args.foreground, args.debug, args.verbose, args.log_format});
         }
         if (args.command == "check") return command_check(args);
         if (args.command == "query") return command_query(args);
         if (args.command == "header-checks") return command_header_checks(args);
+        if (args.command == "postfix-config") return command_postfix_config(args);
         if (args.command == "version" || args.command == "--version" || args.command == "-V") {
             std::printf("paas-milter %s\n", kVersion);
             return 0;

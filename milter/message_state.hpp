@@ -29,7 +29,13 @@ struct MessageState {
     std::shared_ptr<const Config> config;  // the snapshot this message started with
     Transaction tx;
     std::vector<std::string> recipient_args;  // RCPT TO arguments as the MTA sent them
+    // ... and each one's ESMTP parameters ("NOTIFY=NEVER ORCPT=rfc822;a@example.net")
+    std::vector<std::string> recipient_esmtp_args;
     int forged_routing_headers = 0;
+    // Loop protection ([loop]): each stamp header field as the MTA passed it (nullopt past
+    // kMaxLoopFields or kMaxLoopFieldBytes), and the first Message-ID, which stamps bind.
+    std::vector<std::optional<std::string>> loop_fields;
+    std::optional<std::string> message_id;
     size_t stored_header_bytes = 0;
     bool headers_truncated = false;
     bool failed = false;                  // an earlier callback failed without being able to say so

@@ -1,5 +1,7 @@
 #include "mta_actions.hpp"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include "paasmilter/log.hpp"
@@ -33,12 +35,27 @@ sfsistat replay(SMFICTX* ctx, const std::string& routing_header, const MtaPlan& 
             return failed(ctx, log, "remove the client's " + routing_header + " header");
         }
     }
+    for (const auto& [name, index] : plan.delete_headers) {
+        std::string n = name;
+        if (smfi_chgheader(ctx, n.data(), index, nullptr) != MI_SUCCESS) {
+            return failed(ctx, log, "remove a " + name + " header");
+        }
+    }
     for (const auto& rcpt : plan.delete_recipients) {
         std::string arg = rcpt;
         if (smfi_delrcpt(ctx, arg.data()) != MI_SUCCESS) {
             // After an acceptance, a tempfail is the safe answer: the retry finds the
             // service's operations and sends nothing twice.
             return failed(ctx, log, "delete a recipient");
+        }
+    }
+    for (const auto& add : plan.add_recipients) {
+        // After the deletions: the same recipient, now in an external_only route's
+        // pseudo-domain, with an ORCPT naming the original for DSNs and the next hop.
+        std::string rcpt = add.address, esmtp = add.esmtp_args;
+        if (smfi_addrcpt_par(ctx, rcpt.data(), esmtp.empty() ? nullptr : esmtp.data()) !=
+            MI_SUCCESS) {
+            return failed(ctx, log, "add a recipient (SMFIF_ADDRCPT_PAR)");
         }
     }
     for (const auto& [name, value] : plan.add_headers) {
@@ -77,6 +94,12 @@ TransactionOutcome count_transaction(const Decision& decision, const Verdict& ve
     // When the MTA refused an action (told differs from the plan) nothing was changed.
     if (disposition == plan.disposition) {
         metrics().forged_routing_headers_removed(plan.delete_routing_headers);
+        metrics().forged_loop_stamps_removed(static_cast<size_t>(
+            std::count_if(plan.delete_headers.begin(), plan.delete_headers.end(),
+                          [](const auto& header) { return header.first == kLoopHeader; })));
+        if (verdict.loop.stopped && !verdict.dry_run && decision.route) {
+            metrics().loop_stopped(decision.route->name);
+        }
     }
     const TransactionOutcome outcome = transaction_outcome(
         verdict, plan, disposition, api != nullptr, api && !api->accepted.empty());

@@ -10,9 +10,10 @@
 
 namespace paasmilter {
 
-// Carries out `plan` in order: delete routing headers (last copy first), delete recipients,
-// add headers, quarantine, reply. If the MTA refuses any action the message is tempfailed
-// (the MTA then drops every change made so far) and `log` says which action failed.
+// Carries out `plan` in order: delete routing headers (last copy first), the other headers
+// it names (forged loop stamps), delete recipients, add recipients, add headers, quarantine,
+// reply. If the MTA refuses any action the message is tempfailed (the MTA then drops every
+// change made so far) and `log` says which action failed.
 sfsistat replay(SMFICTX* ctx, const std::string& routing_header, const MtaPlan& plan,
                 std::string& log);
 

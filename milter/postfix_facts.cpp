@@ -216,7 +216,7 @@ Result<PostfixFacts> gather_postfix_facts(const std::string& program,
     PostfixFacts facts;
     auto main_cf = postconf(program, config_directory,
                             {"-x", "queue_directory", "smtpd_milters", "non_smtpd_milters",
-                             "milter_default_action", "milter_header_checks"});
+                             "milter_default_action", "milter_header_checks", "transport_maps"});
     if (!main_cf) return main_cf.error();
     apply_main_parameters(*main_cf, facts);
 
@@ -251,6 +251,18 @@ Result<PostfixFacts> gather_postfix_facts(const std::string& program,
                             spec));
         }
         facts.header_checks_tables.push_back(std::move(table));
+    }
+    // For the external_only routes' pseudo-domains; only regexp:/pcre: tables are read (an
+    // indexed one, hash: say, leaves the routes unchecked).
+    for (const std::string& spec : split_postfix_list(facts.transport_maps)) {
+        PostfixTable table{spec, inline_table_content(spec)};
+        const std::string type = spec.substr(0, spec.find(':'));
+        const std::string path =
+            spec.find(':') == std::string::npos ? std::string() : spec.substr(spec.find(':') + 1);
+        if (!table.content && (type == "pcre" || type == "regexp") && !path.empty()) {
+            if (auto content = read_file(path)) table.content = std::move(*content);
+        }
+        facts.transport_tables.push_back(std::move(table));
     }
     return facts;
 }

@@ -14,6 +14,8 @@
 #                                   --tls/--tls-cert do not work ("TLS not available")
 #   libio-socket-inet6-perl         swaks' IPv6 support (tests against [::1])
 #   postfix-pcre                    pcre: tables (milter_header_checks)
+#   redis-server                    the quota tests' shared store: each test starts its own on
+#                                   a free loopback port, never the system's (not started here)
 #   libsasl2-modules                PLAIN/LOGIN for the Postfix SMTP client (SASL to relays)
 #   groff-base + man-db             the man page test renders paas-milter(8) with `man -l`
 #   podman runc buildah catatonit   the container images and their test suite
@@ -23,8 +25,8 @@ set -eu
 PACKAGES="
 build-essential g++ meson ninja-build pkg-config scdoc
 libmilter-dev libsystemd-dev libcurl4-openssl-dev libssl-dev libtomlplusplus-dev libfmt-dev doctest-dev
-libgmime-3.0-dev nlohmann-json3-dev libpcre2-dev prometheus-cpp-dev
-postfix postfix-pcre libsasl2-modules
+libgmime-3.0-dev nlohmann-json3-dev libpcre2-dev prometheus-cpp-dev libhiredis-dev
+postfix postfix-pcre libsasl2-modules redis-server
 swaks libnet-ssleay-perl libio-socket-inet6-perl
 openssl python3 procps ca-certificates clang-format groff-base man-db
 podman runc buildah catatonit mmdebstrap podman-compose

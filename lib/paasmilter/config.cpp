@@ -11,12 +11,15 @@
 #include <string_view>
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 #include <toml++/toml.h>
 
 #include "paasmilter/config_reader.hpp"
+#include "paasmilter/config_routing.hpp"
 #include "paasmilter/ip.hpp"
+#include "paasmilter/quota/quota_config.hpp"
 
 namespace paasmilter {
 
@@ -211,10 +214,14 @@ class Loader : private ConfigReader {
         }
         auto config = std::make_shared<Config>();
         config->path = path_;
-        if (auto r = check_keys(root, {"milter", "metrics", "routes", "rules"}, ""); !r)
+        if (auto r =
+                check_keys(root, {"milter", "metrics", "quota", "loop", "routes", "rules"}, "");
+            !r)
             return r.error();
         if (auto r = load_milter(root, *config); !r) return r.error();
         if (auto r = load_metrics(root, *config); !r) return r.error();
+        if (auto r = load_loop(root, *config); !r) return r.error();
+        if (auto r = load_quota(root, *config); !r) return r.error();
         if (auto r = load_routes(root, *config); !r) return r.error();
         if (auto r = load_rules(root, *config); !r) return r.error();
         config->warnings = std::move(warnings());
@@ -223,10 +230,85 @@ class Loader : private ConfigReader {
                 *root["milter"]["default_route"].node(),
                 fmt::format("milter.default_route: unknown route \"{}\"", config->default_route));
         }
+        // The quota store (a Redis connection, or local buckets) only for a daemon whose
+        // routes have buckets; a reload with the same [quota] keeps the same store.
+        const bool has_quota = std::any_of(
+            config->routes.begin(), config->routes.end(),
+            [](const auto& named) { return named.second.api && !named.second.api->quota.empty(); });
+        if (services_ && has_quota) config->quota_store = services_->quota_store(config->quota);
         return std::shared_ptr<const Config>(std::move(config));
     }
 
   private:
+    Result<void> load_quota(const toml::table& root, Config& config) {
+        const toml::node* node = root.get("quota");
+        if (!node) return {};
+        const toml::table* quota = node->as_table();
+        if (!quota) return error_at(*node, "quota: expected a table");
+        if (auto r =
+                check_keys(*quota, {"store", "password_file", "fleet_size", "key_prefix"}, "quota");
+            !r)
+            return r;
+        auto settings = load_quota_settings(*this, *quota);
+        if (!settings) return settings.error();
+        config.quota = std::move(*settings);
+        return {};
+    }
+
+    // [loop]: loop protection (loop_stamp.hpp). Without the table nothing is stamped or checked.
+    Result<void> load_loop(const toml::table& root, Config& config) {
+        const toml::node* node = root.get("loop");
+        if (!node) return {};
+        const toml::table* loop = node->as_table();
+        if (!loop) return error_at(*node, "loop: expected a table");
+        if (auto r =
+                check_keys(*loop, {"secret_file", "gateway_id", "max_hops", "on_loop"}, "loop");
+            !r)
+            return r;
+        auto settings = std::make_shared<LoopSettings>();
+        auto secret = read_secret_file(*loop, "secret_file", "loop");
+        if (!secret) return secret.error();
+        if (secret->size() < 16) {
+            return error_at(*loop->get("secret_file"),
+                            "loop.secret_file: the secret is shorter than 16 characters (make "
+                            "one with: openssl rand -base64 32)");
+        }
+        settings->secret = std::move(*secret);
+        char host[256] = {};
+        if (::gethostname(host, sizeof host - 1) != 0) host[0] = '\0';
+        auto gateway = get_string(*loop, "gateway_id", "loop", false, host);
+        if (!gateway) return gateway.error();
+        if (!valid_loop_name(*gateway) || gateway->size() > 64) {
+            const toml::node* at = loop->get("gateway_id");
+            return error_at(at ? *at : static_cast<const toml::node&>(*loop),
+                            fmt::format("loop.gateway_id: \"{}\" is not 1-64 letters, digits, "
+                                        "'.', '_' and '-'{}",
+                                        *gateway, at ? "" : " (the host name; set gateway_id)"));
+        }
+        settings->gateway_id = *gateway;
+        auto hops = get_integer(*loop, "max_hops", "loop", 1, 1, 20);
+        if (!hops) return hops.error();
+        settings->max_hops = static_cast<int>(*hops);
+        auto on_loop = get_string(*loop, "on_loop", "loop", false, "hold");
+        if (!on_loop) return on_loop.error();
+        if (*on_loop == "hold") {
+            settings->on_loop = LoopAction::hold;
+        } else if (*on_loop == "pass") {
+            settings->on_loop = LoopAction::pass;
+        } else if (*on_loop == "reject") {
+            settings->on_loop = LoopAction::reject;
+        } else if (*on_loop == "tempfail") {
+            settings->on_loop = LoopAction::tempfail;
+        } else {
+            return error_at(*loop->get("on_loop"),
+                            fmt::format("loop.on_loop: \"{}\" is not hold, pass, reject or "
+                                        "tempfail",
+                                        *on_loop));
+        }
+        config.loop = std::move(settings);
+        return {};
+    }
+
     Result<void> load_metrics(const toml::table& root, Config& config) {
         const toml::node* node = root.get("metrics");
         if (!node) return {};
@@ -256,9 +338,10 @@ class Loader : private ConfigReader {
         if (!node) return make_error("missing table [milter]", path_);
         const toml::table* milter = node->as_table();
         if (!milter) return error_at(*node, "milter: expected a table");
-        if (auto r = check_keys(
-                *milter, {"socket", "routing_header", "mode", "default_route", "state_directory"},
-                "milter");
+        if (auto r = check_keys(*milter,
+                                {"socket", "routing_header", "mode", "default_route",
+                                 "state_directory", "internal_domains", "internal_table"},
+                                "milter");
             !r)
             return r;
 
@@ -319,7 +402,7 @@ class Loader : private ConfigReader {
                                         *state_directory));
         }
         config.state_directory = *state_directory;
-        return {};
+        return load_milter_routing(*this, *milter, config);
     }
 
     static bool valid_header_name(std::string_view name) {
@@ -356,9 +439,12 @@ class Loader : private ConfigReader {
             }
             const toml::table* table = value.as_table();
             if (!table) return error_at(value, context + ": expected a table");
-            std::vector<std::string_view> known = {"action",    "dry_run",    "header_value",
-                                                   "transport", "reply_code", "reply_status",
-                                                   "reply_text"};
+            std::vector<std::string_view> known = {"action", "dry_run", "header_value", "transport",
+                                                   "reply_code", "reply_status", "reply_text",
+                                                   // config_routing.cpp
+                                                   "external_only", "internal_domains",
+                                                   "internal_table", "sender_rewrite",
+                                                   "recipient_rewrite"};
             const auto api_keys = api_route_keys();
             known.insert(known.end(), api_keys.begin(), api_keys.end());
             for (auto&& [k, v] : *table) {
@@ -405,6 +491,7 @@ class Loader : private ConfigReader {
                     }
                 }
             }
+            if (auto r = load_route_routing(*this, *table, context, config, route); !r) return r;
             config.routes.emplace(name, std::move(route));
         }
         if (config.routes.empty()) return error_at(*node, "routes: no route is defined");
@@ -412,8 +499,8 @@ class Loader : private ConfigReader {
         for (const auto& [name, route] : config.routes) {
             if (!route.api) continue;
             for (const FailurePolicy* policy :
-                 {&route.api->on_failure, &route.api->on_permanent_failure,
-                  &route.api->on_oversize}) {
+                 {&route.api->on_failure, &route.api->on_permanent_failure, &route.api->on_oversize,
+                  &route.api->on_quota}) {
                 if (policy->kind != FailurePolicy::Kind::relay) continue;
                 const Route* target = config.find_route(policy->relay_route);
                 if (!target || target->action != Action::relay) {

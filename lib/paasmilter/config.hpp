@@ -11,8 +11,11 @@
 
 #include "paasmilter/acs_auth.hpp"
 #include "paasmilter/http_client.hpp"
+#include "paasmilter/loop_stamp.hpp"
 #include "paasmilter/mime_convert.hpp"
+#include "paasmilter/quota/quota.hpp"
 #include "paasmilter/result.hpp"
+#include "paasmilter/route_addresses.hpp"
 #include "paasmilter/table.hpp"
 
 namespace paasmilter {
@@ -83,6 +86,10 @@ struct ApiSettings {
     FailurePolicy on_failure;  // transient: 429/5xx/timeouts/auth, after retries
     FailurePolicy on_permanent_failure{FailurePolicy::Kind::reject, {}};
     FailurePolicy on_oversize{FailurePolicy::Kind::reject, {}};
+    // Quota buckets (quota_messages_per_minute, ..._per_hour, quota_recipients_per_day; none:
+    // no quota), taken from before any request, and what to do when one is empty.
+    std::vector<BucketSpec> quota;
+    FailurePolicy on_quota;
     std::chrono::seconds time_budget{60};  // all attempts of one message, well under
                                            // Postfix's milter_content_timeout (300 s)
     std::chrono::seconds request_timeout{30};
@@ -107,6 +114,13 @@ struct Route {
     std::string reply_text;
     std::shared_ptr<const ApiSettings> api;  // action = "api"
     std::string where;                       // "file:line" of the [routes.NAME] table
+    // relay, external_only = true: only the recipients `internal` does not hold take the
+    // route, each in the route's pseudo-domain (route_addresses.hpp); no routing header.
+    bool external_only = false;
+    std::shared_ptr<const InternalRecipients> internal;
+    // relay and api: sender_rewrite / recipient_rewrite (relay: Postfix's smtp_generic_maps
+    // from `paas-milter postfix-config`; api: applied in the conversion).
+    AddressRewrite rewrite;
 };
 
 // The transaction facts a condition looks at.
@@ -166,6 +180,15 @@ struct Config {
     // [metrics] listen: "127.0.0.1:9940" or "[::1]:9940" where the daemon serves Prometheus
     // metrics on /metrics; empty: not served. Read at start only, like milter.socket.
     std::string metrics_listen;
+    // [loop]: stamp routed messages and stop loops (loop_stamp.hpp); null: neither.
+    std::shared_ptr<const LoopSettings> loop;
+    // [milter] internal_domains / internal_table: internal recipients of external_only
+    // routes that name none of their own; null when not set.
+    std::shared_ptr<const InternalRecipients> internal_recipients;
+    // [quota]: where the routes' quota buckets live; the store is built only with a
+    // ServiceRegistry (the daemon) and only when a route has buckets.
+    QuotaSettings quota;
+    std::shared_ptr<QuotaStore> quota_store;
     std::map<std::string, Route, std::less<>> routes;
     std::vector<Rule> rules;
     // Valid but risky settings ("file:line: key: why"), for `check` and the daemon's log.

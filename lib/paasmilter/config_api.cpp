@@ -6,6 +6,7 @@
 #include <toml++/toml.h>
 
 #include "paasmilter/config_reader.hpp"
+#include "paasmilter/quota/quota_config.hpp"
 #include "paasmilter/services.hpp"
 #include "paasmilter/table.hpp"
 
@@ -49,6 +50,10 @@ constexpr std::string_view kSharedKeys[] = {
     "proxy",
     "connect_timeout",
     "max_concurrency",
+    "quota_messages_per_minute",
+    "quota_messages_per_hour",
+    "quota_recipients_per_day",
+    "on_quota",
 };
 
 // ACS: api_version, an access key (connection string) or Entra ID, the endpoint, and how the
@@ -470,6 +475,7 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
     auto spool = reader.get_string(table, "spool_directory", context, false, "/var/tmp");
     if (!spool) return spool.error();
     api->spool_directory = *spool;
+    if (auto quota = load_route_quota(reader, table, context, *api); !quota) return quota.error();
     return std::shared_ptr<const ApiSettings>(std::move(api));
 }
 

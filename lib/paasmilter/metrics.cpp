@@ -45,7 +45,8 @@ TransactionOutcome transaction_outcome(const Verdict& verdict, const MtaPlan& pl
             break;
     }
     if (plan.quarantine_reason) return TransactionOutcome::held;
-    if (!plan.add_headers.empty()) {
+    // A routing header, or recipients rerouted by an external_only route.
+    if (!plan.add_headers.empty() || !plan.add_recipients.empty()) {
         return api_route ? TransactionOutcome::fell_back : TransactionOutcome::relayed;
     }
     // An API route that kept only its local_domains recipients with Postfix.
@@ -126,7 +127,33 @@ struct Metrics::Families {
           reloads(prometheus::BuildCounter()
                       .Name("paas_milter_config_loads_total")
                       .Help("Configuration loads (start-up and reloads) by result")
-                      .Register(registry)) {}
+                      .Register(registry)),
+          quota_tokens(prometheus::BuildGauge()
+                           .Name("paas_milter_quota_tokens")
+                           .Help("Tokens left in a route's quota bucket after the last take "
+                                 "(of the shared store, or of this gateway's local share)")
+                           .Register(registry)),
+          quota_exhausted(prometheus::BuildCounter()
+                              .Name("paas_milter_quota_exhausted_total")
+                              .Help("Messages that took on_quota because a route's bucket was "
+                                    "empty (bucket=\"throttled\": a 429's Retry-After running)")
+                              .Register(registry)),
+          quota_store_up(prometheus::BuildGauge()
+                             .Name("paas_milter_quota_store_up")
+                             .Help("1 while the shared quota store (Redis) answers, 0 while "
+                                   "each bucket's local share is used instead")
+                             .Register(registry)),
+          loops_stopped(prometheus::BuildCounter()
+                            .Name("paas_milter_loops_stopped_total")
+                            .Help("Messages of a relay or API route that arrived with max_hops "
+                                  "valid loop stamps and took on_loop instead of the route")
+                            .Register(registry)),
+          forged_loop_stamps(prometheus::BuildCounter()
+                                 .Name("paas_milter_forged_loop_stamps_removed_total")
+                                 .Help("Loop stamp header fields that did not verify (an unknown "
+                                       "party's), removed")
+                                 .Register(registry)
+                                 .Add({})) {}
 
     prometheus::Family<prometheus::Counter>& transactions;
     prometheus::Counter& forged_headers;
@@ -140,6 +167,12 @@ struct Metrics::Families {
     prometheus::Gauge& last_reload_ok;
     prometheus::Gauge& last_reload_time;
     prometheus::Family<prometheus::Counter>& reloads;
+    prometheus::Family<prometheus::Gauge>& quota_tokens;
+    prometheus::Family<prometheus::Counter>& quota_exhausted;
+    // Without a shared store the family stays empty: no series claims a store is down.
+    prometheus::Family<prometheus::Gauge>& quota_store_up;
+    prometheus::Family<prometheus::Counter>& loops_stopped;
+    prometheus::Counter& forged_loop_stamps;
 };
 
 namespace {
@@ -228,6 +261,28 @@ void Metrics::reload_refused(std::chrono::system_clock::time_point when) {
     families_->last_reload_ok.Set(0);
     families_->last_reload_time.Set(unix_seconds(when));
     families_->reloads.Add({{"result", "refused"}}).Increment();
+}
+
+void Metrics::quota_tokens(std::string_view route, std::string_view bucket, double level) {
+    families_->quota_tokens.Add({{"route", std::string(route)}, {"bucket", std::string(bucket)}})
+        .Set(level);
+}
+
+void Metrics::quota_exhausted(std::string_view route, std::string_view bucket) {
+    families_->quota_exhausted.Add({{"route", std::string(route)}, {"bucket", std::string(bucket)}})
+        .Increment();
+}
+
+void Metrics::quota_store_up(bool up) {
+    families_->quota_store_up.Add({}).Set(up ? 1 : 0);
+}
+
+void Metrics::loop_stopped(std::string_view route) {
+    families_->loops_stopped.Add({{"route", std::string(route)}}).Increment();
+}
+
+void Metrics::forged_loop_stamps_removed(size_t count) {
+    if (count > 0) families_->forged_loop_stamps.Increment(static_cast<double>(count));
 }
 
 Metrics& metrics() {

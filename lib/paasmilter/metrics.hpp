@@ -72,6 +72,16 @@ class Metrics {
     // A configuration put in force (at start or by a reload), or a reload refused.
     void config_loaded(std::chrono::system_clock::time_point when);
     void reload_refused(std::chrono::system_clock::time_point when);
+    // Route quotas: a bucket's level after a take, a take refused by an empty bucket (or
+    // "throttled": a 429's Retry-After still running), and whether the shared quota store
+    // (Redis) answers.
+    void quota_tokens(std::string_view route, std::string_view bucket, double level);
+    void quota_exhausted(std::string_view route, std::string_view bucket);
+    void quota_store_up(bool up);
+    // Loop protection: a message that took on_loop instead of `route`, and the client's stamp
+    // fields removed because they did not verify.
+    void loop_stopped(std::string_view route);
+    void forged_loop_stamps_removed(size_t count);
 
   private:
     struct Families;

@@ -268,9 +268,11 @@ void flatten(InternetAddressList* list, std::vector<Mailbox>& out, int depth = 0
     }
 }
 
-std::vector<Mailbox> mailboxes(GMimeMessage* message, GMimeAddressType type) {
+std::vector<Mailbox> mailboxes(GMimeMessage* message, GMimeAddressType type,
+                               const DomainMap& rewrite) {
     std::vector<Mailbox> out;
     flatten(g_mime_message_get_addresses(message, type), out);
+    for (Mailbox& mailbox : out) mailbox.address = rewrite.apply(mailbox.address);
     return out;
 }
 
@@ -835,7 +837,7 @@ Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* p
     // where each of them is shown.
     std::vector<std::string> recipients;
     for (const std::string& raw : envelope.recipients) {
-        std::string address = envelope_address(raw);
+        std::string address = options.rewrite.recipient.apply(envelope_address(raw));
         if (address.empty()) continue;
         if (std::none_of(recipients.begin(), recipients.end(),
                          [&](const std::string& seen) { return iequals(seen, address); }))
@@ -853,19 +855,22 @@ Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* p
             }
         }
     };
-    place(mailboxes(message, GMIME_ADDRESS_TYPE_TO), out.to);
-    place(mailboxes(message, GMIME_ADDRESS_TYPE_CC), out.cc);
+    place(mailboxes(message, GMIME_ADDRESS_TYPE_TO, options.rewrite.recipient), out.to);
+    place(mailboxes(message, GMIME_ADDRESS_TYPE_CC, options.rewrite.recipient), out.cc);
     for (size_t i = 0; i < recipients.size(); ++i)
         if (!placed[i]) out.bcc.push_back({recipients[i], ""});
 
     // Sender: only verified domains may send through ACS.
-    const std::vector<Mailbox> from = mailboxes(message, GMIME_ADDRESS_TYPE_FROM);
-    const std::vector<Mailbox> reply_to = mailboxes(message, GMIME_ADDRESS_TYPE_REPLY_TO);
+    const std::vector<Mailbox> from =
+        mailboxes(message, GMIME_ADDRESS_TYPE_FROM, options.rewrite.sender);
+    const std::vector<Mailbox> reply_to =
+        mailboxes(message, GMIME_ADDRESS_TYPE_REPLY_TO, options.rewrite.sender);
     std::string original;
     if (options.sender_source == SenderSource::header) {
         if (!from.empty()) original = from.front().address;
     } else {
-        original = envelope_address(envelope.sender);  // "" for the null sender
+        // "" for the null sender
+        original = options.rewrite.sender.apply(envelope_address(envelope.sender));
     }
     for (const Mailbox& mailbox : reply_to) out.reply_to.push_back(to_email_address(mailbox));
     if (!original.empty() && in_verified_domain(original, options.verified_domains)) {

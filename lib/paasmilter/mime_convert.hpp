@@ -7,6 +7,7 @@
 
 #include "paasmilter/email_message.hpp"
 #include "paasmilter/result.hpp"
+#include "paasmilter/route_addresses.hpp"
 
 namespace paasmilter {
 
@@ -40,6 +41,11 @@ struct ConversionOptions {
     // before GMime builds anything, on an upper bound: the message's lines that delimit a
     // declared boundary, wherever they are (forwarded messages included).
     size_t max_mime_parts = 500;
+    // The route's domain rewrite maps (sender_rewrite, recipient_rewrite): the envelope
+    // sender, From: and Reply-To: by the sender map, the envelope recipients and To:/Cc: by
+    // the recipient map, before anything is compared or sent (so a rewritten sender can be
+    // in verified_domains).
+    AddressRewrite rewrite;
 };
 
 // Error::message of a conversion refused because of max_mime_parts.

@@ -31,6 +31,10 @@ const char* to_string(WiringIssue issue) {
             return "header_check_mismatch";
         case WiringIssue::route_unused:
             return "route_unused";
+        case WiringIssue::transport_map_missing:
+            return "transport_map_missing";
+        case WiringIssue::transport_map_mismatch:
+            return "transport_map_mismatch";
     }
     return "?";
 }
@@ -298,6 +302,7 @@ class WiringChecker {
         check_non_smtpd();
         check_default_action();
         check_header_checks();
+        check_transport_maps();
         return std::move(warnings_);
     }
 
@@ -562,6 +567,7 @@ class WiringChecker {
     }
 
     void check_header_checks();
+    void check_transport_maps();
 
     const Config& config_;
     const PostfixFacts& facts_;
@@ -785,7 +791,8 @@ void WiringChecker::check_header_checks() {
     }
 
     for (const auto& [name, route] : config_.routes) {
-        if (route.action != Action::relay) continue;
+        // external_only routes add no header: transport_maps routes their recipients.
+        if (route.action != Action::relay || route.external_only) continue;
         const std::string header = config_.routing_header + ": " + route.header_value;
         const std::string filter =
             route.transport.empty() ? std::string("transport:nexthop") : route.transport;
@@ -859,6 +866,60 @@ void WiringChecker::check_header_checks() {
     }
 }
 
+// An external_only route's recipients are in its pseudo-domain: transport_maps must send that
+// to the route's transport, or they take Postfix's default transport and bounce.
+void WiringChecker::check_transport_maps() {
+    for (const auto& [name, route] : config_.routes) {
+        if (route.action != Action::relay || !route.external_only) continue;
+        const std::string domain = route_pseudo_domain(name);
+        const std::string sample = "user@example.net." + domain;
+        const std::string wanted =
+            fmt::format("/[.@]{}$/ {}", escape_pattern(domain), route.transport);
+        if (trim(facts_.transport_maps).empty()) {
+            warn(WiringIssue::transport_map_missing,
+                 fmt::format("route \"{}\" ({}): external_only, but main.cf transport_maps is "
+                             "empty, so its external recipients (in {}) take Postfix's default "
+                             "transport and bounce: set transport_maps = "
+                             "pcre:/etc/postfix/paas_route_transport with the line {} "
+                             "(paas-milter postfix-config prints it)",
+                             name, route.where, domain, wanted));
+            continue;
+        }
+        std::optional<HeaderCheckMatch> match;
+        const PostfixTable* matched_in = nullptr;
+        bool unknown = false;
+        for (const PostfixTable& table : facts_.transport_tables) {
+            const std::string_view type = table_type(table.spec);
+            if (!table.content || (type != "pcre" && type != "regexp")) {
+                unknown = true;  // a hash: table, say, might have the line
+                break;
+            }
+            match = first_match(parse_header_checks(*table.content, type == "pcre"), sample);
+            if (match) {
+                matched_in = &table;
+                break;
+            }
+        }
+        if (unknown) continue;
+        if (!match) {
+            warn(WiringIssue::transport_map_missing,
+                 fmt::format("route \"{}\" ({}): external_only, but no line of transport_maps "
+                             "({}) matches its pseudo-domain {}, so its external recipients "
+                             "take Postfix's default transport and bounce: add the line {} "
+                             "to a pcre: table listed first in transport_maps",
+                             name, route.where, trim(facts_.transport_maps), domain, wanted));
+            continue;
+        }
+        if (same_filter(match->action, route.transport)) continue;
+        warn(WiringIssue::transport_map_mismatch,
+             fmt::format("route \"{}\" ({}): transport_maps sends its pseudo-domain {} to "
+                         "\"{}\" ({} line {}), not to {} (routes.{}.transport): change that "
+                         "line to {}",
+                         name, route.where, domain, match->action, matched_in->spec, match->line,
+                         route.transport, name, wanted));
+    }
+}
+
 }  // namespace
 
 std::vector<std::string> split_postfix_list(std::string_view value) {
@@ -894,6 +955,8 @@ void apply_main_parameters(std::string_view postconf_output, PostfixFacts& facts
             facts.milter_default_action = std::string(value);
         } else if (name == "milter_header_checks") {
             facts.milter_header_checks = std::string(value);
+        } else if (name == "transport_maps") {
+            facts.transport_maps = std::string(value);
         }
     }
 }

@@ -38,6 +38,9 @@ struct PostfixFacts {
     std::string milter_default_action = "tempfail";
     std::string milter_header_checks;
     std::vector<PostfixTable> header_checks_tables;  // in milter_header_checks order
+    // transport_maps and its regexp:/pcre: tables (the external_only routes' pseudo-domains)
+    std::string transport_maps;
+    std::vector<PostfixTable> transport_tables;  // in transport_maps order
     // The services running smtpd; empty when master.cf is unknown (then either chroot
     // setting is taken as possible).
     std::vector<PostfixSmtpdService> smtpd_services;
@@ -52,6 +55,8 @@ enum class WiringIssue {
     header_check_missing,     // relay route: no milter_header_checks line for its header
     header_check_mismatch,    // ... the line that matches is not FILTER <route.transport>
     route_unused,             // no rule, default_route or fallback names the route
+    transport_map_missing,    // external_only route: transport_maps misses its pseudo-domain
+    transport_map_mismatch,   // ... sends it to another transport:nexthop
 };
 const char* to_string(WiringIssue issue);
 
@@ -65,8 +70,9 @@ struct WiringWarning {
 std::vector<WiringWarning> check_routes_used(const Config& config);
 
 // Compares the configuration with what Postfix says: the socket in smtpd_milters (and
-// non_smtpd_milters when it lists it), milter_default_action, the chroot, and a
-// milter_header_checks line per relay route.
+// non_smtpd_milters when it lists it), milter_default_action, the chroot, a
+// milter_header_checks line per relay route, and a transport_maps line per external_only
+// route.
 std::vector<WiringWarning> check_postfix_wiring(const Config& config, const PostfixFacts& facts);
 
 // --- parsing what postconf prints (pure, for the caller and the tests) --------------------

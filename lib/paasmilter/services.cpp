@@ -1,11 +1,14 @@
 #include "paasmilter/services.hpp"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
 #include <fmt/format.h>
 
 #include "paasmilter/crypto.hpp"
+#include "paasmilter/quota/local_store.hpp"
+#include "paasmilter/quota/redis_store.hpp"
 
 namespace paasmilter {
 
@@ -50,7 +53,24 @@ std::shared_ptr<T> reuse(std::map<std::string, std::weak_ptr<T>>& map, const std
     return made;
 }
 
+std::string key_of(const QuotaSettings& q) {
+    auto password = sha256(q.password);  // as for secrets above: a digest only
+    return fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}", q.store, q.host, q.port, q.database,
+                       password ? hex_encode(*password) : std::string(), q.fleet_size,
+                       q.key_prefix);
+}
+
 }  // namespace
+
+std::shared_ptr<QuotaStore> ServiceRegistry::quota_store(const QuotaSettings& settings) {
+    std::lock_guard lock(mutex_);
+    return reuse(quota_stores_, key_of(settings), [&]() -> std::shared_ptr<QuotaStore> {
+        if (settings.store.empty()) {
+            return std::make_shared<LocalQuotaStore>(1.0 / std::max(1, settings.fleet_size));
+        }
+        return std::make_shared<RedisQuotaStore>(settings);
+    });
+}
 
 std::shared_ptr<HttpClient> ServiceRegistry::http_client(const HttpClientOptions& options) {
     std::lock_guard lock(mutex_);

@@ -12,6 +12,7 @@
 
 #include "paasmilter/acs_auth.hpp"
 #include "paasmilter/http_client.hpp"
+#include "paasmilter/quota/quota.hpp"
 
 namespace paasmilter {
 
@@ -21,11 +22,15 @@ class ServiceRegistry {
     // One token cache per set of credentials (and HTTP settings it is fetched with).
     std::shared_ptr<EntraTokenProvider> token_provider(const EntraCredentials& credentials,
                                                        const HttpClientOptions& options);
+    // The routes' quota buckets: in Redis when `settings.store` names it, else in this
+    // process. The same settings get the same store back, so buckets survive a reload.
+    std::shared_ptr<QuotaStore> quota_store(const QuotaSettings& settings);
 
   private:
     std::mutex mutex_;
     std::map<std::string, std::weak_ptr<HttpClient>> clients_;
     std::map<std::string, std::weak_ptr<EntraTokenProvider>> tokens_;
+    std::map<std::string, std::weak_ptr<QuotaStore>> quota_stores_;
 };
 
 }  // namespace paasmilter

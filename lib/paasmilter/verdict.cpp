@@ -20,7 +20,8 @@ Verdict decide_verdict(const Config& config, const Decision& decision, int forge
     verdict.outcome = to_string(route->action);
     switch (route->action) {
         case Action::relay:
-            verdict.add_routing_header = true;
+            // external_only: per recipient (delivery/external_plan.cpp), never the header.
+            verdict.add_routing_header = !route->external_only;
             verdict.routing_value = route->header_value;
             break;
         case Action::pass:
@@ -38,6 +39,63 @@ Verdict decide_verdict(const Config& config, const Decision& decision, int forge
             break;
     }
     return verdict;
+}
+
+Result<void> apply_loop_protection(const LoopSettings& settings, const Decision& decision,
+                                   const LoopCheck& arrived, Verdict& verdict) {
+    LoopVerdict& loop = verdict.loop;
+    loop.header = std::string(kLoopHeader);
+    loop.delete_fields = arrived.forged_fields;
+    loop.kept_fields = arrived.kept_fields;
+    if (!loop.delete_fields.empty()) {
+        loop.log += fmt::format(", removed_forged_stamps={}", loop.delete_fields.size());
+    }
+    const Route* route = decision.route;
+    // Only the routes that send the message somewhere else: a pass, reject or tempfail route
+    // does the same whatever the stamps say.
+    if (!route || (route->action != Action::relay && route->action != Action::api)) return {};
+    const size_t hops = arrived.valid.size();
+    const auto max_hops = static_cast<size_t>(settings.max_hops);
+    if (hops > 0) {
+        loop.log += fmt::format(", loop={} stamp{} ({}) {} max_hops {}", hops, hops == 1 ? "" : "s",
+                                describe_loop_stamps(arrived.valid), hops >= max_hops ? ">=" : "<",
+                                max_hops);
+    }
+    if (hops < max_hops) {
+        auto stamp =
+            sign_loop_stamp(settings, route->name, static_cast<int>(hops) + 1, arrived.message_id);
+        if (!stamp) return stamp.error();
+        loop.stamp = format_loop_stamp(*stamp);
+        loop.log += fmt::format(", stamped={}/{} hop {}", stamp->gateway, stamp->route, stamp->hop);
+        return {};
+    }
+    // A loop: the message is not routed again.
+    loop.stopped = true;
+    loop.log += fmt::format(": on_loop={}", to_string(settings.on_loop));
+    verdict.add_routing_header = false;
+    verdict.routing_value.clear();
+    verdict.submit_to_api = false;
+    switch (settings.on_loop) {
+        case LoopAction::pass:
+            break;
+        case LoopAction::reject:
+            verdict.reply = Verdict::Reply::reject;
+            verdict.reply_code = 550;
+            verdict.reply_status = "5.4.6";
+            verdict.reply_text = "Mail routing loop detected";
+            break;
+        case LoopAction::tempfail:
+            verdict.reply = Verdict::Reply::tempfail;
+            verdict.reply_code = 451;
+            verdict.reply_status = "4.4.6";
+            verdict.reply_text = "Mail routing loop detected, try again later";
+            break;
+        case LoopAction::hold:
+            loop.hold_reason = fmt::format("paas-milter: routing loop: {} stamp{} >= max_hops {}",
+                                           hops, hops == 1 ? "" : "s", max_hops);
+            break;
+    }
+    return {};
 }
 
 namespace {
@@ -73,6 +131,7 @@ std::string format_decision_log(const Transaction& tx, const Decision& decision,
         line += fmt::format(", removed_client_header={}x{}", verdict.forged_headers_to_delete,
                             verdict.routing_header);
     }
+    line += verdict.loop.log;
     line += fmt::format(", client={}",
                         tx.client_addr.empty() ? "unknown" : sanitize_for_log(tx.client_addr, 64));
     if (!tx.cert_subject.empty()) {
@@ -104,6 +163,17 @@ std::string format_query_report(const Decision& decision, const Verdict& verdict
         out += fmt::format("header: {}: {}\n", verdict.routing_header, verdict.routing_value);
         if (!decision.route->transport.empty()) {
             out += fmt::format("transport: {}\n", decision.route->transport);
+        }
+    }
+    if (decision.route->external_only && decision.route->action == Action::relay) {
+        const Route& route = *decision.route;
+        out += fmt::format("external_only: external recipients to {} (as {})\n", route.transport,
+                           route_pseudo_domain(route.name));
+        for (const auto& rcpt : transaction.recipients) {
+            const bool internal = route.internal && route.internal->contains(rcpt);
+            out +=
+                fmt::format("recipient: {} {}\n", sanitize_for_log(rcpt, 200),
+                            internal ? "internal (Postfix's normal path)" : "external (the route)");
         }
     }
     if (verdict.reply != Verdict::Reply::accept) {

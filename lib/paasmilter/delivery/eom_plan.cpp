@@ -40,6 +40,8 @@ const char* to_string(ApiFailure failure) {
             return "oversize";
         case ApiFailure::refused:
             return "refused";
+        case ApiFailure::quota:
+            return "quota";
     }
     return "?";
 }
@@ -53,13 +55,33 @@ std::string reply_text(std::string_view text) {
     return out;
 }
 
+namespace {
+
+// Loop protection: the client's stamp fields that do not verify go, whatever the outcome.
+void delete_forged_stamps(MtaPlan& plan, const Verdict& verdict) {
+    for (int index : verdict.loop.delete_fields)
+        plan.delete_headers.emplace_back(verdict.loop.header, index);
+}
+
+// This gateway's stamp, on a copy that leaves through a route.
+void add_loop_stamp(MtaPlan& plan, const Verdict& verdict) {
+    if (!verdict.loop.stamp.empty())
+        plan.add_headers.emplace_back(verdict.loop.header, verdict.loop.stamp);
+}
+
+}  // namespace
+
 MtaPlan plan_for_verdict(const Verdict& verdict) {
     MtaPlan plan;
     if (verdict.dry_run) return plan;
     plan.delete_routing_headers = verdict.forged_headers_to_delete;
+    delete_forged_stamps(plan, verdict);
     if (verdict.add_routing_header) {
         plan.add_headers.emplace_back(verdict.routing_header, verdict.routing_value);
     }
+    add_loop_stamp(plan, verdict);
+    if (!verdict.loop.hold_reason.empty())
+        plan.quarantine_reason = reply_text(verdict.loop.hold_reason);
     if (verdict.reply != Verdict::Reply::accept) {
         plan.disposition = verdict.reply == Verdict::Reply::reject ? MtaPlan::Disposition::reject
                                                                    : MtaPlan::Disposition::tempfail;
@@ -100,7 +122,8 @@ void delete_recipients(MtaPlan& plan, const std::vector<std::string>& recipients
 
 MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict& verdict,
                      const std::vector<std::string>& recipients,
-                     const std::vector<std::string>& recipient_args, const ApiResult& submitted) {
+                     const std::vector<std::string>& recipient_args, const ApiResult& submitted,
+                     const std::vector<std::string>* recipient_esmtp) {
     ApiResult result = submitted;
     std::string assumed;  // the log's note when on_ambiguous = assume-sent applied
     if (!result.unresolved.empty() && !result.busy &&
@@ -118,6 +141,7 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
     MtaPlan plan;
     plan.delete_routing_headers = verdict.forged_headers_to_delete;
     plan.log = result.log;
+    delete_forged_stamps(plan, verdict);
     std::vector<std::string> remote, local;
     for (const auto& rcpt : recipients) {
         (address_in_domains(rcpt, api.local_domains) ? local : remote).push_back(rcpt);
@@ -174,6 +198,9 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
             policy = &api.on_oversize;
             status = "5.3.4";
             break;
+        case ApiFailure::quota:
+            policy = &api.on_quota;  // never reject (the loader refuses it)
+            break;
         default:
             break;
     }
@@ -229,7 +256,17 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
                 tempfail(plan, "fallback route " + policy->relay_route + " is not configured");
                 return plan;
             }
+            add_loop_stamp(plan, verdict);
             delete_recipients(plan, recipients, recipient_args, result.accepted);
+            if (relay->external_only) {
+                // Only the external recipients the service does not have take the fallback;
+                // local_domains recipients stay with Postfix, as on success.
+                std::vector<std::string> keep = result.accepted;
+                keep.insert(keep.end(), local.begin(), local.end());
+                route_external_recipients(plan, *relay,
+                                          {recipients, recipient_args, recipient_esmtp}, keep);
+                return plan;
+            }
             plan.add_headers.emplace_back(config.routing_header, relay->header_value);
             plan.log += fmt::format(", header={}: {}", config.routing_header, relay->header_value);
             return plan;

@@ -19,8 +19,19 @@ struct MtaPlan {
 
     // Copies of the routing header the client sent, deleted from the last one backwards.
     int delete_routing_headers = 0;
+    // Other header fields to delete, in this order: the name and the field's 1-based index
+    // among the fields of that name (the client's loop stamps that do not verify, last first).
+    std::vector<std::pair<std::string, int>> delete_headers;
     // RCPT TO arguments exactly as the MTA passed them (for smfi_delrcpt).
     std::vector<std::string> delete_recipients;
+    // Recipients added after the deletions (smfi_addrcpt_par), with their ESMTP arguments
+    // ("NOTIFY=... ORCPT=rfc822;..."): the external recipients of an external_only route, in
+    // its pseudo-domain (route_addresses.hpp).
+    struct AddRecipient {
+        std::string address;  // with angle brackets
+        std::string esmtp_args;
+    };
+    std::vector<AddRecipient> add_recipients;
     std::vector<std::pair<std::string, std::string>> add_headers;
     std::optional<std::string> quarantine_reason;
     Disposition disposition = Disposition::accept;
@@ -42,6 +53,7 @@ enum class ApiFailure {
     unconvertible,  // the MIME could not be converted: on_permanent_failure
     oversize,       // too large (or too many MIME parts): on_oversize
     refused,        // the route's sender_map does not know the client: always rejected
+    quota,          // a quota bucket of the route is empty: on_quota, nothing was sent
 };
 const char* to_string(ApiFailure failure);
 
@@ -61,11 +73,33 @@ struct ApiResult {
 // A route that is not the API (relay, pass, reject, tempfail, no route) or a dry run.
 MtaPlan plan_for_verdict(const Verdict& verdict);
 
+// A message's envelope recipients as the MTA passed them, in RCPT order.
+struct EnvelopeRecipients {
+    const std::vector<std::string>& addresses;  // without angle brackets
+    const std::vector<std::string>& args;       // the RCPT address argument (for smfi_delrcpt)
+    // Each RCPT's ESMTP parameters, separated by spaces ("NOTIFY=NEVER"); null: none known.
+    const std::vector<std::string>* esmtp = nullptr;
+};
+
+// plan_for_verdict, and for a relay route with external_only (not in a dry run) only the
+// external recipients rerouted, no routing header (delivery/external_plan.cpp).
+MtaPlan plan_for_verdict(const Verdict& verdict, const Route* route,
+                         const EnvelopeRecipients& recipients);
+
+// Sends the recipients of the message that `relay` (external_only) does not count as
+// internal, and that are not in `keep`, through the route: each is deleted and added again in
+// the route's pseudo-domain, with an ORCPT naming it (or the client's own ORCPT and NOTIFY).
+// The others keep Postfix's normal path. Appends ", external_only=..." to plan.log.
+void route_external_recipients(MtaPlan& plan, const Route& relay,
+                               const EnvelopeRecipients& recipients,
+                               const std::vector<std::string>& keep);
+
 // An API route. `recipients`/`recipient_args` are the envelope recipients (without and with
 // angle brackets, in RCPT order); those in the route's local_domains stay with the MTA.
 MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict& verdict,
                      const std::vector<std::string>& recipients,
-                     const std::vector<std::string>& recipient_args, const ApiResult& result);
+                     const std::vector<std::string>& recipient_args, const ApiResult& result,
+                     const std::vector<std::string>* recipient_esmtp = nullptr);
 
 // One reply line the MTA can take: printable ASCII, no '%' (libmilter format escapes),
 // at most 200 characters.

@@ -1,12 +1,34 @@
 // Azure Communication Services Email: the message is converted to the service's JSON
 // (mime_convert), split into requests of at most 50 recipients and submitted exactly once
 // (api_delivery); accepted operations get their final status polled.
+#include <algorithm>
+
 #include "paasmilter/mime_convert.hpp"
 #include "paasmilter/providers/provider.hpp"
+#include "paasmilter/text.hpp"
 
 namespace paasmilter {
 
 namespace {
+
+// The gateway's own fields (ProviderInput::add_headers) in the `headers` object, which holds
+// one value per name: they replace what the conversion passed under that name, and several
+// of one name become one value, joined with ", ".
+void add_gateway_headers(std::vector<std::pair<std::string, std::string>>& headers,
+                         const std::vector<std::pair<std::string, std::string>>& add) {
+    std::vector<std::string> added;
+    for (const auto& [name, value] : add) {
+        auto same = [&](const auto& header) { return iequals(header.first, name); };
+        if (std::none_of(added.begin(), added.end(),
+                         [&](const std::string& other) { return iequals(other, name); })) {
+            headers.erase(std::remove_if(headers.begin(), headers.end(), same), headers.end());
+            headers.emplace_back(name, value);
+            added.push_back(name);
+        } else {
+            std::find_if(headers.begin(), headers.end(), same)->second += ", " + value;
+        }
+    }
+}
 
 class AcsProvider final : public ApiProvider {
   public:
@@ -30,6 +52,7 @@ class AcsProvider final : public ApiProvider {
             options.sender = input.sender;
             options.verified_domains.clear();
         }
+        if (input.rewrite) options.rewrite = *input.rewrite;
         Envelope envelope{input.envelope_sender, input.recipients};
         auto converted = input.source.in_memory()
                              ? convert_message(input.source.memory(), envelope, options)
@@ -42,6 +65,7 @@ class AcsProvider final : public ApiProvider {
             outcome.detail = converted.error().message;
             return outcome;
         }
+        add_gateway_headers(converted->headers, input.add_headers);
         return submit_to_acs(api, std::move(*converted), input.identity, input.deadline, hooks);
     }
 

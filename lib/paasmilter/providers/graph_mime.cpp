@@ -298,6 +298,33 @@ class RecipientFilter {
     size_t at_signs_ = 0;
 };
 
+// Rewrites the domain of every mailbox of `list` (group members too) by `map`; returns how
+// many changed.
+size_t rewrite_addresses(InternetAddressList* list, const DomainMap& map, int depth = 0) {
+    if (map.empty() || !list || depth > 4) return 0;
+    size_t changed = 0;
+    for (int i = 0; i < internet_address_list_length(list); ++i) {
+        InternetAddress* address = internet_address_list_get_address(list, i);
+        if (INTERNET_ADDRESS_IS_MAILBOX(address)) {
+            InternetAddressMailbox* mailbox = INTERNET_ADDRESS_MAILBOX(address);
+            const std::string_view addr = or_empty(internet_address_mailbox_get_addr(mailbox));
+            if (auto rewritten = map.rewrite(addr)) {
+                internet_address_mailbox_set_addr(mailbox, rewritten->c_str());
+                ++changed;
+            }
+        } else if (INTERNET_ADDRESS_IS_GROUP(address)) {
+            changed += rewrite_addresses(
+                internet_address_group_get_members(INTERNET_ADDRESS_GROUP(address)), map,
+                depth + 1);
+        }
+    }
+    return changed;
+}
+
+bool is_sender_field(std::string_view name) {
+    return iequals(name, "From") || iequals(name, "Sender") || iequals(name, "Reply-To");
+}
+
 std::string render_address_field(std::string_view name, InternetAddressList* list,
                                  std::string_view line_end) {
     const FormatOptionsPtr format = make_format_options(line_end);
@@ -336,8 +363,12 @@ Result<GraphMime> prepare(std::string_view source,
                           const std::vector<std::string>& envelope_recipients,
                           const GraphMimeOptions& options) {
     const ParserOptionsPtr parser_options = make_parser_options();
+    std::vector<std::string> rewritten_recipients;
+    for (const std::string& raw : envelope_recipients) {
+        rewritten_recipients.push_back(options.rewrite.recipient.apply(bare_address(raw)));
+    }
     std::vector<EnvelopeRecipient> envelope =
-        read_envelope(envelope_recipients, parser_options.get());
+        read_envelope(rewritten_recipients, parser_options.get());
     if (envelope.empty()) return make_error("no envelope recipients");
     if (source.size() > options.max_message_bytes)
         return too_large(source.size(), options.max_message_bytes);
@@ -374,15 +405,29 @@ Result<GraphMime> prepare(std::string_view source,
             if (id && *id.get()) out.internet_message_id = "<" + std::string(id.get()) + ">";
             continue;
         }
+        if (role == FieldRole::other && is_sender_field(field.name) &&
+            !options.rewrite.sender.empty()) {
+            GObjectPtr<InternetAddressList> list(
+                internet_address_list_parse(parser_options.get(), value.c_str()));
+            if (list && rewrite_addresses(list.get(), options.rewrite.sender) > 0) {
+                plan.disposition = Disposition::replace;
+                const std::string_view line_end =
+                    field.line_end.empty() ? section_line_end : field.line_end;
+                plan.replacement = render_address_field(field.name, list.get(), line_end);
+            }
+            continue;
+        }
         if (role != FieldRole::shown_recipients && role != FieldRole::resent_recipients) continue;
 
         GObjectPtr<InternetAddressList> list(
             internet_address_list_parse(parser_options.get(), value.c_str()));
         if (!list) list.reset(internet_address_list_new());
+        const size_t rewritten = rewrite_addresses(list.get(), options.rewrite.recipient);
         RecipientFilter filter(envelope, role == FieldRole::shown_recipients, visible_order);
         filter.narrow(list.get());
         const auto raw_at_signs = static_cast<size_t>(std::count(value.begin(), value.end(), '@'));
-        const bool unchanged = filter.removed() == 0 && raw_at_signs == filter.at_signs() &&
+        const bool unchanged = rewritten == 0 && filter.removed() == 0 &&
+                               raw_at_signs == filter.at_signs() &&
                                value.find('\0') == std::string::npos;
         if (unchanged) continue;
         const std::string_view line_end =
@@ -450,6 +495,10 @@ Result<GraphMime> prepare(std::string_view source,
         // Only the last field can lack a line end (input without a blank line and body).
         if (!mime.empty() && mime.back() != '\n') mime.append(section_line_end);
         mime.append(bcc_field);
+    }
+    for (const auto& [name, value] : options.add_fields) {
+        if (!mime.empty() && mime.back() != '\n') mime.append(section_line_end);
+        mime.append(name).append(": ").append(value).append(section_line_end);
     }
     mime.append(source.substr(section.fields_end));
     if (mime.size() > options.max_message_bytes)

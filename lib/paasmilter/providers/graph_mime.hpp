@@ -32,9 +32,11 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "paasmilter/result.hpp"
+#include "paasmilter/route_addresses.hpp"
 
 namespace paasmilter::graph {
 
@@ -62,6 +64,14 @@ struct GraphMimeOptions {
     // Input larger than this is refused (kMessageTooLarge) before its header is read (a spool
     // file before it is mapped); so is output grown past it (by the Bcc field).
     size_t max_message_bytes = kDefaultMaxMessageBytes;
+    // Fields added at the end of the header section, in order, each "name: value" with the
+    // section's line end (the gateway's loop stamps). Names and values are the caller's: one
+    // line each, no checks here.
+    std::vector<std::pair<std::string, std::string>> add_fields;
+    // The route's domain rewrite maps: the envelope recipients and To/Cc/Resent-To/Resent-Cc
+    // by the recipient map, From/Sender/Reply-To by the sender map (a field with a rewritten
+    // address is rendered again by GMime). The recipients returned are the rewritten ones.
+    AddressRewrite rewrite;
 };
 
 struct GraphMime {

@@ -414,6 +414,8 @@ class GraphProvider final : public ApiProvider {
         ApiOutcome outcome;
         graph::GraphMimeOptions options;
         options.never_pass_headers = input.never_pass_headers;
+        options.add_fields = input.add_headers;
+        if (input.rewrite) options.rewrite = *input.rewrite;
         options.max_message_bytes = max_source_bytes(api) + 64 * 1024;  // room for a Bcc
         auto prepared =
             input.source.in_memory()

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "paasmilter/api_delivery.hpp"
@@ -33,6 +34,13 @@ struct ProviderInput {
     std::vector<std::string> never_pass_headers;
     MessageIdentity identity;
     std::chrono::steady_clock::time_point deadline;
+    // Header fields the gateway adds to the submitted copy, in order (its loop stamps), whatever
+    // pass_headers says. ACS takes one value per header name: fields of one name go as one,
+    // their values joined with ", ".
+    std::vector<std::pair<std::string, std::string>> add_headers{};
+    // The route's sender_rewrite / recipient_rewrite, applied in the conversion (envelope
+    // and address headers); null: none. `recipients` are as the client sent them.
+    const AddressRewrite* rewrite = nullptr;
 };
 
 class ApiProvider {
