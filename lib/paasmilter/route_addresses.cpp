@@ -61,7 +61,10 @@ std::optional<std::string> encode_route_address(std::string_view address,
     const size_t at = address.rfind('@');
     if (at == std::string_view::npos || at == 0 || !printable(address)) return std::nullopt;
     const std::string_view local = address.substr(0, at);
-    const std::string_view domain = address.substr(at + 1);
+    std::string_view domain = address.substr(at + 1);
+    // Postfix drops a trailing dot and delivers to the domain: route it the same way.
+    if (domain.ends_with('.')) domain.remove_suffix(1);
+    address = address.substr(0, at + 1 + domain.size());
     if (domain.empty() || domain.back() == '.' || domain.front() == '.') return std::nullopt;
     if (local.front() == '@') return std::nullopt;  // a source route
     const std::string suffix = route_pseudo_domain(route_name);
@@ -76,14 +79,9 @@ std::optional<std::string> encode_route_address(std::string_view address,
 }
 
 bool is_route_pseudo_address(std::string_view address) {
-    address = without_angle_brackets(address);
-    const size_t at = address.rfind('@');
-    if (at == std::string_view::npos) return false;
-    std::string domain = lower(address.substr(at + 1));
-    while (!domain.empty() && domain.back() == '.') domain.pop_back();
-    const std::string suffix = "." + std::string(kRoutePseudoDomain);
-    return domain == kRoutePseudoDomain ||
-           (domain.size() > suffix.size() && domain.ends_with(suffix));
+    // Anywhere in the address, not only after the last '@': Postfix's percent hack
+    // (user%host@localdomain) and bang paths (host!user) turn other parts into the domain.
+    return lower(without_angle_brackets(address)).find(kRoutePseudoDomain) != std::string::npos;
 }
 
 std::string xtext_encode(std::string_view text) {
@@ -120,7 +118,9 @@ std::string reroute_esmtp_args(std::string_view address, std::string_view rcpt_e
 bool InternalRecipients::contains(std::string_view address) const {
     address = without_angle_brackets(address);
     const size_t at = address.rfind('@');
-    if (at == std::string_view::npos) return true;  // unqualified: a local recipient
+    // Unqualified: a local recipient, unless it is a bang path or a percent hack that
+    // Postfix turns into a remote address (host!user, user%host).
+    if (at == std::string_view::npos) return address.find_first_of("!%") == std::string_view::npos;
     std::string domain = lower(address.substr(at + 1));
     while (!domain.empty() && domain.back() == '.') domain.pop_back();
     for (const std::string& entry : domains) {

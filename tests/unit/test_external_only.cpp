@@ -70,7 +70,9 @@ TEST_CASE("pseudo-domain: each recipient in the route's pseudo-domain, reversibl
     // Not carried: no domain, trailing dot, a quoted local part at an address literal,
     // control characters, a domain too long with the suffix.
     CHECK_FALSE(encode_route_address("postmaster", "r"));
-    CHECK_FALSE(encode_route_address("a@example.net.", "r"));
+    // Postfix drops a trailing dot and delivers to the domain: so does the route.
+    CHECK(encode_route_address("a@example.net.", "r") == "a@example.net.r.paas-route.invalid");
+    CHECK_FALSE(encode_route_address("a@example.net..", "r"));
     CHECK_FALSE(encode_route_address("\"a b\"@[192.0.2.9]", "r"));
     CHECK_FALSE(encode_route_address("a\r@example.net", "r"));
     CHECK_FALSE(encode_route_address("a@" + std::string(240, 'x') + ".net", "r"));
@@ -84,7 +86,9 @@ TEST_CASE("pseudo-domain: each recipient in the route's pseudo-domain, reversibl
     CHECK(is_route_pseudo_address("<bob@example.net.acs-smtp.paas-route.invalid>"));
     CHECK(is_route_pseudo_address("\"c@[192.0.2.9]\"@R.Paas-Route.Invalid."));
     CHECK_FALSE(is_route_pseudo_address("bob@example.net"));
-    CHECK_FALSE(is_route_pseudo_address("bob@notpaas-route.invalid"));
+    // The percent hack and bang paths make other parts the domain: refused anywhere.
+    CHECK(is_route_pseudo_address("user%example.net.r.paas-route.invalid@localhost"));
+    CHECK(is_route_pseudo_address("example.net.r.paas-route.invalid!user"));
 }
 
 TEST_CASE("ORCPT: xtext of the original, or the client's own ORCPT and NOTIFY kept") {
@@ -106,6 +110,9 @@ TEST_CASE("internal recipients: domains, subdomains, and the operator's Postfix 
     CHECK(set.contains("alice@contoso.test"));
     CHECK(set.contains("<Alice@CONTOSO.TEST>"));
     CHECK(set.contains("postmaster"));  // unqualified: local
+    // ... unless Postfix turns it into a remote address (bang path, percent hack)
+    CHECK_FALSE(set.contains("example.net!victim"));
+    CHECK_FALSE(set.contains("victim%example.net"));
     CHECK(set.contains("a@eu.corp.contoso.test"));
     CHECK_FALSE(set.contains("a@corp.contoso.test"));
     CHECK_FALSE(set.contains("a@sub.contoso.test"));
@@ -187,6 +194,16 @@ TEST_CASE("plan: an external_only relay route reroutes only the external recipie
     MtaPlan plan = plan_for_verdict(verdict, &route, {rcpts, args, &esmtp});
     CHECK(plan.delete_routing_headers == 1);
     CHECK(plan.add_headers.empty());
+    // A recipient the pseudo-domain cannot carry never takes Postfix's normal path (that
+    // would dodge the route): the whole message is held, nothing rerouted.
+    CHECK(plan.delete_recipients.empty());
+    CHECK(plan.add_recipients.empty());
+    CHECK(has(plan.log, "not_routable=<\"x y\"@[192.0.2.9]> (held)"));
+    REQUIRE(plan.quarantine_reason);
+    CHECK(has(*plan.quarantine_reason, "cannot carry"));
+    plan = plan_for_verdict(verdict, &route,
+                            {std::vector<std::string>(rcpts.begin(), rcpts.end() - 1),
+                             std::vector<std::string>(args.begin(), args.end() - 1), &esmtp});
     // bob twice: deleted once, added once
     CHECK(plan.delete_recipients ==
           std::vector<std::string>{"<bob@example.net>", "<carol@[192.0.2.9]>"});
@@ -196,7 +213,7 @@ TEST_CASE("plan: an external_only relay route reroutes only the external recipie
     CHECK(plan.add_recipients[1].address == "<\"carol@[192.0.2.9]\"@acs-smtp.paas-route.invalid>");
     CHECK(plan.add_recipients[1].esmtp_args == "ORCPT=rfc822;carol@[192.0.2.9]");
     CHECK(has(plan.log, "external_only=acs-smtp, rerouted=2, staying=1"));
-    CHECK(has(plan.log, "not_routable=<\"x y\"@[192.0.2.9]>"));
+    CHECK_FALSE(plan.quarantine_reason);
 
     // Only internal recipients: nothing changes, the message keeps Postfix's normal path.
     const std::vector<std::string> local = {"alice@contoso.test"},

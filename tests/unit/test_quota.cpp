@@ -378,7 +378,7 @@ TEST_CASE("quota configuration: route buckets, on_quota and [quota]") {
                   "\"api\"");
         CHECK(error_of(kConfig + "\n[quota]\nstore = \"redis://:pw@127.0.0.1:6379\"\n") ==
               path +
-                  ":17: quota.store: \"redis://:pw@127.0.0.1:6379\" has a user or password: "
+                  ":17: quota.store: \"redis://***@127.0.0.1:6379\" has a user or password: "
                   "put the password in quota.password_file");
         CHECK(error_of(kConfig + "\n[quota]\nstore = \"rediss://127.0.0.1\"\n")
                   .find(path + ":17: quota.store: \"rediss://127.0.0.1\" TLS (rediss://) is not "

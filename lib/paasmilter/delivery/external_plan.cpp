@@ -41,6 +41,9 @@ void route_external_recipients(MtaPlan& plan, const Route& relay,
                                const EnvelopeRecipients& recipients,
                                const std::vector<std::string>& keep) {
     size_t rerouted = 0, staying = 0;
+    // What the plan held before: recipients an API route already delivered stay deleted.
+    const size_t deletes_before = plan.delete_recipients.size();
+    const size_t adds_before = plan.add_recipients.size();
     std::vector<std::string> unroutable;
     std::vector<std::string> added;  // pseudo-addresses, to add each once
     const size_t count = std::min(recipients.addresses.size(), recipients.args.size());
@@ -73,11 +76,17 @@ void route_external_recipients(MtaPlan& plan, const Route& relay,
     plan.log +=
         fmt::format(", external_only={}, rerouted={}, staying={}", relay.name, rerouted, staying);
     if (!unroutable.empty()) {
+        // Never Postfix's normal path: that would let a client dodge the route with an
+        // address the pseudo-domain cannot carry. Held for the operator, all recipients.
         std::string names;
         for (const std::string& address : unroutable) {
             names += (names.empty() ? "<" : ",<") + sanitize_for_log(address, 120) + ">";
         }
-        plan.log += fmt::format(", not_routable={} (left on Postfix's path)", names);
+        plan.delete_recipients.resize(deletes_before);
+        plan.add_recipients.resize(adds_before);
+        plan.quarantine_reason = reply_text(fmt::format(
+            "paas-milter: recipient(s) the route {} cannot carry: {}", relay.name, names));
+        plan.log += fmt::format(", not_routable={} (held)", names);
     }
 }
 

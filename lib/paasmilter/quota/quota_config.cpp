@@ -60,6 +60,21 @@ Result<void> load_route_quota(ConfigReader& reader, const toml::table& table,
     return {};
 }
 
+namespace {
+
+// "redis://***@host:6379" for "redis://user:pw@host:6379": a refused URL is quoted in the
+// error, and its password must not be.
+std::string without_userinfo(std::string_view url) {
+    const size_t scheme = url.find("://");
+    if (scheme == std::string_view::npos) return std::string(url);
+    const size_t start = scheme + 3;
+    const size_t at = url.substr(start, url.find('/', start) - start).rfind('@');
+    if (at == std::string_view::npos) return std::string(url);
+    return std::string(url.substr(0, start)) + "***" + std::string(url.substr(start + at));
+}
+
+}  // namespace
+
 Result<QuotaSettings> load_quota_settings(ConfigReader& reader, const toml::table& table) {
     QuotaSettings settings;
     auto store = reader.get_string(table, "store", "quota", false);
@@ -68,9 +83,10 @@ Result<QuotaSettings> load_quota_settings(ConfigReader& reader, const toml::tabl
     if (!settings.store.empty()) {
         auto address = parse_redis_url(settings.store);
         if (!address) {
-            return reader.error_at(
-                *table.get("store"),
-                fmt::format("quota.store: \"{}\" {}", settings.store, address.error().message));
+            return reader.error_at(*table.get("store"),
+                                   fmt::format("quota.store: \"{}\" {}",
+                                               without_userinfo(settings.store),
+                                               address.error().message));
         }
         settings.host = address->host;
         settings.port = address->port;
