@@ -83,10 +83,10 @@ Result<QuotaSettings> load_quota_settings(ConfigReader& reader, const toml::tabl
     if (!settings.store.empty()) {
         auto address = parse_redis_url(settings.store);
         if (!address) {
-            return reader.error_at(*table.get("store"),
-                                   fmt::format("quota.store: \"{}\" {}",
-                                               without_userinfo(settings.store),
-                                               address.error().message));
+            return reader.error_at(
+                *table.get("store"),
+                fmt::format("quota.store: \"{}\" {}", without_userinfo(settings.store),
+                            address.error().message));
         }
         settings.host = address->host;
         settings.port = address->port;
