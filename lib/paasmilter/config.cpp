@@ -230,6 +230,21 @@ class Loader : private ConfigReader {
                 *root["milter"]["default_route"].node(),
                 fmt::format("milter.default_route: unknown route \"{}\"", config->default_route));
         }
+        // Without the shared store each gateway keeps capacity/fleet_size of a bucket: below
+        // one token it could never grant a message, and every one would take on_quota.
+        for (const auto& [name, route] : config->routes) {
+            if (!route.api) continue;
+            for (const BucketSpec& bucket : route.api->quota) {
+                if (bucket.capacity / config->quota.fleet_size >= 1) continue;
+                return error_at_where(
+                    route.where,
+                    fmt::format("routes.{}.quota_{}: {} shared by quota.fleet_size = {} gateways "
+                                "leaves each less than one token: raise it to at least {} or "
+                                "lower fleet_size",
+                                name, bucket.name, bucket.capacity, config->quota.fleet_size,
+                                config->quota.fleet_size));
+            }
+        }
         // The quota store (a Redis connection, or local buckets) only for a daemon whose
         // routes have buckets; a reload with the same [quota] keeps the same store.
         const bool has_quota = std::any_of(

@@ -391,6 +391,12 @@ TEST_CASE("quota configuration: route buckets, on_quota and [quota]") {
                   .find("has an IPv6 host: write it in brackets") != std::string::npos);
         CHECK(error_of(kConfig + "\n[quota]\nfleet_size = 0\n") ==
               path + ":17: quota.fleet_size: 0 is not between 1 and 1000");
+        // 30 a minute shared by 40 gateways: each would keep 0.75 tokens and grant nothing.
+        CHECK(error_of(kConfig + "\n[quota]\nfleet_size = 40\n") ==
+              path +
+                  ":8: routes.acs-api.quota_messages_per_minute: 30 shared by quota.fleet_size = "
+                  "40 gateways leaves each less than one token: raise it to at least 40 or lower "
+                  "fleet_size");
         CHECK(error_of(kConfig + "\n[quota]\npassword_file = \"x\"\n") ==
               path + ":17: quota.password_file: only with quota.store");
         CHECK(error_of(kConfig + "\n[quota]\nkey_prefix = \"a b\"\n")

@@ -319,8 +319,10 @@ std::optional<QuotaTake> RedisQuotaStore::run(Mode mode, std::string_view route,
     std::unique_lock lock(mutex_, std::defer_lock);
     // While Redis is away, one thread at a time tries it again; the others do not wait for
     // its timeout and count on the local share meanwhile.
+    // While it is up, the wait for the one connection is bounded too: a slow Redis that
+    // still answers must not stall every API message (each command has options_.timeout).
     if (up_.load(std::memory_order_relaxed)) {
-        lock.lock();
+        if (!lock.try_lock_for(options_.timeout * 5)) return std::nullopt;
     } else if (!lock.try_lock()) {
         return std::nullopt;
     }

@@ -76,7 +76,7 @@ class RedisQuotaStore final : public QuotaStore {
     const Options options_;
     const std::string url_;
     LocalQuotaStore fallback_;
-    std::mutex mutex_;  // the connection and the state below
+    std::timed_mutex mutex_;  // the connection and the state below
     std::unique_ptr<RedisConnection> connection_;
     std::atomic<bool> up_{false};  // read without mutex_ to decide whether to wait for it
     bool reported_ = false;        // a state was logged
