@@ -17,6 +17,8 @@ const char* to_string(WiringIssue issue) {
     switch (issue) {
         case WiringIssue::milter_not_listed:
             return "milter_not_listed";
+        case WiringIssue::milter_not_last:
+            return "milter_not_last";
         case WiringIssue::milter_libmilter_syntax:
             return "milter_libmilter_syntax";
         case WiringIssue::milter_chroot_path:
@@ -299,6 +301,7 @@ class WiringChecker {
         build_sources();
         check_socket_reach();
         check_listing();
+        check_last_for_external_only();
         check_non_smtpd();
         check_default_action();
         check_header_checks();
@@ -471,6 +474,29 @@ class WiringChecker {
                                           : fmt::format("\"{}\"", trim(main.value)),
                  config_.socket,
                  how_to_write(main, replace_entry(main.value, nullptr, postfix_form(main)))));
+    }
+
+    // external_only routes re-add at end of message the recipients the milter saw at RCPT;
+    // a milter after it that refuses one of them is never heard of, and that recipient would
+    // come back through the route. So paas-milter must be the last milter.
+    void check_last_for_external_only() {
+        const bool external_only =
+            std::any_of(config_.routes.begin(), config_.routes.end(),
+                        [](const auto& named) { return named.second.external_only; });
+        if (!external_only) return;
+        for (const MilterSource& source : sources_) {
+            for (size_t i = 0; i + 1 < source.entries.size(); ++i) {
+                if (!reaches_any_chroot(source.entries[i])) continue;
+                warn(WiringIssue::milter_not_last,
+                     fmt::format("{} lists \"{}\" after paas-milter (\"{}\"); with "
+                                 "external_only routes paas-milter must be the last milter, "
+                                 "or a recipient a later milter refuses comes back through the "
+                                 "route: list paas-milter last",
+                                 source.setting, source.entries.back().name,
+                                 source.entries[i].name));
+                break;
+            }
+        }
     }
 
     bool is_libmilter_form_of_milter(std::string_view name) const {

@@ -57,6 +57,7 @@ enum class WiringIssue {
     route_unused,             // no rule, default_route or fallback names the route
     transport_map_missing,    // external_only route: transport_maps misses its pseudo-domain
     transport_map_mismatch,   // ... sends it to another transport:nexthop
+    milter_not_last,          // external_only routes, and a milter listed after paas-milter
 };
 const char* to_string(WiringIssue issue);
 

@@ -179,6 +179,15 @@ TEST_CASE("check: an external_only route needs its pseudo-domain in transport_ma
     for (const std::string& message : issues(WiringIssue::header_check_missing)) {
         CHECK_FALSE(has(message, "acs-smtp"));
     }
+    // paas-milter must be the last milter: it re-adds the recipients it saw at RCPT.
+    CHECK(issues(WiringIssue::milter_not_last).empty());
+    facts.smtpd_milters = "inet:127.0.0.1:10025, inet:127.0.0.1:8891";
+    auto not_last = issues(WiringIssue::milter_not_last);
+    REQUIRE(not_last.size() == 1);
+    CHECK(has(not_last[0], "lists \"inet:127.0.0.1:8891\" after paas-milter"));
+    facts.smtpd_milters = "inet:127.0.0.1:8891, inet:127.0.0.1:10025";
+    CHECK(issues(WiringIssue::milter_not_last).empty());
+    facts.smtpd_milters = "inet:127.0.0.1:10025";
 
     // What postfix-config generates is right by construction.
     facts.transport_maps = "pcre:/etc/postfix/paas_route_transport";
