@@ -69,6 +69,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -143,6 +144,23 @@ def is_listening(port: int, host: str = "127.0.0.1") -> bool:
     wild = "::" if ":" in host else "0.0.0.0"
     ports = _listening_ports()
     return (host, port) in ports or (wild, port) in ports or ("::", port) in ports
+
+
+_METRIC_SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$", re.M)
+
+
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> str:
+    """The milter's Prometheus exposition from http://HOST:PORT/metrics, as Prometheus reads it."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+        if reply.status != 200:
+            raise HarnessError(f"metrics on {host}:{port} answered HTTP {reply.status}")
+        return reply.read().decode()
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """{'name{labels}': value} of every sample, labels as the exposition writes them."""
+    return {m.group(1) + (m.group(2) or ""): float(m.group(3))
+            for m in _METRIC_SAMPLE.finditer(text)}
 
 
 def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT,

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import unittest
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -347,14 +346,7 @@ class StampsTestCase(LoopTestCase):
 
     def metric(self, series: str) -> float | None:
         """The value of one series ('name{label="v"}' as exposed), None when absent."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode()
-        for line in text.splitlines():
-            name, _, value = line.rpartition(" ")
-            if name == series:
-                return float(value)
-        return None
+        return harness.metric_samples(harness.scrape_metrics(self.metrics_port)).get(series)
 
 
 class Stamps(StampsTestCase):

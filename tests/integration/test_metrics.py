@@ -10,11 +10,9 @@ or the ACS double; the test reads http://127.0.0.1:PORT/metrics as Prometheus wo
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 import unittest
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -57,14 +55,6 @@ client_addr = ["127.0.0.4"]
 route = "blocked"
 """
 
-SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$", re.M)
-
-
-def parse_exposition(text: str) -> dict[str, float]:
-    """{'name{labels}': value} of every sample, labels as the exposition writes them."""
-    return {m.group(1) + (m.group(2) or ""): float(m.group(3)) for m in SAMPLE.finditer(text)}
-
-
 def transactions(rule: str, route: str, action: str, outcome: str) -> str:
     return (f'paas_milter_transactions_total{{action="{action}",outcome="{outcome}",'
             f'route="{route}",rule="{rule}"}}')
@@ -94,11 +84,8 @@ class Metrics(harness.IntegrationTestCase):
             routes={"acs-smtp": ("acs-relay", self.relay_sink.port)})
 
     def scrape(self) -> tuple[str, dict[str, float]]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            self.assertEqual(reply.status, 200)
-            text = reply.read().decode()
-        return text, parse_exposition(text)
+        text = harness.scrape_metrics(self.metrics_port)
+        return text, harness.metric_samples(text)
 
     def send(self, client: str, **kw) -> harness.SwaksResult:
         kw.setdefault("from_", "scanner@contoso.test")

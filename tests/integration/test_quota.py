@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 import unittest
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -231,10 +230,6 @@ class Fleet(QuotaTestCase):
         return [self.start_gateway(name, quota, shared, metrics_port=port)
                 for name, port in zip(("gw-a", "gw-b"), self.metrics_ports)]
 
-    def scrape(self, port: int) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            return reply.read().decode()
-
     def test_two_gateways_sharing_redis_send_exactly_the_bucket_together(self) -> None:
         (milter_a, postfix_a), (milter_b, postfix_b) = self.fleet("quota_messages_per_hour = 5")
         for milter in (milter_a, milter_b):
@@ -278,7 +273,7 @@ class Fleet(QuotaTestCase):
         (milter_a, postfix_a), (milter_b, postfix_b) = self.fleet(
             "quota_messages_per_hour = 10", metrics=True)
         for port in self.metrics_ports:
-            self.assertIn("paas_milter_quota_store_up 1", self.scrape(port))
+            self.assertIn("paas_milter_quota_store_up 1", harness.scrape_metrics(port))
         subjects_a = [f"gateway a {n}" for n in range(6)]
         subjects_b = [f"gateway b {n}" for n in range(6)]
         results: dict[str, harness.SwaksResult] = {}
@@ -300,8 +295,8 @@ class Fleet(QuotaTestCase):
             self.assertEqual(sum("api=quota" in line for line in lines), 1, lines)
             self.assertTrue(any("(store=local share 1/2" in line for line in lines), lines)
         for port in self.metrics_ports:
-            self.assertIn("paas_milter_quota_store_up 0", self.scrape(port))
-            self.assertRegex(self.scrape(port),
+            self.assertIn("paas_milter_quota_store_up 0", harness.scrape_metrics(port))
+            self.assertRegex(harness.scrape_metrics(port),
                              r'paas_milter_quota_exhausted_total\{bucket="messages_per_hour",'
                              r'route="acs-api"\} 1')
 
