@@ -74,6 +74,8 @@ ApiFailure failure_of(ApiOutcome::Kind kind) {
             return ApiFailure::oversize;
         case ApiOutcome::Kind::unconvertible:
             return ApiFailure::unconvertible;
+        case ApiOutcome::Kind::quota:
+            return ApiFailure::quota;
     }
     return ApiFailure::internal;
 }
@@ -117,25 +119,25 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     if (!digest) {
         result.failure = ApiFailure::internal;
         result.detail = digest.error().message;
-        result.log = ", api=error (content digest)";
+        result.log += ", api=error (content digest)";
         return result;
-    }
-
-    // The route's quota, before any request: with a bucket empty, on_quota applies.
-    if (config.quota_store) {
-        RouteQuotaCheck quota = take_route_quota(*config.quota_store, message.decision->route->name,
-                                                 api, remote.size());
-        result.log += quota.log;
-        if (!quota.granted) {
-            result.failure = ApiFailure::quota;
-            result.detail = quota.detail;
-            return result;
-        }
     }
 
     ApiHooks hooks = default_api_hooks(api);
     hooks.progress = [ctx] { smfi_progress(ctx); };
     hooks.posted = &posted_requests();
+    // The route's quota, charged by the provider for each request it is about to post new:
+    // never for one the service already has (a client's retry of an accepted message), so
+    // on_quota never sends elsewhere, or holds, what the service has.
+    std::string quota_log;  // the last take's fields for the decision line
+    if (config.quota_store && !api.quota.empty()) {
+        hooks.admit = [&quota_log, store = config.quota_store.get(),
+                       route = message.decision->route->name, &api](size_t recipients) {
+            RouteQuotaCheck quota = take_route_quota(*store, route, api, recipients);
+            quota_log = quota.log;
+            return ApiHooks::Admission{quota.granted, quota.detail};
+        };
+    }
     // A 429 anyway: the route's buckets empty, so the next messages do not wait for one too.
     hooks = drain_quota_on_throttle(std::move(hooks), config.quota_store,
                                     message.decision->route->name, api.quota);
@@ -156,7 +158,7 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     }
     ApiOutcome outcome = provider.submit(api, input, hooks);
     watch_final_status(queue_id, outcome, provider, api_ptr);
-    result.log += describe_outcome(outcome);
+    result.log += quota_log + describe_outcome(outcome);
     if (outcome.kind == ApiOutcome::Kind::oversize) {
         if (auto note = oversize_note(provider, api); !note.empty()) {
             result.log += ", note=" + note.substr(2);

@@ -28,6 +28,8 @@ const char* to_string(ApiOutcome::Kind kind) {
             return "oversize";
         case ApiOutcome::Kind::unconvertible:
             return "conversion-failed";
+        case ApiOutcome::Kind::quota:
+            return "quota";
     }
     return "?";
 }
@@ -48,6 +50,8 @@ const char* to_string(ChunkFate fate) {
             return "rejected";
         case ChunkFate::oversize:
             return "oversize";
+        case ChunkFate::quota:
+            return "quota";
     }
     return "?";
 }
@@ -245,10 +249,13 @@ class Submission {
         reserve_ = std::clamp(budget / 5, milliseconds(0), milliseconds(5000));
     }
 
-    ChunkReport deliver(const std::string& operation_id, const std::string& body);
+    // `recipients`: how many the request names (for the route's quota).
+    ChunkReport deliver(const std::string& operation_id, const std::string& body,
+                        size_t recipients);
 
   private:
-    ChunkReport deliver_alone(const std::string& operation_id, const std::string& body);
+    ChunkReport deliver_alone(const std::string& operation_id, const std::string& body,
+                              size_t recipients);
     Result<HttpResponse> exchange(HttpRequest request, milliseconds timeout);
     // Asks (with retries while `keep` of the budget remains) whether the service has it.
     Existence check_operation(const std::string& operation_id, bool retry, std::string& why,
@@ -329,7 +336,8 @@ Existence Submission::check_operation(const std::string& operation_id, bool retr
     }
 }
 
-ChunkReport Submission::deliver(const std::string& operation_id, const std::string& body) {
+ChunkReport Submission::deliver(const std::string& operation_id, const std::string& body,
+                                size_t recipients) {
     // Another transaction of the same message (a client that gave up and resent) may be
     // delivering this request right now: never post it concurrently.
     DeliveringRequest delivering(hooks_.posted, operation_id);
@@ -340,14 +348,15 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
         report.detail = "another transaction of this message is delivering this request";
         return report;
     }
-    ChunkReport report = deliver_alone(operation_id, body);
+    ChunkReport report = deliver_alone(operation_id, body, recipients);
     delivering.finish(
         report.fate == ChunkFate::unresolved,
         report.fate == ChunkFate::accepted || report.fate == ChunkFate::already_accepted);
     return report;
 }
 
-ChunkReport Submission::deliver_alone(const std::string& operation_id, const std::string& body) {
+ChunkReport Submission::deliver_alone(const std::string& operation_id, const std::string& body,
+                                      size_t recipients) {
     ChunkReport report;
     report.operation_id = operation_id;
 
@@ -406,6 +415,17 @@ ChunkReport Submission::deliver_alone(const std::string& operation_id, const std
         hooks_.posted ? hooks_.posted->uncertain_repeatability(operation_id) : std::nullopt;
     bool repeating_earlier =
         earlier && hooks_.wall_clock() - earlier->first_sent < api_.request_timeout + seconds(30);
+    // The route's quota, only now: the service said it lacks this request, so it is a new
+    // one (a repeat of an earlier attempt's request was charged when that attempt posted it).
+    // Without room, nothing is posted and the service certainly lacks it: on_quota may send
+    // it elsewhere.
+    if (!repeating_earlier && hooks_.admit) {
+        if (auto admission = hooks_.admit(recipients); !admission.granted) {
+            report.fate = ChunkFate::quota;
+            report.detail = admission.detail;
+            return report;
+        }
+    }
     if (repeating_earlier) {
         use_repeatability(*earlier);
     } else {
@@ -638,7 +658,8 @@ ApiOutcome submit_to_acs(const ApiSettings& api, EmailMessage message,
             report.detail = "not attempted after an earlier request failed";
         } else {
             std::vector<std::string> recipients = std::move(report.recipients);
-            report = submission.deliver(report.operation_id, renderer.body(chunks[i]));
+            report = submission.deliver(report.operation_id, renderer.body(chunks[i]),
+                                        recipients.size());
             report.recipients = std::move(recipients);
             // After a failure the rest would most likely fail the same way; they go to the
             // failure policy with it (and are asked about first on the next attempt).
@@ -655,6 +676,7 @@ ApiOutcome submit_to_acs(const ApiSettings& api, EmailMessage message,
         if (service_has(report.fate)) continue;
         outcome.kind = report.fate == ChunkFate::rejected   ? ApiOutcome::Kind::permanent
                        : report.fate == ChunkFate::oversize ? ApiOutcome::Kind::oversize
+                       : report.fate == ChunkFate::quota    ? ApiOutcome::Kind::quota
                                                             : ApiOutcome::Kind::transient;
         outcome.detail = count > 1 ? fmt::format("request {}/{}: {}", i + 1, count, report.detail)
                                    : report.detail;

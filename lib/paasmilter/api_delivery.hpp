@@ -41,6 +41,8 @@ enum class ChunkFate {
     busy,              // another transaction of the same message is delivering it right now
     rejected,          // the service refused it for good (4xx)
     oversize,          // too large for the service
+    quota,             // not posted: the route's quota has no room for it, and no earlier
+                       // attempt left it at the service (safe to send elsewhere)
 };
 const char* to_string(ChunkFate fate);
 
@@ -60,6 +62,7 @@ struct ApiOutcome {
         permanent,      // the service refused the message for good
         oversize,       // too large for the service
         unconvertible,  // the message could not be made into the service's request
+        quota,          // the route's quota let some or all of it not be posted
     };
     Kind kind = Kind::transient;
     std::string detail;
@@ -99,6 +102,17 @@ struct ApiHooks {
     PostedRequests* posted = nullptr;
     // The service, for metric labels ("acs", "graph").
     const char* provider = "acs";
+    // Asked right before a request would be posted new -- once the provider knows that no
+    // earlier attempt of the message got it to the service, and it is not repeating an
+    // earlier attempt's own request -- with the request's recipient count: whether the
+    // route's quota lets it go. A request the service already has is never charged, so a
+    // client's retry of an accepted message is discarded even with the bucket empty.
+    // Unset: every request may go.
+    struct Admission {
+        bool granted = true;
+        std::string detail;  // why not ("route quota exhausted: messages_per_hour")
+    };
+    std::function<Admission(size_t recipients)> admit;
 };
 ApiHooks default_api_hooks(const ApiSettings& api);
 

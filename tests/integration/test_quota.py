@@ -12,7 +12,9 @@ instance on 6379).
   minus what they had taken through Redis), say so in their logs and in the metric
   paas_milter_quota_store_up, and every message is at the service or the relay sink once;
 * a 429 from the service drains the route's bucket: the next message takes on_quota without
-  a request to the service.
+  a request to the service;
+* a client's retry of a message the service accepted, once the bucket is empty, is
+  discarded as a duplicate: the quota is charged only for a request about to be posted new.
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ class Burst(QuotaTestCase):
         quota = [d for d in decisions.values() if "api=quota" in d]
         self.assertEqual(len(quota), 5, decisions)
         for line in quota:
-            self.assertRegex(line, r"api=quota \(messages_per_hour empty: 0(\.\d+)? of 3 left, "
+            self.assertRegex(line, r"quota=refused \(messages_per_hour empty: 0(\.\d+)? of 3 left, "
                                    r"needs 1; store=local\)")
             self.assertIn("policy=relay:acs-smtp, header=X-PaaS-Route: acs-smtp", line)
         accepted = [d for d in decisions.values() if "api=accepted" in d]
@@ -217,9 +219,40 @@ class Throttled(QuotaTestCase):
         first, second = self.decisions(milter, results, ["throttled", "after the 429"]).values()
         self.assertIn("api=accepted", first)
         self.assertRegex(first, r"quota=messages_per_hour:99(\.\d+)?/100")
-        self.assertRegex(second, r"api=quota \(messages_per_hour empty: 0(\.\d+)? of 100 left, "
+        self.assertRegex(second, r"quota=refused \(messages_per_hour empty: 0(\.\d+)? of 100 left, "
                                  r"needs 1; store=local\)")
         self.assertIn("policy=relay:acs-smtp", second)
+
+
+class RetryOfAcceptedMessage(QuotaTestCase):
+    def test_a_retry_with_the_bucket_empty_is_discarded_not_sent_again(self) -> None:
+        # The client never saw the 250 for a message the service accepted (a lost reply, a
+        # timeout) and sends the very same message again; by then the bucket is empty. The
+        # service has it: the retry is discarded, not relayed (a second copy) or held.
+        milter, postfix = self.start_gateway("gw", "quota_messages_per_hour = 1")
+        data = ("From: scanner@contoso.test\r\nTo: customer@example.net\r\n"
+                "Subject: sent once\r\nDate: Fri, 04 Dec 2026 12:00:00 +0000\r\n"
+                "Message-ID: <retry-1@contoso.test>\r\n\r\npage 1\r\n")
+
+        def send_same() -> harness.SwaksResult:
+            return harness.swaks(postfix.smtpd_port, local_interface="127.0.0.2",
+                                 from_="scanner@contoso.test", to=["customer@example.net"],
+                                 data=data, timeout=60)
+
+        results = {"first": send_same(), "retry": send_same()}
+        results["other"] = self.send(postfix, "a new message")
+        self.assertEqual([r.data_code for r in results.values()], [250, 250, 250])
+        # Once at the service, the new message at the relay sink: the bucket was empty.
+        self.assert_each_once(["sent once", "a new message"], at_service=1)
+        self.assertEqual([r.status for r in self.mock.requests("send")], [202])
+        first, retry, other = self.decisions(milter, results, list(results)).values()
+        self.assertIn("api=accepted", first)
+        self.assertRegex(first, r"quota=messages_per_hour:0(\.\d+)?/1")
+        self.assertIn("api=accepted, requests=0", retry)
+        self.assertIn("local_copy=discarded", retry)
+        self.assertNotIn("quota=", retry)
+        self.assertIn("quota=refused (messages_per_hour empty", other)
+        self.assertIn("policy=relay:acs-smtp", other)
 
 
 class Fleet(QuotaTestCase):

@@ -447,6 +447,110 @@ TEST_CASE("submission: a request an earlier attempt got accepted is not posted a
     CHECK(outcome.detail == "HTTP 202 x1, 1 accepted by an earlier attempt");
 }
 
+// A route's quota as ApiHooks::admit sees it: the recipient counts it was asked about, and
+// how many requests it lets through (-1: all).
+struct QuotaProbe {
+    int room = -1;
+    std::vector<size_t> asked;
+    void install(ApiHooks& hooks) {
+        hooks.admit = [this](size_t recipients) {
+            asked.push_back(recipients);
+            if (room == 0) return ApiHooks::Admission{false, "route quota exhausted: test"};
+            if (room > 0) --room;
+            return ApiHooks::Admission{};
+        };
+    }
+};
+
+TEST_CASE("submission: the route's quota is charged only for a request about to be posted new") {
+    FakeService service;
+    QuotaProbe quota;
+    auto run = [&](const EmailMessage& message, PostedRequests* posted = nullptr) {
+        ApiHooks hooks = service.hooks();
+        hooks.posted = posted;
+        quota.install(hooks);
+        return submit_to_acs(settings(), message, kIdentity, service.deadline(), hooks);
+    };
+    SUBCASE("the service has every request from an earlier attempt: nothing taken or posted") {
+        // The client's retry of an accepted message, with the bucket empty: discarded as a
+        // duplicate, never sent elsewhere by on_quota.
+        quota.room = 0;
+        service.gets = {exists(0, 50), exists(50, 20)};
+        auto outcome = run(message_with(70, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+        CHECK(outcome.chunks[0].fate == ChunkFate::already_accepted);
+        CHECK(outcome.chunks[1].fate == ChunkFate::already_accepted);
+        CHECK(quota.asked.empty());
+        CHECK(service.of("POST").empty());
+    }
+    SUBCASE("no room: nothing posted, and the service lacks it") {
+        quota.room = 0;
+        auto outcome = run(message_with(3, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::quota);
+        REQUIRE(outcome.chunks.size() == 1);
+        CHECK(outcome.chunks[0].fate == ChunkFate::quota);
+        CHECK(outcome.detail == "route quota exhausted: test");
+        CHECK(outcome.accepted_recipients().empty());
+        CHECK(outcome.unresolved_recipients().empty());
+        CHECK(quota.asked == std::vector<size_t>{3});
+        CHECK(service.of("POST").empty());
+        CHECK(service.of("GET").size() == 1);  // asked first whether it has it
+    }
+    SUBCASE("room for one request of two: each request is charged with its recipients") {
+        quota.room = 1;
+        service.posts = {status(202)};
+        auto outcome = run(message_with(70, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::quota);
+        REQUIRE(outcome.chunks.size() == 2);
+        CHECK(outcome.chunks[0].fate == ChunkFate::accepted);
+        CHECK(outcome.chunks[1].fate == ChunkFate::quota);
+        CHECK(outcome.accepted_recipients().size() == 50);
+        CHECK(outcome.detail == "request 2/2: route quota exhausted: test");
+        CHECK(quota.asked == std::vector<size_t>{50, 20});
+        CHECK(service.of("POST").size() == 1);
+    }
+    SUBCASE("the first request the service has, the second new: only the second is charged") {
+        service.gets = {exists(0, 50), status(404)};
+        service.posts = {status(202)};
+        auto outcome = run(message_with(70, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+        CHECK(quota.asked == std::vector<size_t>{20});
+    }
+    SUBCASE("retries within the transaction (429, lost answer) are one charge") {
+        service.posts = {status(429), make_error(ErrorKind::no_answer, "timed out"), status(202)};
+        auto outcome = run(message_with(1, 0, 0));
+        CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+        CHECK(service.of("POST").size() == 3);
+        CHECK(quota.asked == std::vector<size_t>{1});
+    }
+    SUBCASE("a repeat of an earlier attempt's uncertain request is not charged again") {
+        PostedRequests posted;
+        for (int i = 0; i < 4; ++i)
+            service.posts.push_back(make_error(ErrorKind::no_answer, "timed out"));
+        CHECK(run(message_with(1, 0, 0), &posted).chunks[0].fate == ChunkFate::unresolved);
+        CHECK(quota.asked.size() == 1);
+        // The client retries at once; the bucket is empty by now. The earlier request may
+        // still be running: it is repeated (the service replays or answers 409), not a new
+        // message, so the quota has no say.
+        quota.room = 0;
+        service.requests.clear();
+        service.wall += 20s;
+        service.posts = {status(202)};
+        auto outcome = run(message_with(1, 0, 0), &posted);
+        CHECK(outcome.chunks[0].fate == ChunkFate::accepted);
+        CHECK(quota.asked.size() == 1);
+        CHECK(service.of("POST").size() == 1);
+    }
+    SUBCASE("when the service cannot say whether it has it, the quota is not asked") {
+        quota.room = 0;
+        for (int i = 0; i < 8; ++i) service.gets.push_back(status(503));
+        auto outcome = run(message_with(1, 0, 0));
+        CHECK(quota.asked.empty());
+        CHECK(outcome.kind == ApiOutcome::Kind::transient);
+        CHECK(service.of("POST").empty());
+    }
+}
+
 TEST_CASE("submission: when the service cannot say whether it has a request, nothing is posted") {
     PostedRequests posted;
     auto run = [&posted] {

@@ -143,6 +143,30 @@ TEST_CASE("plan: reject after a partial acceptance holds the rest instead") {
     CHECK(plan.log.find("held instead") != std::string::npos);
 }
 
+TEST_CASE("plan: on_quota applies to the recipients the service lacks") {
+    Fixture f;
+    f.add(3, 1);
+    f.api.on_failure = policy(FailurePolicy::Kind::tempfail);
+    f.api.on_quota = policy(FailurePolicy::Kind::relay);
+    ApiResult partial;
+    partial.failure = ApiFailure::quota;
+    partial.detail = "request 2/2: route quota exhausted: messages_per_hour";
+    partial.accepted = {f.recipients[0], f.recipients[1]};
+    MtaPlan plan = f.plan(partial);
+    CHECK(plan.disposition == MtaPlan::Disposition::accept);
+    CHECK(plan.delete_recipients ==
+          std::vector<std::string>{"<r0@example.net>", "<r1@example.net>"});
+    REQUIRE(plan.add_headers.size() == 1);
+    CHECK(plan.add_headers[0].second == "fallback-relay");
+    CHECK(plan.log.find("policy=relay:fallback") != std::string::npos);
+
+    f.api.on_quota = policy(FailurePolicy::Kind::hold);
+    plan = f.plan(partial);
+    CHECK(plan.quarantine_reason.has_value());
+    CHECK(plan.delete_recipients ==
+          std::vector<std::string>{"<r0@example.net>", "<r1@example.net>"});
+}
+
 TEST_CASE("plan: when the service cannot say whether it has a request, every policy tempfails") {
     for (auto kind : {FailurePolicy::Kind::reject, FailurePolicy::Kind::hold,
                       FailurePolicy::Kind::relay, FailurePolicy::Kind::tempfail}) {

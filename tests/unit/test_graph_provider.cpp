@@ -218,6 +218,70 @@ TEST_CASE("graph: a client's retry after an accepted attempt is not sent again")
     }
 }
 
+TEST_CASE("graph: the route's quota is charged only for a message about to be sent") {
+    PostedRequests posted;
+    std::vector<size_t> asked;
+    bool room = true;
+    auto with_quota = [&](FakeService& service, const ApiSettings& api) {
+        MessageSpool spool(1 << 20, "/tmp", 1 << 24);
+        REQUIRE(spool.append(kMessage));
+        ApiHooks hooks = service.hooks();
+        hooks.bearer_token = [](std::chrono::milliseconds) { return Result<std::string>("tok"); };
+        hooks.posted = &posted;
+        hooks.admit = [&](size_t recipients) {
+            asked.push_back(recipients);
+            return room ? ApiHooks::Admission{}
+                        : ApiHooks::Admission{false, "route quota exhausted: test"};
+        };
+        ProviderInput input{spool,
+                            "scanner@contoso.com",
+                            {},
+                            {"alice@example.net", "bob@example.org"},
+                            {"X-PaaS-Route"},
+                            MessageIdentity{"digest", "scanner@contoso.com"},
+                            service.deadline(60s)};
+        return provider_for(api).submit(api, input, hooks);
+    };
+    SUBCASE("no room: nothing sent, the quota policy applies") {
+        room = false;
+        FakeService service;
+        auto outcome = with_quota(service, graph_settings());
+        CHECK(outcome.kind == ApiOutcome::Kind::quota);
+        CHECK(outcome.chunks[0].fate == ChunkFate::quota);
+        CHECK(service.of("POST").empty());
+        CHECK(asked == std::vector<size_t>{2});
+    }
+    SUBCASE("a client's retry of an accepted message takes nothing, even with no room") {
+        FakeService first;
+        first.posts = {status(202)};
+        CHECK(with_quota(first, graph_settings()).kind == ApiOutcome::Kind::accepted);
+        CHECK(asked.size() == 1);
+        room = false;
+        FakeService retry;
+        auto outcome = with_quota(retry, graph_settings());
+        CHECK(outcome.kind == ApiOutcome::Kind::accepted);
+        CHECK(outcome.chunks[0].fate == ChunkFate::already_accepted);
+        CHECK(asked.size() == 1);
+        CHECK(retry.of("POST").empty());
+    }
+    SUBCASE("after an ambiguous attempt, no room keeps it unresolved (never sent elsewhere)") {
+        ApiSettings api = graph_settings();
+        api.graph.sent_items_check = true;
+        api.on_ambiguous = AmbiguityPolicy::tempfail;
+        FakeService first;
+        first.posts = {status(502), status(502), status(502), status(502)};
+        for (int i = 0; i < 4; ++i) first.gets.push_back(status(200, {}, R"({"value":[]})"));
+        CHECK(with_quota(first, api).chunks[0].fate == ChunkFate::unresolved);
+        room = false;
+        FakeService retry;
+        retry.gets = {status(200, {}, R"({"value":[]})")};
+        auto outcome = with_quota(retry, api);
+        CHECK(outcome.chunks[0].fate == ChunkFate::unresolved);
+        CHECK(outcome.kind == ApiOutcome::Kind::transient);
+        CHECK(retry.of("POST").empty());
+    }
+}
+
 TEST_CASE("graph: an undocumented success is not taken for a failure of the message") {
     ApiSettings api = graph_settings();
     api.on_ambiguous = AmbiguityPolicy::hold;

@@ -205,7 +205,7 @@ TEST_CASE("take_route_quota: the decision line's fields and the metrics") {
     RouteQuotaCheck refused = take_route_quota(store, "quota-test", api, 1);
     CHECK_FALSE(refused.granted);
     CHECK(refused.log ==
-          ", api=quota (messages_per_hour empty: 0 of 2 left, needs 1; store=local)");
+          ", quota=refused (messages_per_hour empty: 0 of 2 left, needs 1; store=local)");
     CHECK(refused.detail == "route quota exhausted: messages_per_hour");
     SUBCASE("a route without buckets is always granted, silently") {
         ApiSettings none;
@@ -216,7 +216,7 @@ TEST_CASE("take_route_quota: the decision line's fields and the metrics") {
     SUBCASE("throttled") {
         store.drain("quota-test", api.quota, 2500ms);
         RouteQuotaCheck check = take_route_quota(store, "quota-test", api, 1);
-        CHECK(check.log.find("api=quota (throttled by the service: no request for 3 s, "
+        CHECK(check.log.find("quota=refused (throttled by the service: no request for 3 s, "
                              "messages_per_minute empty: 0 of 30 left, needs 1") !=
               std::string::npos);
     }

@@ -53,7 +53,8 @@ enum class ApiFailure {
     unconvertible,  // the MIME could not be converted: on_permanent_failure
     oversize,       // too large (or too many MIME parts): on_oversize
     refused,        // the route's sender_map does not know the client: always rejected
-    quota,          // a quota bucket of the route is empty: on_quota, nothing was sent
+    quota,          // a quota bucket of the route is empty: on_quota for the recipients the
+                    // service lacks (it has `accepted`, from earlier attempts)
 };
 const char* to_string(ApiFailure failure);
 

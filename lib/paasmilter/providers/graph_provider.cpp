@@ -283,6 +283,17 @@ ChunkReport GraphSubmission::deliver_alone(const std::string& request_key,
         }
         why.clear();
     }
+    // The route's quota, only now: a message the service has (accepted before, found in Sent
+    // Items) is never charged. Without room nothing is sent; if an earlier attempt may have
+    // sent it, it stays unresolved (sent elsewhere it could arrive twice).
+    if (hooks_.admit) {
+        if (auto admission = hooks_.admit(mime.recipients().size()); !admission.granted) {
+            report.fate = earlier_open ? ChunkFate::unresolved : ChunkFate::quota;
+            report.detail = admission.detail;
+            if (earlier_open) report.detail += "; an earlier attempt may have sent it";
+            return report;
+        }
+    }
 
     HttpRequest request;
     request.method = "POST";
@@ -467,6 +478,9 @@ class GraphProvider final : public ApiProvider {
                 break;
             case ChunkFate::oversize:
                 outcome.kind = ApiOutcome::Kind::oversize;
+                break;
+            case ChunkFate::quota:
+                outcome.kind = ApiOutcome::Kind::quota;
                 break;
             case ChunkFate::not_sent:
             case ChunkFate::unresolved:

@@ -381,6 +381,7 @@ void DraftRoute::finish(ChunkReport& report) {
         case ChunkFate::not_sent:
         case ChunkFate::rejected:
         case ChunkFate::oversize:
+        case ChunkFate::quota:
             discard_draft();
             break;
     }

@@ -55,7 +55,7 @@ RouteQuotaCheck take_route_quota(QuotaStore& store, const std::string& route,
         names.push_back(api.quota[i].name);
     }
     if (parts.empty()) parts.emplace_back("not granted");
-    check.log = fmt::format(", api=quota ({}; store={})", fmt::join(parts, ", "), take.store);
+    check.log = fmt::format(", quota=refused ({}; store={})", fmt::join(parts, ", "), take.store);
     check.detail = names.empty() ? std::string("route quota exhausted")
                                  : fmt::format("route quota exhausted: {}", fmt::join(names, ", "));
     return check;

@@ -1,6 +1,6 @@
-// A route's quota at work: the take before a message's first API call (with its decision log
-// fields and metrics), the drain when the service throttles the route anyway (HTTP 429), and
-// what `paas-milter query` shows.
+// A route's quota at work: the take before each request the provider posts new (ApiHooks::admit,
+// with its decision log fields and metrics), the drain when the service throttles the route anyway
+// (HTTP 429), and what `paas-milter query` shows.
 #pragma once
 
 #include <memory>
@@ -16,16 +16,16 @@ namespace paasmilter {
 struct RouteQuotaCheck {
     bool granted = true;
     // For the decision line: ", quota=messages_per_hour:2/3" when granted, else
-    // ", api=quota (messages_per_hour empty: 0.05 of 3 left, needs 1; store=...)".
+    // ", quota=refused (messages_per_hour empty: 0.05 of 3 left, needs 1; store=...)".
     std::string log;
     // Why not, for the failure policy's reply and log ("route quota exhausted: ...").
     std::string detail;
 };
 
-// Takes a message's tokens (1 from each message bucket, `recipients` from a recipient
-// bucket) from `route`'s buckets in `store`, all or none, and updates the metrics
-// paas_milter_quota_tokens and paas_milter_quota_exhausted_total. A route without buckets
-// is always granted, with no log.
+// Takes a request's tokens (1 from each message bucket, `recipients` from a recipient
+// bucket: the services count each request as one message) from `route`'s buckets in `store`, all or
+// none, and updates the metrics paas_milter_quota_tokens and paas_milter_quota_exhausted_total. A
+// route without buckets is always granted, with no log.
 RouteQuotaCheck take_route_quota(QuotaStore& store, const std::string& route,
                                  const ApiSettings& api, size_t recipients);
 
