@@ -147,6 +147,23 @@ sfsistat guarded(SMFICTX* ctx, const char* stage, Body&& body) {
     return SMFIS_TEMPFAIL;
 }
 
+// The answer to a step the MTA was told not to wait for (SMFIP_NR_*): SMFIS_NOREPLY whatever
+// happened. libmilter would force that anyway, and after a failure its state machine would
+// drop the transaction's next commands unanswered; so a failure is remembered and answered at
+// the next step the MTA waits for (RCPT, end of message).
+sfsistat answer(SMFICTX* ctx, unsigned long no_reply_step, sfsistat status) {
+    auto* conn = static_cast<ConnectionState*>(smfi_getpriv(ctx));
+    if (!conn || (conn->no_reply_steps & no_reply_step) == 0) return status;
+    if (status != SMFIS_CONTINUE) {
+        if (conn->message) {
+            conn->message->failed = true;
+        } else {
+            conn->failed = true;
+        }
+    }
+    return SMFIS_NOREPLY;
+}
+
 sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long offered_steps,
                       unsigned long, unsigned long, unsigned long* actions, unsigned long* steps,
                       unsigned long*, unsigned long*) {
@@ -161,18 +178,22 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
         // arguments (ORCPT) by external_only routes.
         *actions = needed | (offered_actions & (SMFIF_SETSYMLIST | SMFIF_DELRCPT |
                                                 SMFIF_QUARANTINE | SMFIF_ADDRCPT_PAR));
-        // Skip what we never look at; ask for no replies to headers when the MTA allows it
-        // (fewer round trips per message), and for SMFIS_SKIP so that only messages for an
-        // API route send us their body. The DATA step is NOT skipped: without it Postfix
-        // sends its DATA macros and the headers as unanswered small writes, and Nagle's
-        // algorithm against our delayed ACKs stalled every message ~40 ms (measured: one
-        // SMTP session went from 20 to 170 msg/s with DATA answered).
-        constexpr unsigned long wanted = SMFIP_NOUNKNOWN | SMFIP_NR_HDR | SMFIP_SKIP;
+        // Skip what we never look at, and let the MTA not wait for an answer wherever ours is
+        // always "continue": connect, HELO, MAIL, DATA, each header and the end of headers.
+        // Postfix then keeps those events in its buffer and sends them with the next one it
+        // waits for, so a message costs three round trips (RCPT, the first body chunk,
+        // end of message) instead of eight. RCPT is answered (a route's pseudo-domain is
+        // refused there), and the body too: SMFIS_SKIP spares every message that is not
+        // for an API route the rest of its body.
+        constexpr unsigned long wanted = SMFIP_NOUNKNOWN | SMFIP_NR_CONN | SMFIP_NR_HELO |
+                                         SMFIP_NR_MAIL | SMFIP_NR_DATA | SMFIP_NR_HDR |
+                                         SMFIP_NR_EOH | SMFIP_SKIP;
         *steps = offered_steps & wanted;
 
         auto* state = new_connection_state();
         if (!state) return SMFIS_TEMPFAIL;
-        state->header_needs_no_reply = (*steps & SMFIP_NR_HDR) != 0;
+        state->no_reply_steps = *steps & (SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL |
+                                          SMFIP_NR_DATA | SMFIP_NR_HDR | SMFIP_NR_EOH);
         state->body_skip = (*steps & SMFIP_SKIP) != 0;
         if (smfi_setpriv(ctx, state) != MI_SUCCESS) {
             delete state;
@@ -197,61 +218,68 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
 }
 
 sfsistat on_connect(SMFICTX* ctx, char* hostname, _SOCK_ADDR* address) {
-    return guarded(ctx, "connect", [&]() -> sfsistat {
-        ConnectionState* conn = state_of(ctx);
-        if (!conn) return SMFIS_TEMPFAIL;
-        conn->client_addr = address_to_string(address);
-        if (conn->client_addr.empty()) conn->client_addr = macro(ctx, "{client_addr}");
-        // Postfix passes "unknown" or "[addr]" when the client has no verified name.
-        conn->client_name = hostname && hostname[0] != '[' ? hostname : "unknown";
-        log_stage(ctx, conn, "connect",
-                  {{"client", fmt::format("{}[{}]", sanitize_for_log(conn->client_name, 120),
-                                          conn->client_addr)}});
-        return SMFIS_CONTINUE;
-    });
+    return answer(
+        ctx, SMFIP_NR_CONN, guarded(ctx, "connect", [&]() -> sfsistat {
+            ConnectionState* conn = state_of(ctx);
+            if (!conn) return SMFIS_TEMPFAIL;
+            conn->client_addr = address_to_string(address);
+            if (conn->client_addr.empty()) conn->client_addr = macro(ctx, "{client_addr}");
+            // Postfix passes "unknown" or "[addr]" when the client has no verified name.
+            conn->client_name = hostname && hostname[0] != '[' ? hostname : "unknown";
+            log_stage(ctx, conn, "connect",
+                      {{"client", fmt::format("{}[{}]", sanitize_for_log(conn->client_name, 120),
+                                              conn->client_addr)}});
+            return SMFIS_CONTINUE;
+        }));
 }
 
 sfsistat on_helo(SMFICTX* ctx, char* helo) {
-    return guarded(ctx, "helo", [&]() -> sfsistat {
-        ConnectionState* conn = state_of(ctx);
-        if (!conn) return SMFIS_TEMPFAIL;
-        capture_certificate(ctx, *conn);
-        log_stage(ctx, conn, "helo",
-                  {{"helo", sanitize_for_log(helo ? helo : "", 120)},
-                   {"tls", sanitize_for_log(macro(ctx, "{tls_version}"), 40)},
-                   {"cert_subject", sanitize_for_log(conn->cert_subject, 200)},
-                   {"cert_issuer", sanitize_for_log(conn->cert_issuer, 200)}});
-        return SMFIS_CONTINUE;
-    });
+    return answer(ctx, SMFIP_NR_HELO, guarded(ctx, "helo", [&]() -> sfsistat {
+                      ConnectionState* conn = state_of(ctx);
+                      if (!conn) return SMFIS_TEMPFAIL;
+                      capture_certificate(ctx, *conn);
+                      log_stage(ctx, conn, "helo",
+                                {{"helo", sanitize_for_log(helo ? helo : "", 120)},
+                                 {"tls", sanitize_for_log(macro(ctx, "{tls_version}"), 40)},
+                                 {"cert_subject", sanitize_for_log(conn->cert_subject, 200)},
+                                 {"cert_issuer", sanitize_for_log(conn->cert_issuer, 200)}});
+                      return SMFIS_CONTINUE;
+                  }));
 }
 
 sfsistat on_envfrom(SMFICTX* ctx, char** argv) {
-    return guarded(ctx, "mail", [&]() -> sfsistat {
-        ConnectionState* conn = state_of(ctx);
-        if (!conn) return SMFIS_TEMPFAIL;
-        capture_certificate(ctx, *conn);
-        conn->message.reset();
-        MessageState& message = conn->message.emplace();
-        message.config = config_snapshot().get();
-        Transaction& tx = message.tx;
-        tx.client_addr = conn->client_addr;
-        tx.client_name = conn->client_name;
-        tx.cert_subject = conn->cert_subject;
-        tx.cert_issuer = conn->cert_issuer;
-        tx.cert_fingerprint = conn->cert_fingerprint;
-        tx.auth_user = macro(ctx, "{auth_authen}");
-        tx.sender = argv && argv[0] ? strip_angle_brackets(argv[0]) : std::string();
-        log_stage(ctx, conn, "mail",
-                  {{"from", fmt::format("<{}>", sanitize_for_log(tx.sender, 200))},
-                   {"auth", sanitize_for_log(tx.auth_user, 120)}});
-        return SMFIS_CONTINUE;
-    });
+    return answer(ctx, SMFIP_NR_MAIL, guarded(ctx, "mail", [&]() -> sfsistat {
+                      ConnectionState* conn = state_of(ctx);
+                      if (!conn) return SMFIS_TEMPFAIL;
+                      conn->message.reset();
+                      // First, so that a failure from here on is the message's (answered at RCPT).
+                      MessageState& message = conn->message.emplace();
+                      message.failed = conn->failed;  // connect or HELO failed: every message does
+                      capture_certificate(ctx, *conn);
+                      message.config = config_snapshot().get();
+                      Transaction& tx = message.tx;
+                      tx.client_addr = conn->client_addr;
+                      tx.client_name = conn->client_name;
+                      tx.cert_subject = conn->cert_subject;
+                      tx.cert_issuer = conn->cert_issuer;
+                      tx.cert_fingerprint = conn->cert_fingerprint;
+                      tx.auth_user = macro(ctx, "{auth_authen}");
+                      tx.sender = argv && argv[0] ? strip_angle_brackets(argv[0]) : std::string();
+                      log_stage(ctx, conn, "mail",
+                                {{"from", fmt::format("<{}>", sanitize_for_log(tx.sender, 200))},
+                                 {"auth", sanitize_for_log(tx.auth_user, 120)}});
+                      return SMFIS_CONTINUE;
+                  }));
 }
 
 sfsistat on_envrcpt(SMFICTX* ctx, char** argv) {
     return guarded(ctx, "rcpt", [&]() -> sfsistat {
         ConnectionState* conn = state_of(ctx);
         if (!conn || !conn->message) return SMFIS_TEMPFAIL;
+        if (conn->message->failed) {
+            log_error("{}: an earlier stage failed; RCPT tempfailed", queue_id(ctx));
+            return SMFIS_TEMPFAIL;
+        }
         if (argv && argv[0]) {
             if (is_route_pseudo_address(argv[0])) {
                 // Only the milter may put a recipient there (external_only routes): one named
@@ -296,40 +324,42 @@ sfsistat on_header(SMFICTX* ctx, char* name, char* value) {
         message.tx.headers.push_back({name, value ? value : ""});
         return SMFIS_CONTINUE;
     });
-    // With SMFIP_NR_HDR the MTA reads no reply to a header: a failure is remembered and
-    // answered (tempfail) at end of message instead.
-    if (conn && conn->header_needs_no_reply) {
-        if (status != SMFIS_CONTINUE && conn->message) conn->message->failed = true;
-        return SMFIS_NOREPLY;
-    }
-    return status;
+    return answer(ctx, SMFIP_NR_HDR, status);
+}
+
+sfsistat on_data(SMFICTX* ctx) {
+    return answer(ctx, SMFIP_NR_DATA, guarded(ctx, "data", [&]() -> sfsistat {
+                      log_stage(ctx, static_cast<ConnectionState*>(smfi_getpriv(ctx)), "data");
+                      return SMFIS_CONTINUE;
+                  }));
 }
 
 // Classifies once the header is complete: the decision needs nothing from the body, and
 // only an API route needs the body at all.
 sfsistat on_eoh(SMFICTX* ctx) {
-    return guarded(ctx, "eoh", [&]() -> sfsistat {
-        ConnectionState* conn = state_of(ctx);
-        if (!conn || !conn->message) return SMFIS_TEMPFAIL;
-        MessageState& message = *conn->message;
-        if (message.headers_truncated) {
-            log_warning(
-                "{}: header too large: only the first {} headers / {} bytes were "
-                "classified",
-                queue_id(ctx), message.tx.headers.size(), message.stored_header_bytes);
-        }
-        message.decision = classify(*message.config, message.tx);
-        log_stage(ctx, conn, "eoh",
-                  {{"headers", std::to_string(message.tx.headers.size())},
-                   {"rule", message.decision->rule ? message.decision->rule->name : ""},
-                   {"route", message.decision->route ? message.decision->route->name : ""}});
-        std::string id = macro(ctx, "i");
-        if (auto r = start_api_spool(message, id); !r) {
-            log_error("{}: {}; tempfail", queue_id(ctx), r.error().message);
-            return SMFIS_TEMPFAIL;
-        }
-        return SMFIS_CONTINUE;
-    });
+    return answer(
+        ctx, SMFIP_NR_EOH, guarded(ctx, "eoh", [&]() -> sfsistat {
+            ConnectionState* conn = state_of(ctx);
+            if (!conn || !conn->message) return SMFIS_TEMPFAIL;
+            MessageState& message = *conn->message;
+            if (message.headers_truncated) {
+                log_warning(
+                    "{}: header too large: only the first {} headers / {} bytes were "
+                    "classified",
+                    queue_id(ctx), message.tx.headers.size(), message.stored_header_bytes);
+            }
+            message.decision = classify(*message.config, message.tx);
+            log_stage(ctx, conn, "eoh",
+                      {{"headers", std::to_string(message.tx.headers.size())},
+                       {"rule", message.decision->rule ? message.decision->rule->name : ""},
+                       {"route", message.decision->route ? message.decision->route->name : ""}});
+            std::string id = macro(ctx, "i");
+            if (auto r = start_api_spool(message, id); !r) {
+                log_error("{}: {}; tempfail", queue_id(ctx), r.error().message);
+                return SMFIS_TEMPFAIL;
+            }
+            return SMFIS_CONTINUE;
+        }));
 }
 
 sfsistat on_body(SMFICTX* ctx, unsigned char* data, size_t length) {
@@ -389,7 +419,7 @@ sfsistat on_eom(SMFICTX* ctx) {
                   {{"recipients", std::to_string(conn->message->tx.recipients.size())}});
         if (conn->message->failed) {
             conn->message.reset();
-            log_error("{}: header processing failed earlier; tempfail", id);
+            log_error("{}: an earlier stage failed; tempfail", id);
             return SMFIS_TEMPFAIL;
         }
         // Whatever act() does, the message is over: free it (and its in-flight count).
@@ -447,6 +477,7 @@ smfiDesc milter_description() {
     description.xxfi_envfrom = on_envfrom;
     description.xxfi_envrcpt = on_envrcpt;
     description.xxfi_header = on_header;
+    description.xxfi_data = on_data;
     description.xxfi_eoh = on_eoh;
     description.xxfi_body = on_body;
     description.xxfi_eom = on_eom;

@@ -51,8 +51,12 @@ struct ConnectionState {
     std::string cert_subject;
     std::string cert_issuer;
     std::string cert_fingerprint;
-    bool header_needs_no_reply = false;  // SMFIP_NR_HDR negotiated
-    bool body_skip = false;              // SMFIP_SKIP negotiated
+    // The SMFIP_NR_* steps negotiated: their callbacks answer SMFIS_NOREPLY, and a failure
+    // there is remembered and answered at the next step the MTA waits for.
+    unsigned long no_reply_steps = 0;
+    bool body_skip = false;  // SMFIP_SKIP negotiated
+    // A no-reply step failed before there was a message to mark (connect, helo, mail).
+    bool failed = false;
     std::optional<MessageState> message;
 };
 

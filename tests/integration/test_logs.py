@@ -86,8 +86,8 @@ class JsonVerbose(LogTestCase):
         stages = [l for l in lines if "stage" in l]
         sessions = {l["session"] for l in stages}
         names = [l["stage"] for l in stages]
-        for stage in ("negotiate", "connect", "helo", "mail", "rcpt", "header", "eoh", "body",
-                      "eom", "close"):
+        for stage in ("negotiate", "connect", "helo", "mail", "rcpt", "data", "header", "eoh",
+                      "body", "eom", "close"):
             self.assertIn(stage, names)
         self.assertEqual(names.count("rcpt"), 2)
         # Postfix names the queue file at the first accepted RCPT: every stage line from the
