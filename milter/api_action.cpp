@@ -126,6 +126,7 @@ ApiResult submit(const std::string& queue_id, MessageState& message, const Confi
     ApiHooks hooks = default_api_hooks(api);
     hooks.progress = [ctx] { smfi_progress(ctx); };
     hooks.posted = &posted_requests();
+    hooks.fleet = config.quota.fleet_size > 1 || !config.quota.store.empty();
     // The route's quota, charged by the provider for each request it is about to post new:
     // never for one the service already has (a client's retry of an accepted message), so
     // on_quota never sends elsewhere, or holds, what the service has.

@@ -238,6 +238,12 @@ bool names_operation(const HttpResponse& response, const std::string& operation_
 // Whether the service has an operation: the answer to "was this request accepted before?".
 enum class Existence { exists, absent, unknown };
 
+// `automatic` made concrete: a fleet's gateways do not share their journals.
+LookupBeforePost concrete_lookup(LookupBeforePost configured, bool fleet) {
+    if (configured != LookupBeforePost::automatic) return configured;
+    return fleet ? LookupBeforePost::always : LookupBeforePost::own_attempts;
+}
+
 // One message's conversation with the service, within its deadline.
 class Submission {
   public:
@@ -362,8 +368,13 @@ ChunkReport Submission::deliver_alone(const std::string& operation_id, const std
 
     // 1. Did an earlier attempt of this message (a client retry after a tempfail, a crash
     //    between the service's 202 and our reply to the MTA) get this request accepted?
+    //    Only the service can say for an attempt another gateway made; for this gateway's
+    //    own attempts its journal knows whether there was one (one round trip less).
     std::string why;
-    switch (check_operation(operation_id, true, why, reserve_)) {
+    const bool ask_first =
+        concrete_lookup(api_.lookup_before_post, hooks_.fleet) == LookupBeforePost::always ||
+        !hooks_.posted || hooks_.posted->maybe_posted(operation_id);
+    switch (ask_first ? check_operation(operation_id, true, why, reserve_) : Existence::absent) {
         case Existence::exists:
             report.fate = ChunkFate::already_accepted;
             report.detail = "operation exists";

@@ -113,6 +113,9 @@ struct ApiHooks {
         std::string detail;  // why not ("route quota exhausted: messages_per_hour")
     };
     std::function<Admission(size_t recipients)> admit;
+    // Other gateways may serve the same clients ([quota] declares a fleet): with
+    // lookup_before_post = auto, the service is asked before every first post.
+    bool fleet = false;
 };
 ApiHooks default_api_hooks(const ApiSettings& api);
 

@@ -55,6 +55,18 @@ const char* to_string(AmbiguityPolicy policy) {
     return "?";
 }
 
+const char* to_string(LookupBeforePost lookup) {
+    switch (lookup) {
+        case LookupBeforePost::automatic:
+            return "auto";
+        case LookupBeforePost::always:
+            return "always";
+        case LookupBeforePost::own_attempts:
+            return "own-attempts";
+    }
+    return "?";
+}
+
 const char* to_string(ApiSettings::Provider provider) {
     switch (provider) {
         case ApiSettings::Provider::acs:

@@ -43,6 +43,16 @@ enum class AmbiguityPolicy {
 };
 const char* to_string(AmbiguityPolicy policy);
 
+// When ACS is asked whether an earlier attempt of a message already got a request accepted
+// (GET /emails/operations/{id}) before the request is posted: a service round trip per
+// message, and what catches a client's retry of an accepted message.
+enum class LookupBeforePost {
+    automatic,     // `always` when [quota] declares a fleet, else `own_attempts` (default)
+    always,        // before every first post: also catches a retry that went to another gateway
+    own_attempts,  // only when this gateway's journal says it posted the request before
+};
+const char* to_string(LookupBeforePost lookup);
+
 // Microsoft Graph (provider = "graph"): POST {endpoint}/v1.0/users/{mailbox}/sendMail with
 // the message as the client sent it.
 struct GraphSettings {
@@ -69,6 +79,7 @@ struct ApiSettings {
     Provider provider = Provider::acs;
     GraphSettings graph;
     AmbiguityPolicy on_ambiguous = AmbiguityPolicy::tempfail;
+    LookupBeforePost lookup_before_post = LookupBeforePost::always;  // the loader: automatic
     std::string endpoint;  // "https://contoso.europe.communication.azure.com"
     std::string api_version = "2023-03-31";
     bool inline_attachments = false;  // api-version >= 2025-09-01 has contentId

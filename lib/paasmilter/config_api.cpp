@@ -40,6 +40,7 @@ constexpr std::string_view kSharedKeys[] = {
     "on_permanent_failure",
     "on_oversize",
     "on_ambiguous",
+    "lookup_before_post",
     "time_budget",
     "request_timeout",
     "max_attempts",
@@ -450,6 +451,21 @@ Result<std::shared_ptr<const ApiSettings>> load_api_settings(ConfigReader& reade
                                fmt::format("{}.on_ambiguous: \"{}\" is not tempfail, hold or "
                                            "assume-sent",
                                            context, *on_ambiguous));
+    }
+
+    auto lookup = reader.get_string(table, "lookup_before_post", context, false, "auto");
+    if (!lookup) return lookup.error();
+    if (*lookup == "auto") {
+        api->lookup_before_post = LookupBeforePost::automatic;
+    } else if (*lookup == "always") {
+        api->lookup_before_post = LookupBeforePost::always;
+    } else if (*lookup == "own-attempts") {
+        api->lookup_before_post = LookupBeforePost::own_attempts;
+    } else {
+        return reader.error_at(*table.get("lookup_before_post"),
+                               fmt::format("{}.lookup_before_post: \"{}\" is not auto, always or "
+                                           "own-attempts",
+                                           context, *lookup));
     }
 
     auto budget = reader.get_integer(table, "time_budget", context, 60, 5, 280);

@@ -447,6 +447,48 @@ TEST_CASE("submission: a request an earlier attempt got accepted is not posted a
     CHECK(outcome.detail == "HTTP 202 x1, 1 accepted by an earlier attempt");
 }
 
+TEST_CASE("submission: whether the service is asked before the first post") {
+    PostedRequests posted;
+    auto attempt = [&posted](LookupBeforePost lookup, bool fleet,
+                             std::vector<Result<HttpResponse>> gets = {}) {
+        FakeService service;
+        service.posts = {status(202)};
+        service.gets = std::move(gets);
+        ApiHooks hooks = service.hooks();
+        hooks.posted = &posted;
+        hooks.fleet = fleet;
+        ApiSettings api = settings();
+        api.lookup_before_post = lookup;
+        auto outcome =
+            submit_to_acs(api, message_with(1, 0, 0), kIdentity, service.deadline(), hooks);
+        return std::tuple{outcome.chunks[0].fate, service.of("GET").size(),
+                          service.of("POST").size()};
+    };
+    SUBCASE("own attempts: a first attempt posts at once; a retry asks first") {
+        CHECK(attempt(LookupBeforePost::own_attempts, true) ==
+              std::tuple{ChunkFate::accepted, size_t{0}, size_t{1}});
+        // The client never saw our 250 and sends it again: this gateway posted it, so the
+        // service is asked, and has it.
+        CHECK(attempt(LookupBeforePost::own_attempts, true, {exists(0, 1)}) ==
+              std::tuple{ChunkFate::already_accepted, size_t{1}, size_t{0}});
+    }
+    SUBCASE("always: asked before every first post (a fleet's gateways share no journal)") {
+        // Another gateway got it accepted: this one has no record of it, the service has.
+        CHECK(attempt(LookupBeforePost::always, false, {exists(0, 1)}) ==
+              std::tuple{ChunkFate::already_accepted, size_t{1}, size_t{0}});
+        CHECK(attempt(LookupBeforePost::always, false) ==
+              std::tuple{ChunkFate::accepted, size_t{1}, size_t{1}});
+    }
+    SUBCASE("auto: always in a fleet, own attempts on a lone gateway") {
+        CHECK(attempt(LookupBeforePost::automatic, true) ==
+              std::tuple{ChunkFate::accepted, size_t{1}, size_t{1}});
+    }
+    SUBCASE("auto on a lone gateway") {
+        CHECK(attempt(LookupBeforePost::automatic, false) ==
+              std::tuple{ChunkFate::accepted, size_t{0}, size_t{1}});
+    }
+}
+
 // A route's quota as ApiHooks::admit sees it: the recipient counts it was asked about, and
 // how many requests it lets through (-1: all).
 struct QuotaProbe {
