@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import base64
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -206,6 +207,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         mock = self.server.mock
         raw = self.request
+        # An answer's head and body are written separately: without this, a kept-alive
+        # connection stalls ~40 ms per request on Nagle against the client's delayed ACK
+        # (a real service answers in one write).
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.settimeout(mock.handshake_timeout)
         try:
             self.request = mock._tls_context.wrap_socket(raw, server_side=True)
