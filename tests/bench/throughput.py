@@ -881,7 +881,32 @@ def report(results: list[Result], args: argparse.Namespace, facts: str) -> str:
         out.append(f"{CONFIGS[n][0]:34s} " + " ".join(row) + f" {rest:10.0f}")
     out.append("")
     out.append(facts)
+    out.extend(result_lines(med, args))
     return "\n".join(out)
+
+
+# Issue 10's targets for the relay route, against Postfix alone in the same run.
+RELAY_TARGET = {"unix": 0.90, "inet": 0.85}
+
+
+def result_lines(med: dict[str, tuple[float, float]], args: argparse.Namespace) -> list[str]:
+    """One machine-readable line per configuration for tests/bench/run.sh's table:
+    RESULT, name, value, unit, baseline, ratio, target, met (tab-separated)."""
+    base = med.get("baseline")
+    lines = []
+    for n in args.configs:
+        if n == "baseline" or not base:
+            continue
+        accept = med[n][0]
+        ratio = accept / base[0]
+        target, met = "-", "-"
+        if n == "relay":
+            want = RELAY_TARGET[args.socket]
+            target, met = f">= {want:.2f} x Postfix alone", "yes" if ratio >= want else "no"
+        name = f"{n}, {args.socket} socket, {args.sessions} session(s)"
+        lines.append("\t".join(["RESULT", name, f"{accept:.0f}", "msg/s", f"{base[0]:.0f}",
+                                f"{ratio:.2f}", target, met]))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
