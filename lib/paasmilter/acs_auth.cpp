@@ -278,13 +278,15 @@ Result<AcsConnectionString> parse_connection_string(std::string_view text) {
 }
 
 Result<HttpHeaders> sign_acs_request(std::string_view method, std::string_view url,
-                                     std::string_view body, std::string_view access_key_base64,
+                                     const HttpBody& body, std::string_view access_key_base64,
                                      std::chrono::system_clock::time_point now) {
     auto parts = split_url(url);
     if (!parts) return make_error("cannot sign request: " + parts.error().message);
     auto key = base64_decode(access_key_base64);
     if (!key) return make_error("cannot sign request: the access key is not valid base64");
-    auto body_hash = sha256(body);
+    Sha256 hash;
+    for (const HttpBody::Piece& piece : body.pieces()) hash.update(*piece);
+    auto body_hash = hash.finish();
     if (!body_hash) return body_hash.error();
     const std::string date = rfc1123_date(now);
     const std::string content_hash = base64_encode(*body_hash);

@@ -30,12 +30,13 @@ Result<AcsConnectionString> parse_connection_string(std::string_view text);
 // The headers that sign one request (x-ms-date, x-ms-content-sha256, Authorization):
 //   string_to_sign = METHOD "\n" path_and_query "\n" x_ms_date ";" host ";" content_hash
 // with content_hash = base64(sha256(body)), signature = base64(HMAC-SHA256(base64decode(key))).
+// The body is hashed piece by piece, where it is (never joined into one string first).
 // `host` is the URL's authority as sent in the Host header (with the port when not default).
 // path_and_query is the URL's path and query exactly as written (still percent-encoded), "/"
 // when the path is empty. libcurl sends that same Host header (it drops the port only when it
 // is the scheme's default), so the caller need not add one.
 Result<HttpHeaders> sign_acs_request(std::string_view method, std::string_view url,
-                                     std::string_view body, std::string_view access_key_base64,
+                                     const HttpBody& body, std::string_view access_key_base64,
                                      std::chrono::system_clock::time_point now);
 
 // RFC 1123 date in GMT: "Mon, 23 Nov 2026 16:46:52 GMT".

@@ -1,6 +1,8 @@
 #include "paasmilter/acs_json.hpp"
 
 #include <algorithm>
+#include <memory>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -57,62 +59,66 @@ std::vector<std::string> RecipientChunk::addresses() const {
 }
 
 AcsRequestRenderer::AcsRequestRenderer(EmailMessage message) {
-    // Keys in the order the ACS documentation lists them; the recipients go in between.
-    Json before;
-    before["senderAddress"] = message.sender_address;
-    Json content = {{"subject", message.subject}};
-    if (message.plain_text) content["plainText"] = std::move(*message.plain_text);
-    if (message.html) content["html"] = std::move(*message.html);
-    before["content"] = std::move(content);
-    before_recipients_ = dump(before);
-    before_recipients_.pop_back();  // the closing brace: the recipients follow
-    before_recipients_ += R"(,"recipients":)";
+    {
+        // Keys in the order the ACS documentation lists them; the recipients go in between.
+        // Its own scope: the texts moved into the tree go as soon as they are rendered.
+        Json before;
+        before["senderAddress"] = message.sender_address;
+        Json content = {{"subject", message.subject}};
+        if (message.plain_text) content["plainText"] = std::move(*message.plain_text);
+        if (message.html) content["html"] = std::move(*message.html);
+        before["content"] = std::move(content);
+        std::string text = dump(before);
+        text.pop_back();  // the closing brace: the recipients follow
+        text += R"(,"recipients":)";
+        before_recipients_.append(std::move(text));
+    }
 
-    std::string& after = after_recipients_;
-    if (!message.reply_to.empty()) after += R"(,"replyTo":)" + dump(address_list(message.reply_to));
+    std::string text;  // JSON since the last piece
+    if (!message.reply_to.empty()) text += R"(,"replyTo":)" + dump(address_list(message.reply_to));
     if (!message.attachments.empty()) {
-        after += R"(,"attachments":[)";
+        text += R"(,"attachments":[)";
         for (size_t i = 0; i < message.attachments.size(); ++i) {
             Attachment& attachment = message.attachments[i];
-            if (i > 0) after += ',';
+            if (i > 0) text += ',';
             std::string meta =
                 dump(Json{{"name", attachment.name}, {"contentType", attachment.content_type}});
             meta.pop_back();
-            after += meta;
-            after += R"(,"contentInBase64":)";
+            text += meta;
+            text += R"(,"contentInBase64":)";
             if (plain_base64(attachment.content_base64)) {
-                after += '"';
-                after += attachment.content_base64;
-                after += '"';
+                text += '"';
+                after_recipients_.append(std::exchange(text, {}));
+                after_recipients_.append(
+                    std::make_shared<const std::string>(std::move(attachment.content_base64)));
+                text += '"';
             } else {
-                after += dump(Json(attachment.content_base64));
+                text += dump(Json(attachment.content_base64));
+                std::string().swap(attachment.content_base64);  // escaped above: not needed
             }
             if (!attachment.content_id.empty()) {
-                after += R"(,"contentId":)" + dump(Json(attachment.content_id));
+                text += R"(,"contentId":)" + dump(Json(attachment.content_id));
             }
-            after += '}';
-            std::string().swap(attachment.content_base64);  // release it now
+            text += '}';
         }
-        after += ']';
+        text += ']';
     }
     if (!message.headers.empty()) {
         Json headers = Json::object();
         // A JSON object holds one value per name: the first one given wins.
         for (const auto& [name, value] : message.headers)
             if (!headers.contains(name)) headers[name] = value;
-        after += R"(,"headers":)" + dump(headers);
+        text += R"(,"headers":)" + dump(headers);
     }
-    after += R"(,"userEngagementTrackingDisabled":)";
-    after += message.user_engagement_tracking_disabled ? "true}" : "false}";
+    text += R"(,"userEngagementTrackingDisabled":)";
+    text += message.user_engagement_tracking_disabled ? "true}" : "false}";
+    after_recipients_.append(std::move(text));
 }
 
-std::string AcsRequestRenderer::body(const RecipientChunk& chunk) const {
-    std::string recipients = recipients_json(chunk.to, chunk.cc, chunk.bcc);
-    std::string out;
-    out.reserve(before_recipients_.size() + recipients.size() + after_recipients_.size());
-    out += before_recipients_;
-    out += recipients;
-    out += after_recipients_;
+HttpBody AcsRequestRenderer::body(const RecipientChunk& chunk) const {
+    HttpBody out = before_recipients_;
+    out.append(recipients_json(chunk.to, chunk.cc, chunk.bcc));
+    out.append(after_recipients_);
     return out;
 }
 
@@ -124,7 +130,7 @@ size_t AcsRequestRenderer::body_size(const RecipientChunk& chunk) const {
 std::string to_acs_json(const EmailMessage& message) {
     EmailMessage copy = message;
     AcsRequestRenderer renderer(std::move(copy));
-    return renderer.body({message.to, message.cc, message.bcc});
+    return renderer.body({message.to, message.cc, message.bcc}).str();
 }
 
 size_t acs_request_size(const EmailMessage& message) {

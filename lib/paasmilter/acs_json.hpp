@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "paasmilter/email_message.hpp"
+#include "paasmilter/http_client.hpp"
 
 namespace paasmilter {
 
@@ -26,20 +27,22 @@ struct RecipientChunk {
 };
 
 // The requests of one message differ only in their recipients: the rest (content and
-// attachments, the bulk of the bytes) is rendered once and each request's body is put
-// together when it is sent, so a message to 500 recipients is not held ten times.
+// attachments, the bulk of the bytes) is rendered once, and each request's body is a list of
+// pieces that share it. The attachments' base64 text is not copied at all: it becomes a
+// piece as the conversion made it. So a large message is in memory once, whatever the number
+// of requests (500 recipients: ten) and of attempts.
 class AcsRequestRenderer {
   public:
-    // Takes the message apart: its attachments are moved into the rendered text.
+    // Takes the message apart: its attachments' text moves into the rendered pieces.
     explicit AcsRequestRenderer(EmailMessage message);
 
     // to_acs_json() of the message with `chunk` as its recipients, byte for byte.
-    std::string body(const RecipientChunk& chunk) const;
+    HttpBody body(const RecipientChunk& chunk) const;
     size_t body_size(const RecipientChunk& chunk) const;
 
   private:
-    std::string before_recipients_;  // {"senderAddress":...,"content":{...},"recipients":
-    std::string after_recipients_;   // ,"replyTo":[...],...,"userEngagementTrackingDisabled":..}
+    HttpBody before_recipients_;  // {"senderAddress":...,"content":{...},"recipients":
+    HttpBody after_recipients_;   // ,"replyTo":[...],...,"userEngagementTrackingDisabled":..}
 };
 
 }  // namespace paasmilter

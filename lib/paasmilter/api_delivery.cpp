@@ -256,11 +256,10 @@ class Submission {
     }
 
     // `recipients`: how many the request names (for the route's quota).
-    ChunkReport deliver(const std::string& operation_id, const std::string& body,
-                        size_t recipients);
+    ChunkReport deliver(const std::string& operation_id, const HttpBody& body, size_t recipients);
 
   private:
-    ChunkReport deliver_alone(const std::string& operation_id, const std::string& body,
+    ChunkReport deliver_alone(const std::string& operation_id, const HttpBody& body,
                               size_t recipients);
     Result<HttpResponse> exchange(HttpRequest request, milliseconds timeout);
     // Asks (with retries while `keep` of the budget remains) whether the service has it.
@@ -342,7 +341,7 @@ Existence Submission::check_operation(const std::string& operation_id, bool retr
     }
 }
 
-ChunkReport Submission::deliver(const std::string& operation_id, const std::string& body,
+ChunkReport Submission::deliver(const std::string& operation_id, const HttpBody& body,
                                 size_t recipients) {
     // Another transaction of the same message (a client that gave up and resent) may be
     // delivering this request right now: never post it concurrently.
@@ -361,7 +360,7 @@ ChunkReport Submission::deliver(const std::string& operation_id, const std::stri
     return report;
 }
 
-ChunkReport Submission::deliver_alone(const std::string& operation_id, const std::string& body,
+ChunkReport Submission::deliver_alone(const std::string& operation_id, const HttpBody& body,
                                       size_t recipients) {
     ChunkReport report;
     report.operation_id = operation_id;

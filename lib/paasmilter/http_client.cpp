@@ -8,6 +8,8 @@
 #include <array>
 #include <cctype>
 #include <condition_variable>
+#include <cstdio>
+#include <cstring>
 #include <mutex>
 
 namespace paasmilter {
@@ -85,6 +87,29 @@ size_t on_body(char* data, size_t size, size_t count, void* user) {
     return length;
 }
 
+// A body of several pieces, sent as libcurl asks for it (CURLOPT_READFUNCTION) instead of
+// joined into one more copy first.
+struct Upload {
+    const HttpBody* body = nullptr;
+    size_t offset = 0;
+};
+
+size_t on_upload(char* buffer, size_t size, size_t count, void* user) {
+    auto* upload = static_cast<Upload*>(user);
+    const size_t copied = upload->body->copy(upload->offset, buffer, size * count);
+    upload->offset += copied;
+    return copied;
+}
+
+// libcurl rewinds to send the body again (a reused connection found closed, a redirect).
+int on_upload_seek(void* user, curl_off_t offset, int origin) {
+    auto* upload = static_cast<Upload*>(user);
+    if (origin != SEEK_SET || offset < 0 || static_cast<size_t>(offset) > upload->body->size())
+        return CURL_SEEKFUNC_CANTSEEK;
+    upload->offset = static_cast<size_t>(offset);
+    return CURL_SEEKFUNC_OK;
+}
+
 size_t on_header(char* data, size_t size, size_t count, void* user) {
     auto* transfer = static_cast<Transfer*>(user);
     const size_t length = size * count;
@@ -105,6 +130,48 @@ size_t on_header(char* data, size_t size, size_t count, void* user) {
 }
 
 }  // namespace
+
+HttpBody& HttpBody::append(std::string text) {
+    if (text.empty()) return *this;
+    return append(std::make_shared<const std::string>(std::move(text)));
+}
+
+HttpBody& HttpBody::append(Piece piece) {
+    if (!piece || piece->empty()) return *this;
+    size_ += piece->size();
+    pieces_.push_back(std::move(piece));
+    return *this;
+}
+
+HttpBody& HttpBody::append(const HttpBody& more) {
+    // A copy of the pointers first: `more` may be this body.
+    const std::vector<Piece> pieces = more.pieces_;
+    for (const Piece& piece : pieces) append(piece);
+    return *this;
+}
+
+size_t HttpBody::copy(size_t offset, char* out, size_t length) const {
+    size_t copied = 0;
+    for (const Piece& piece : pieces_) {
+        if (copied == length) break;
+        if (offset >= piece->size()) {
+            offset -= piece->size();
+            continue;
+        }
+        const size_t n = std::min(piece->size() - offset, length - copied);
+        std::memcpy(out + copied, piece->data() + offset, n);
+        copied += n;
+        offset = 0;
+    }
+    return copied;
+}
+
+std::string HttpBody::str() const {
+    std::string out;
+    out.reserve(size_);
+    for (const Piece& piece : pieces_) out += *piece;
+    return out;
+}
 
 std::optional<std::string> HttpResponse::header(std::string_view name) const {
     for (const auto& [key, value] : headers)
@@ -227,6 +294,7 @@ Result<HttpResponse> HttpClient::send(const HttpRequest& request,
     CURL* curl = handle.get();
     Transfer transfer;
     transfer.max_body = impl_->options.max_response_bytes;
+    Upload upload{&request.body, 0};
     char error_buffer[CURL_ERROR_SIZE] = {};
     const auto& options = impl_->options;
 
@@ -259,8 +327,18 @@ Result<HttpResponse> HttpClient::send(const HttpRequest& request,
     } else if (request.method == "HEAD") {
         curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
     } else {
-        if (request.method == "POST" || !request.body.empty()) {
-            curl_easy_setopt(curl, CURLOPT_POSTFIELDS, request.body.data());
+        const auto& pieces = request.body.pieces();
+        if (pieces.size() > 1) {
+            curl_easy_setopt(curl, CURLOPT_POST, 1L);
+            curl_easy_setopt(curl, CURLOPT_READFUNCTION, &on_upload);
+            curl_easy_setopt(curl, CURLOPT_READDATA, &upload);
+            curl_easy_setopt(curl, CURLOPT_SEEKFUNCTION, &on_upload_seek);
+            curl_easy_setopt(curl, CURLOPT_SEEKDATA, &upload);
+            curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE,
+                             static_cast<curl_off_t>(request.body.size()));
+        } else if (request.method == "POST" || !pieces.empty()) {
+            // One piece (or none) is sent from where it is: libcurl does not copy it.
+            curl_easy_setopt(curl, CURLOPT_POSTFIELDS, pieces.empty() ? "" : pieces[0]->data());
             curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE,
                              static_cast<curl_off_t>(request.body.size()));
         }

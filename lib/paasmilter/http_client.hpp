@@ -16,11 +16,42 @@ namespace paasmilter {
 
 using HttpHeaders = std::vector<std::pair<std::string, std::string>>;
 
+// A request body: its pieces' bytes, one after the other. Pieces are shared, never copied:
+// a request, and every copy of it an attempt makes, points at the strings the body was
+// rendered into, so a large body (an ACS request around a message's attachments) is in
+// memory once, however many requests and retries send it.
+class HttpBody {
+  public:
+    using Piece = std::shared_ptr<const std::string>;
+
+    HttpBody() = default;
+    // Implicit: most bodies are one string (a form, a small JSON document).
+    HttpBody(std::string text) { append(std::move(text)); }
+    HttpBody(const char* text) : HttpBody(std::string(text)) {}
+
+    HttpBody& append(std::string text);
+    HttpBody& append(const char* text) { return append(std::string(text)); }
+    HttpBody& append(Piece piece);
+    HttpBody& append(const HttpBody& more);
+
+    size_t size() const { return size_; }
+    bool empty() const { return size_ == 0; }
+    const std::vector<Piece>& pieces() const { return pieces_; }
+    // Copies up to `length` bytes from `offset` on into `out`; returns how many (0 at the end).
+    size_t copy(size_t offset, char* out, size_t length) const;
+    // The whole body in one string: a copy (for small bodies, logs and tests).
+    std::string str() const;
+
+  private:
+    std::vector<Piece> pieces_;  // none empty
+    size_t size_ = 0;
+};
+
 struct HttpRequest {
     std::string method = "POST";
     std::string url;
     HttpHeaders headers;
-    std::string body;
+    HttpBody body;
 };
 
 struct HttpResponse {

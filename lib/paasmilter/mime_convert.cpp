@@ -191,10 +191,84 @@ std::string text_content(GMimePart* part, GMimeParserOptions* parser_options) {
     return clean_utf8(or_empty(guessed.get()));
 }
 
-std::string base64(std::string_view bytes) {
-    if (bytes.empty()) return {};
-    GCharPtr encoded(g_base64_encode(reinterpret_cast<const guchar*>(bytes.data()), bytes.size()));
-    return std::string(or_empty(encoded.get()));
+// Base64 without line breaks, appended to `out` as the bytes come: a large attachment is
+// encoded into the one string that carries it to the request, without a decoded copy of it
+// first or a second encoded one (g_base64_encode's, then a std::string of it).
+class Base64Writer {
+  public:
+    // `bound`: at most this many bytes will be written (0: unknown). The string is reserved
+    // once; pages of the reservation that stay unused are never touched, so cost no memory.
+    Base64Writer(std::string& out, size_t bound) : out_(out) {
+        if (bound > 0) out_.reserve(out_.size() + (bound + 2) / 3 * 4);
+    }
+    void write(const char* data, size_t length) {
+        size_ += length;
+        // g_base64_encode_step writes at most (length / 3 + 1) * 4 + 4 bytes without breaks.
+        const size_t at = out_.size();
+        out_.resize(at + (length / 3 + 1) * 4 + 4);
+        const size_t n = g_base64_encode_step(reinterpret_cast<const guchar*>(data), length, FALSE,
+                                              out_.data() + at, &state_, &save_);
+        out_.resize(at + n);
+    }
+    // Returns how many bytes were encoded.
+    size_t close() {
+        char tail[4];
+        const size_t n = g_base64_encode_close(FALSE, tail, &state_, &save_);
+        out_.append(tail, n);
+        return size_;
+    }
+
+  private:
+    std::string& out_;
+    size_t size_ = 0;
+    gint state_ = 0;
+    gint save_ = 0;
+};
+
+// A leaf's content, transfer encoding removed (as g_mime_data_wrapper_write_to_stream does),
+// base64-encoded into `out`; returns the decoded size. Reads in slices: the parser left the
+// content in the spool file, and no decoded copy of it is ever whole in memory.
+size_t content_base64(GMimePart* part, std::string& out) {
+    GMimeDataWrapper* content = g_mime_part_get_content(part);
+    // GMime 3: the wrapper keeps its stream (transfer none).
+    GMimeStream* raw = content ? g_mime_data_wrapper_get_stream(content) : nullptr;
+    if (!raw) return 0;
+    const GMimeContentEncoding encoding = g_mime_data_wrapper_get_encoding(content);
+    g_mime_stream_reset(raw);
+    GObjectPtr<GMimeStream> decoded(g_mime_stream_filter_new(raw));
+    switch (encoding) {
+        case GMIME_CONTENT_ENCODING_BASE64:
+        case GMIME_CONTENT_ENCODING_QUOTEDPRINTABLE:
+        case GMIME_CONTENT_ENCODING_UUENCODE: {
+            GObjectPtr<GMimeFilter> decoder(g_mime_filter_basic_new(encoding, FALSE));
+            g_mime_stream_filter_add(GMIME_STREAM_FILTER(decoded.get()), decoder.get());
+            break;
+        }
+        default:
+            break;
+    }
+    // Decoding never makes content longer; base64 makes 3/4 of it at most.
+    const gint64 length = g_mime_stream_length(raw);
+    size_t bound = length > 0 ? static_cast<size_t>(length) : 0;
+    if (encoding == GMIME_CONTENT_ENCODING_BASE64) bound = bound / 4 * 3 + 3;
+    Base64Writer writer(out, bound);
+    // As g_mime_stream_write_to_stream reads: a filter may yield nothing for a slice it took
+    // in (0 is not the end; the end is eos, after the decoder's last bytes).
+    char buffer[16 * 1024];
+    while (!g_mime_stream_eos(decoded.get())) {
+        const ssize_t n = g_mime_stream_read(decoded.get(), buffer, sizeof buffer);
+        if (n < 0) break;
+        if (n > 0) writer.write(buffer, static_cast<size_t>(n));
+    }
+    g_mime_stream_reset(raw);
+    return writer.close();
+}
+
+// Base64 of bytes already in memory (a forwarded message GMime wrote out).
+size_t bytes_base64(std::string_view bytes, std::string& out) {
+    Base64Writer writer(out, bytes.size());
+    writer.write(bytes.data(), bytes.size());
+    return writer.close();
 }
 
 std::string extension_for(std::string_view type) {
@@ -543,7 +617,6 @@ class Converter {
             return;
 
         Attachment attachment;
-        std::string bytes;
         if (GMIME_IS_MESSAGE_PART(object)) {
             attachment.content_type = "message/rfc822";
             if (GMimeMessage* inner = g_mime_message_part_get_message(GMIME_MESSAGE_PART(object))) {
@@ -551,14 +624,17 @@ class Converter {
                 g_mime_object_write_to_stream(GMIME_OBJECT(inner), nullptr, memory.get());
                 GByteArray* array =
                     g_mime_stream_mem_get_byte_array(GMIME_STREAM_MEM(memory.get()));
-                if (array && array->len)
-                    bytes.assign(reinterpret_cast<const char*>(array->data), array->len);
+                if (array && array->len) {
+                    attachment.size =
+                        bytes_base64({reinterpret_cast<const char*>(array->data), array->len},
+                                     attachment.content_base64);
+                }
             }
             attachment.name = clean_file_name(file_name(object));
             if (attachment.name.empty()) attachment.name = "forwarded-message.eml";
         } else if (GMIME_IS_PART(object)) {
             attachment.content_type = media_type(object);
-            bytes = decoded_bytes(GMIME_PART(object));
+            attachment.size = content_base64(GMIME_PART(object), attachment.content_base64);
             attachment.name = clean_file_name(file_name(object));
             if (attachment.name.empty())
                 attachment.name = "attachment-" + std::to_string(out.size() + 1) + "." +
@@ -567,8 +643,6 @@ class Converter {
             return;  // a bare GMimeObject of no known kind: nothing to carry
         }
         attachment.content_id = clean_utf8(trim(or_empty(g_mime_object_get_content_id(object))));
-        attachment.size = bytes.size();
-        attachment.content_base64 = base64(bytes);
         out.push_back(std::move(attachment));
     }
 
@@ -905,12 +979,20 @@ Result<EmailMessage> convert_parsed(GMimeMessage* message, GMimeParserOptions* p
     return out;
 }
 
-// `stream` is what GMime parses, `source` the same bytes for the scans GMime cannot do.
+// `stream` is what GMime parses, `source` the same bytes for the scans GMime cannot do;
+// `mapped`: `source` is a read-only mapping of a file (the spool).
 Result<EmailMessage> convert_source(std::string_view source, GMimeStream* stream,
-                                    const Envelope& envelope, const ConversionOptions& options) {
+                                    const Envelope& envelope, const ConversionOptions& options,
+                                    bool mapped = false) {
     ParserOptionsPtr parser_options = make_parser_options();
     if (more_parts_than(source, parser_options.get(), options.max_mime_parts))
         return make_error(ErrorKind::too_many_mime_parts, std::string(kTooManyMimeParts));
+    // The scan made every page of the mapping resident; GMime reads the file through `stream`
+    // and only a few lines of `source` are looked at again (faulted back in from the page
+    // cache). Left resident, a large message would count twice while converted: its source
+    // and its attachments' base64.
+    if (mapped && !source.empty())
+        ::madvise(const_cast<char*>(source.data()), source.size(), MADV_DONTNEED);
     DroppedLines dropped{source, {}};
     GObjectPtr<GMimeMessage> message = parse(stream, parser_options.get(), &dropped);
     if (message && !dropped.starts.empty()) {
@@ -993,7 +1075,7 @@ Result<EmailMessage> convert_message_fd(int fd, const Envelope& envelope,
     if (own < 0) return make_error(std::string("cannot read the message: ") + std::strerror(errno));
     GObjectPtr<GMimeStream> stream(
         g_mime_stream_fs_new_with_bounds(own, 0, static_cast<gint64>(size)));
-    return convert_source(file.view(), stream.get(), envelope, options);
+    return convert_source(file.view(), stream.get(), envelope, options, true);
 }
 
 }  // namespace paasmilter

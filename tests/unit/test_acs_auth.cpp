@@ -356,6 +356,16 @@ TEST_CASE("sign_acs_request matches an independently computed signature") {
         "Fgwa1IGYQtGZ2/QJS0EC2OHi1ryq98Es6hAbTmQjMXo=";
     CHECK(header(*headers, "Authorization") == expected);
 
+    // A body in pieces is hashed as the bytes it stands for.
+    HttpBody pieces = std::string(R"({"senderAddress":)");
+    pieces.append(std::make_shared<const std::string>(R"("noreply@contoso.com")")).append("}");
+    REQUIRE(pieces.pieces().size() == 3);
+    auto from_pieces = sign_acs_request(
+        "POST", "https://contoso.communication.azure.com/emails:send?api-version=2023-03-31",
+        pieces, kAccessKey, at(1752568200));
+    REQUIRE(from_pieces.ok());
+    CHECK(header(*from_pieces, "Authorization") == expected);
+
     // The default port is not part of the host (libcurl leaves it out of Host too); the method
     // is upper-cased.
     auto with_port = sign_acs_request(

@@ -98,7 +98,7 @@ TEST_CASE("request bodies: the whole message's JSON with each chunk's recipients
     CHECK(whole["userEngagementTrackingDisabled"] == true);
     AcsRequestRenderer renderer(m);
     for (const auto& chunk : split_recipients(m, 2)) {
-        std::string text = renderer.body(chunk);
+        std::string text = renderer.body(chunk).str();
         CHECK(renderer.body_size(chunk) == text.size());
         auto body = nlohmann::json::parse(text);
         auto addresses = [](const nlohmann::json& list) {
@@ -119,6 +119,36 @@ TEST_CASE("request bodies: the whole message's JSON with each chunk's recipients
         rest.erase("recipients");
         CHECK(body == rest);
     }
+}
+
+TEST_CASE("request bodies: the attachments' base64 is shared by every request, never copied") {
+    EmailMessage m = message_with(120, 0, 0);
+    m.attachments.push_back({"a.pdf", "application/pdf", std::string(300000, 'A'), "", 225000});
+    m.attachments.push_back({"b.txt", "text/plain", "QUJD", "", 3});
+    const char* const big_bytes = m.attachments[0].content_base64.data();
+    const std::string whole = to_acs_json(m);
+    AcsRequestRenderer renderer(std::move(m));
+    const auto chunks = split_recipients(message_with(120, 0, 0), 50);
+    REQUIRE(chunks.size() == 3);
+    std::vector<HttpBody> bodies;
+    for (const auto& chunk : chunks) bodies.push_back(renderer.body(chunk));
+    // The piece holding the large attachment is the conversion's own string, moved (its bytes
+    // did not move either), in each request's body.
+    auto holding = [&](const HttpBody& body) -> HttpBody::Piece {
+        for (const auto& piece : body.pieces())
+            if (piece->data() == big_bytes) return piece;
+        return nullptr;
+    };
+    const HttpBody::Piece shared = holding(bodies[0]);
+    REQUIRE(shared != nullptr);
+    CHECK(shared->size() == 300000);
+    for (const HttpBody& body : bodies) CHECK(holding(body) == shared);
+    // The first request's bytes are those of the whole message's JSON but for the recipients.
+    auto first = nlohmann::json::parse(bodies[0].str());
+    auto expected = nlohmann::json::parse(whole);
+    first.erase("recipients");
+    expected.erase("recipients");
+    CHECK(first == expected);
 }
 
 TEST_CASE("local domains") {

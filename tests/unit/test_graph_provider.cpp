@@ -73,7 +73,7 @@ Run submit_graph(FakeService& service, const ApiSettings& api, PostedRequests* p
 }
 
 std::string submitted_mime(const HttpRequest& request) {
-    auto decoded = base64_decode(request.body);
+    auto decoded = base64_decode(request.body.str());
     REQUIRE(decoded);
     return *decoded;
 }

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,7 +29,8 @@ using namespace paasmilter::testing;
 namespace {
 
 // Test endpoints: /echo (request as JSON, with the client's port), /sleep?ms=N[&track=1] (with
-// track: counted in flight), /peak[?reset=1] (most tracked at once), /big?n=N, /status?code=N.
+// track: counted in flight), /peak[?reset=1] (most tracked at once), /big?n=N, /status?code=N,
+// /hangup-next (the next request on the connection gets no answer: the connection closes).
 constexpr const char* kServerScript = R"PY(
 import http.server, json, ssl, sys, threading, time, urllib.parse
 lock = threading.Lock()
@@ -50,6 +52,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(url.query))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if getattr(self, "hangup", False):
+            self.close_connection = True
+            return
         if url.path == "/echo":
             self.reply(200, json.dumps({"method": self.command, "path": self.path,
                 "body": body.decode(), "port": self.client_address[1],
@@ -72,6 +77,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.reply(200, "x" * int(query["n"]))
         elif url.path == "/status":
             self.reply(int(query["code"]), "{}")
+        elif url.path == "/hangup-next":
+            # the next request on this connection is read, then the connection is closed
+            # without an answer
+            self.reply(200, "{}")
+            self.hangup = True
         else:
             self.reply(404, "{}")
     do_GET = do_POST = do_PUT = do_DELETE = handle_any
@@ -136,7 +146,7 @@ TEST_CASE("HttpClient: GET and POST, request and response headers") {
     post.body = std::string(3000, 'b');  // above curl's Expect: 100-continue threshold of old
     json = echo(client, post);
     CHECK(json["method"] == "POST");
-    CHECK(json["body"] == post.body);
+    CHECK(json["body"] == post.body.str());
     CHECK(json["headers"]["x-custom"] == "v1");
     CHECK(json["headers"]["x-empty"] == "");
     CHECK_FALSE(json["headers"].contains("expect"));
@@ -152,6 +162,62 @@ TEST_CASE("HttpClient: GET and POST, request and response headers") {
     response = client.send(status, 5s);
     REQUIRE(response.ok());  // any HTTP status is an answer
     CHECK(response->status == 429);
+}
+
+TEST_CASE("HttpBody: pieces shared, read at any offset, joined") {
+    HttpBody body = std::string("{\"a\":\"");
+    auto shared = std::make_shared<const std::string>("0123456789");
+    body.append(shared).append(std::string()).append("\"}");
+    CHECK(body.pieces().size() == 3);  // the empty one is not a piece
+    CHECK(body.size() == 18);
+    CHECK(body.str() == "{\"a\":\"0123456789\"}");
+    CHECK(body.pieces()[1] == shared);  // not copied
+
+    char out[32] = {};
+    CHECK(body.copy(0, out, 4) == 4);
+    CHECK(std::string(out, 4) == "{\"a\"");
+    CHECK(body.copy(5, out, 10) == 10);  // across the first two pieces
+    CHECK(std::string(out, 10) == "\"012345678");
+    CHECK(body.copy(14, out, sizeof out) == 4);  // the rest, across the last two
+    CHECK(std::string(out, 4) == "89\"}");
+    CHECK(body.copy(18, out, sizeof out) == 0);
+    CHECK(body.copy(100, out, sizeof out) == 0);
+
+    HttpBody twice = body;
+    twice.append(twice);
+    CHECK(twice.str() == body.str() + body.str());
+    CHECK(twice.pieces()[4] == shared);
+    CHECK(HttpBody().empty());
+    CHECK(HttpBody("").pieces().empty());
+}
+
+TEST_CASE("HttpClient: a body in pieces goes as one, with its length, also when resent") {
+    HttpClient client(trusting());
+    // A body of several pieces is read by libcurl as it sends; one of 512 KiB among them.
+    HttpRequest post;
+    post.url = server().url("/echo");
+    post.headers = {{"Content-Type", "application/json"}};
+    post.body = std::string("start-");
+    post.body.append(std::make_shared<const std::string>(512 * 1024, 'x')).append("-end");
+    REQUIRE(post.body.pieces().size() == 3);
+    auto json = echo(client, post);
+    CHECK(json["method"] == "POST");
+    CHECK(json["headers"]["content-length"] == std::to_string(post.body.size()));
+    CHECK(json["body"] == post.body.str());
+    CHECK_FALSE(json["headers"].contains("expect"));
+    CHECK_FALSE(json["headers"].contains("transfer-encoding"));
+
+    HttpRequest put = post;
+    put.method = "PUT";
+    json = echo(client, put);
+    CHECK(json["method"] == "PUT");
+    CHECK(json["body"] == post.body.str());
+
+    // The connection it reuses closes without an answer once the body is sent: libcurl
+    // sends it again on a new connection, from the start of the body (CURLOPT_SEEKFUNCTION).
+    REQUIRE(client.send(get("/hangup-next"), 5s).ok());
+    json = echo(client, post);
+    CHECK(json["body"] == post.body.str());
 }
 
 TEST_CASE("HttpClient: connections are reused across requests and threads") {

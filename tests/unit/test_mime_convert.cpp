@@ -406,6 +406,107 @@ TEST_CASE("attachments: a repeated Content-ID stays inline only once (ACS reject
     CHECK(message.attachments[0].content_base64 == "AAAA");
     CHECK(message.attachments[0].size == 3);
 }
+namespace {
+
+std::string reference_base64(const std::string& bytes) {
+    gchar* encoded = g_base64_encode(reinterpret_cast<const guchar*>(bytes.data()), bytes.size());
+    std::string out(encoded);
+    g_free(encoded);
+    return out;
+}
+
+// Base64 in lines of `width` characters.
+std::string base64_lines(const std::string& bytes, size_t width) {
+    const std::string flat = reference_base64(bytes);
+    std::string out;
+    for (size_t i = 0; i < flat.size(); i += width) out += flat.substr(i, width) + "\n";
+    return out;
+}
+
+// Every byte as =XX, soft line breaks every 24 bytes.
+std::string quoted_printable(const std::string& bytes) {
+    std::string out;
+    for (size_t i = 0; i < bytes.size(); ++i) {
+        char hex[4];
+        std::snprintf(hex, sizeof hex, "=%02X", static_cast<unsigned char>(bytes[i]));
+        out += hex;
+        if (i % 24 == 23) out += "=\n";
+    }
+    return out + "\n";
+}
+
+std::string uuencode(const std::string& bytes) {
+    auto digit = [](unsigned value) { return value == 0 ? '`' : static_cast<char>(32 + value); };
+    std::string out = "begin 644 data.bin\n";
+    for (size_t line = 0; line < bytes.size(); line += 45) {
+        const size_t n = std::min<size_t>(45, bytes.size() - line);
+        out += digit(static_cast<unsigned>(n));
+        for (size_t i = 0; i < n; i += 3) {
+            unsigned char b[3] = {};
+            for (size_t k = 0; k < 3 && i + k < n; ++k)
+                b[k] = static_cast<unsigned char>(bytes[line + i + k]);
+            out += digit(b[0] >> 2);
+            out += digit(((b[0] & 3) << 4) | (b[1] >> 4));
+            out += digit(((b[1] & 15) << 2) | (b[2] >> 6));
+            out += digit(b[2] & 63);
+        }
+        out += "\n";
+    }
+    return out + "`\nend\n";
+}
+
+std::string random_bytes(size_t size, unsigned seed) {
+    std::mt19937 random(seed);
+    std::string out(size, '\0');
+    for (char& c : out) c = static_cast<char>(random() & 0xff);
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("attachments: each transfer encoding is decoded and encoded again, large ones too") {
+    // The content is streamed from the part straight into its base64 text: the same bytes as
+    // decoding it whole and encoding the result.
+    const std::string small = random_bytes(1000, 1);
+    const std::string large = random_bytes(3 * 1024 * 1024 + 1, 2);  // not a multiple of 3
+    struct Part {
+        const char* encoding;
+        std::string bytes, body;
+    };
+    const std::vector<Part> parts = {
+        {"base64", small, base64_lines(small, 76)},
+        {"base64", small, base64_lines(small, 1)},  // every slice ends mid-quantum
+        {"base64", large, base64_lines(large, 76)},
+        {"quoted-printable", small, quoted_printable(small)},
+        {"x-uuencode", small, uuencode(small)},
+        {"8bit", "caf\xc3\xa9", "caf\xc3\xa9\n"},  // the last line break belongs to the boundary
+        {"7bit", "", ""},
+    };
+    std::string source =
+        "From: app@contoso.com\nTo: a@example.net\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/mixed; boundary=m\n\n--m\nContent-Type: text/plain\n\nText.\n";
+    for (size_t i = 0; i < parts.size(); ++i) {
+        source += "--m\nContent-Type: application/octet-stream; name=p" + std::to_string(i) +
+                  ".bin\nContent-Disposition: attachment\nContent-Transfer-Encoding: " +
+                  parts[i].encoding + "\n\n" + parts[i].body;
+    }
+    source += "--m--\n";
+
+    paasmilter::testing::TempDir dir;
+    const std::string path = dir.write("m.eml", crlf(source));
+    auto from_file = convert_message_file(path, envelope({"a@example.net"}), base_options());
+    REQUIRE(from_file.ok());
+    for (const EmailMessage& message :
+         {convert_ok(source, envelope({"a@example.net"})), std::move(from_file).value()}) {
+        REQUIRE(message.attachments.size() == parts.size());
+        for (size_t i = 0; i < parts.size(); ++i) {
+            CAPTURE(i);
+            const Attachment& attachment = message.attachments[i];
+            CHECK(attachment.size == parts[i].bytes.size());
+            CHECK(attachment.content_base64 == reference_base64(parts[i].bytes));
+        }
+    }
+}
 
 TEST_CASE("body: which parts are the text") {
     SUBCASE("alternative: the last rendering of each kind wins") {
