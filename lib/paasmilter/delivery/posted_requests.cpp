@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -121,7 +122,7 @@ std::string PostedRequests::live_records() const {
     return text;
 }
 
-Result<void> PostedRequests::append(std::string_view line, bool durable) {
+Result<void> PostedRequests::append(std::string_view line) {
     if (!journal_) return {};
     struct stat before {};
     if (::fstat(journal_.get(), &before) != 0) {
@@ -133,13 +134,59 @@ Result<void> PostedRequests::append(std::string_view line, bool durable) {
         return make_error(
             fmt::format("cannot write {}: {}", journal_path_, written.error().message));
     }
-    // Only the record that lets a request go out must be on disk first; a lost S or U line
-    // leaves the request open after a crash, which is the safe side.
-    if (durable && ::fdatasync(journal_.get()) != 0) {
-        return make_error(fmt::format("cannot flush {}: {}", journal_path_, errno_text()));
-    }
+    ++appended_;
     ++journal_lines_;
     return {};
+}
+
+Result<void> PostedRequests::append_durably(std::unique_lock<std::mutex>& lock,
+                                            std::string_view line) {
+    if (!journal_) return {};
+    // Only the record that lets a request go out must be on disk first; a lost S or U line
+    // leaves the request open after a crash, which is the safe side.
+    //
+    // After a failed flush the file cannot be trusted: Linux may drop the dirty pages it
+    // failed to write and report the error only once, so a later flush that succeeds does
+    // not prove that earlier lines are on disk. Until a rewrite (from the records in memory,
+    // flushed as a new file) succeeds, no request may go out on this file's word.
+    if (broken_) {
+        const std::string why = broken_->message;
+        if (auto rewritten = rewrite_journal(lock); !rewritten) {
+            return make_error(
+                fmt::format("{} (and cannot rewrite it: {})", why, rewritten.error().message));
+        }
+    }
+    if (auto written = append(line); !written) return written;
+    const uint64_t mine = appended_;
+    for (;;) {
+        if (flushed_up_to_ >= mine) return {};
+        // Every line not yet flushed when a flush failed: its outcome is unknown.
+        if (broken_) return *broken_;
+        if (flushing_) {
+            // The flush in progress may have started before this line was written.
+            flushed_.wait(lock);
+            continue;
+        }
+        // This thread flushes for every line written so far, its own included.
+        flushing_ = true;
+        const uint64_t covered = appended_;
+        const int fd = journal_.get();  // not replaced while flushing_ (see rewrite_journal)
+        lock.unlock();
+        const int flushed = flush_(fd);
+        const int error = errno;
+        lock.lock();
+        flushing_ = false;
+        ++flushes_;
+        if (flushed == 0) {
+            flushed_up_to_ = std::max(flushed_up_to_, covered);
+        } else {
+            broken_ =
+                make_error(fmt::format("cannot flush {}: {}", journal_path_, std::strerror(error)));
+        }
+        flushed_.notify_all();
+        // Skipped by the appends while this thread flushed.
+        rewrite_if_due(lock);
+    }
 }
 
 void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
@@ -173,10 +220,13 @@ void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
     ++summary.unreadable;
 }
 
-Result<void> PostedRequests::rewrite_journal() {
+Result<void> PostedRequests::rewrite_journal(std::unique_lock<std::mutex>& lock) {
+    flushed_.wait(lock, [this] { return !flushing_; });
+    // Every line appended so far is of a record in memory (remember() records before it
+    // appends), so the new file holds them all: once it is on disk, they are.
     std::string text;
     {
-        std::lock_guard lock(mutex_);
+        std::lock_guard records(mutex_);
         text = live_records();
     }
     const std::string fresh = journal_path_ + ".new";
@@ -197,37 +247,45 @@ Result<void> PostedRequests::rewrite_journal() {
     if (::rename(fresh.c_str(), journal_path_.c_str()) != 0) {
         return fail(fmt::format("cannot rename {} to {}: {}", fresh, journal_path_, errno_text()));
     }
-    // The rename itself must be on disk before anything is appended to the new file only.
+    // The old file is gone from the path: appending to it from now on would be lost.
+    journal_ = std::move(appending);
+    journal_lines_ = 0;
+    // The rename itself must be on disk before anything is appended to the new file only;
+    // if it is not, lines not yet flushed to the old file may be lost with it.
     const auto slash = journal_path_.find_last_of('/');
     const std::string directory =
         slash == std::string::npos ? std::string(".") : journal_path_.substr(0, slash + 1);
     UniqueFd dir(::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     if (!dir || ::fsync(dir.get()) != 0) {
-        return make_error(
-            fmt::format("cannot flush the directory {}: {}", directory, errno_text()));
+        broken_ =
+            make_error(fmt::format("cannot flush the directory {}: {}", directory, errno_text()));
+        flushed_.notify_all();
+        return *broken_;
     }
-    journal_ = std::move(appending);
-    journal_lines_ = 0;
+    flushed_up_to_ = appended_;
+    broken_.reset();
+    flushed_.notify_all();
     return {};
 }
 
-void PostedRequests::rewrite_if_due() {
+void PostedRequests::rewrite_if_due(std::unique_lock<std::mutex>& lock) {
     size_t live = 0;
     {
-        std::lock_guard lock(mutex_);
+        std::lock_guard records(mutex_);
         live = entries_.size();
     }
     // The file stays within a few lines per live record (plus rewrite_after_).
-    if (!journal_ || journal_lines_ < rewrite_after_ + live) return;
-    if (auto rewritten = rewrite_journal(); !rewritten) {
-        // Not fatal: appending to the old file goes on; try again after as many lines.
+    if (!journal_ || flushing_ || journal_lines_ < rewrite_after_ + live) return;
+    if (auto rewritten = rewrite_journal(lock); !rewritten) {
+        // Not fatal: appending goes on (to the old file, or to the new one marked broken if
+        // only the directory flush failed); try again after as many lines.
         log_warning("cannot rewrite the journal of posted requests: {}", rewritten.error().message);
         journal_lines_ = 0;
     }
 }
 
 Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::string& path) {
-    std::lock_guard journal_lock(journal_mutex_);
+    std::unique_lock journal_lock(journal_mutex_);
     // A lock beside the journal (the journal itself is replaced when rewritten): two
     // processes appending to one journal would each miss the other's requests.
     const std::string lock_path = path + ".lock";
@@ -245,6 +303,7 @@ Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::s
         dropped_at_.reset();
         journal_.reset();
         journal_path_.clear();
+        broken_.reset();
         return error;
     };
     std::string text;
@@ -280,7 +339,9 @@ Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::s
         summary.requests = entries_.size();
     }
     journal_path_ = path;
-    if (auto rewritten = rewrite_journal(); !rewritten) return forget(rewritten.error());
+    if (auto rewritten = rewrite_journal(journal_lock); !rewritten) {
+        return forget(rewritten.error());
+    }
     journal_lock_ = std::move(lock_file);
     return summary;
 }
@@ -301,8 +362,9 @@ Result<void> PostedRequests::remember(const std::string& operation_id,
         expire(now);
         dropped_now = dropped_at_ != dropped_before;
     }
-    std::lock_guard journal_lock(journal_mutex_);
-    if (auto written = append(posted_line(operation_id, now, repeatability), true); !written) {
+    std::unique_lock journal_lock(journal_mutex_);
+    if (auto written = append_durably(journal_lock, posted_line(operation_id, now, repeatability));
+        !written) {
         std::lock_guard lock(mutex_);
         if (previous) {
             entries_[operation_id] = *previous;
@@ -311,8 +373,8 @@ Result<void> PostedRequests::remember(const std::string& operation_id,
         }
         return written;
     }
-    if (dropped_now) (void)append(fmt::format("D {}\n", to_ms(now)), false);
-    rewrite_if_due();
+    if (dropped_now) (void)append(fmt::format("D {}\n", to_ms(now)));
+    rewrite_if_due(journal_lock);
     return {};
 }
 
@@ -323,10 +385,10 @@ void PostedRequests::set_uncertain(const std::string& operation_id, bool uncerta
         if (found == entries_.end()) return;
         found->second.fate = uncertain ? Fate::open : Fate::settled;
     }
-    std::lock_guard journal_lock(journal_mutex_);
+    std::unique_lock journal_lock(journal_mutex_);
     // Not flushed: if this line is lost, the request counts as open (the safe side).
-    (void)append(fmt::format("{} {}\n", uncertain ? 'U' : 'S', operation_id), false);
-    rewrite_if_due();
+    (void)append(fmt::format("{} {}\n", uncertain ? 'U' : 'S', operation_id));
+    rewrite_if_due(journal_lock);
 }
 
 void PostedRequests::set_accepted(const std::string& operation_id) {
@@ -336,10 +398,10 @@ void PostedRequests::set_accepted(const std::string& operation_id) {
         if (found == entries_.end()) return;
         found->second.fate = Fate::accepted;
     }
-    std::lock_guard journal_lock(journal_mutex_);
+    std::unique_lock journal_lock(journal_mutex_);
     // Not flushed: if this line is lost, the request counts as open (the safe side).
-    (void)append(fmt::format("A {}\n", operation_id), false);
-    rewrite_if_due();
+    (void)append(fmt::format("A {}\n", operation_id));
+    rewrite_if_due(journal_lock);
 }
 
 bool PostedRequests::was_accepted(const std::string& operation_id) {

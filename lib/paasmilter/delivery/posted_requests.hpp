@@ -18,7 +18,10 @@
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -90,11 +93,18 @@ class PostedRequests {
     void record(const std::string& operation_id, Entry entry);
     void replay(std::string_view line, JournalSummary& summary);
     std::string live_records() const;
-    // With journal_mutex_ held.
-    Result<void> append(std::string_view line, bool durable);
-    // With journal_mutex_ held (it takes mutex_ for the records).
-    Result<void> rewrite_journal();
-    void rewrite_if_due();
+    // With journal_mutex_ held: writes the line at the end of the file, not flushed.
+    Result<void> append(std::string_view line);
+    // With journal_mutex_ held by `lock`: appends the line and returns once a flush that
+    // started after the write has completed (group commit: one flush serves every line
+    // written before it started). The mutex is released while this thread waits or flushes.
+    Result<void> append_durably(std::unique_lock<std::mutex>& lock, std::string_view line);
+    // With journal_mutex_ held by `lock` (it takes mutex_ for the records); waits until no
+    // flush is in progress, so the file is never swapped under a flushing thread.
+    Result<void> rewrite_journal(std::unique_lock<std::mutex>& lock);
+    // With journal_mutex_ held by `lock`; does nothing while a flush is in progress (the
+    // flushing thread does it when done), so that a non-durable append never waits for one.
+    void rewrite_if_due(std::unique_lock<std::mutex>& lock);
 
     size_t capacity_;
     std::chrono::hours retention_;
@@ -108,13 +118,24 @@ class PostedRequests {
     // may be one of them.
     std::optional<Clock::time_point> dropped_at_;
 
-    // The file. Taken before mutex_ when both are needed; a flush to disk holds only this
-    // one, so threads that only read or update the records in memory do not wait for it.
+    // The file. Taken before mutex_ when both are needed. Not held during a flush to disk:
+    // other lines are appended meanwhile, and the next flush covers them all.
     std::mutex journal_mutex_;
     std::string journal_path_;
     UniqueFd journal_;
     UniqueFd journal_lock_;     // flock()ed for the process's lifetime
     size_t journal_lines_ = 0;  // appended since the last rewrite
+    // Lines are numbered as they are appended; every line up to flushed_up_to_ is on disk.
+    uint64_t appended_ = 0;
+    uint64_t flushed_up_to_ = 0;
+    bool flushing_ = false;  // one thread at a time flushes, without journal_mutex_
+    std::condition_variable flushed_;
+    // Set when a flush failed: see append_durably.
+    std::optional<Error> broken_;
+    // The flush of the journal, and how many ran (replaced and read by the unit tests).
+    std::function<int(int)> flush_ = ::fdatasync;
+    size_t flushes_ = 0;
+    friend struct PostedRequestsProbe;
 };
 
 // One transaction delivering one request (PostedRequests::begin/end as a scope); without a
