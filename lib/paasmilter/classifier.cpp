@@ -1,5 +1,8 @@
 #include "paasmilter/classifier.hpp"
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 
 namespace paasmilter {
@@ -52,18 +55,35 @@ std::optional<ConditionHit> lookup_certificate_name(const Condition& condition,
     return std::nullopt;
 }
 
-std::string header_line(const HeaderField& header) {
-    std::string line;
-    line.reserve(header.name.size() + 2 + header.value.size());
-    line += header.name;
-    line += ": ";
-    // Unfold (RFC 5322 2.2.3) so a pattern sees the header as one line.
-    for (size_t i = 0; i < header.value.size(); ++i) {
-        char c = header.value[i];
-        if (c == '\r' || c == '\n') continue;
-        line += c;
+// The first '\r' or '\n' in [cursor, end), or end. Eight bytes at a time: header values are
+// short, so a call per value costs more than the scan.
+const char* find_line_break(const char* cursor, const char* end) {
+    constexpr std::uint64_t kOnes = 0x0101010101010101u;
+    constexpr std::uint64_t kHighs = 0x8080808080808080u;
+    const auto has_byte = [](std::uint64_t word, unsigned char byte) {
+        const std::uint64_t x = word ^ (kOnes * byte);
+        return ((x - kOnes) & ~x & kHighs) != 0;  // some byte of x is zero
+    };
+    for (std::uint64_t word = 0; end - cursor >= 8; cursor += 8) {
+        std::memcpy(&word, cursor, sizeof word);
+        if (has_byte(word, '\r') || has_byte(word, '\n')) break;
     }
-    return line;
+    while (cursor < end && *cursor != '\r' && *cursor != '\n') ++cursor;
+    return cursor;
+}
+
+// "Name: value" into `line` (its buffer reused from header to header), unfolded (RFC 5322
+// 2.2.3) so that a pattern sees the header as one line.
+void unfold_header_line(const HeaderField& header, std::string& line) {
+    line.assign(header.name);
+    line += ": ";
+    const char* cursor = header.value.data();
+    const char* const end = cursor + header.value.size();
+    while (cursor < end) {
+        const char* const stop = find_line_break(cursor, end);
+        line.append(cursor, stop);
+        cursor = stop == end ? end : stop + 1;
+    }
 }
 
 std::optional<ConditionHit> evaluate(const Condition& condition, const Rule& rule,
@@ -98,11 +118,15 @@ std::optional<ConditionHit> evaluate(const Condition& condition, const Rule& rul
             }
             return first;
         }
-        case Field::header:
+        case Field::header: {
+            std::string line;
+            line.reserve(256);
             for (const auto& header : tx.headers) {
-                if (auto hit = lookup(condition, header_line(header))) return hit;
+                unfold_header_line(header, line);
+                if (auto hit = lookup(condition, line)) return hit;
             }
             return std::nullopt;
+        }
     }
     return std::nullopt;
 }
@@ -111,8 +135,9 @@ std::optional<ConditionHit> evaluate(const Condition& condition, const Rule& rul
 
 Decision classify(const Config& config, const Transaction& tx) {
     Decision decision;
+    std::vector<ConditionHit> hits;  // of the rule being tried; its buffer reused
     for (const auto& rule : config.rules) {
-        std::vector<ConditionHit> hits;
+        hits.clear();
         bool all_hold = true;
         for (const auto& condition : rule.conditions) {
             auto hit = evaluate(condition, rule, tx);

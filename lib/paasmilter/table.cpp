@@ -9,7 +9,9 @@
 #include <array>
 #include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
+#include <span>
 #include <system_error>
 #include <unordered_map>
 #include <utility>
@@ -67,8 +69,28 @@ std::string lowercase(std::string_view text) {
     return out;
 }
 
+// Calls probe(lowercased text): in a buffer on the stack for the usual short keys
+// (certificate names, logins), so that a lookup allocates nothing.
+template <class Probe>
+void probe_lowercase(std::string_view text, Probe&& probe) {
+    std::array<char, 256> local;
+    if (text.size() <= local.size()) {
+        std::transform(text.begin(), text.end(), local.begin(), to_lower);
+        probe(std::string_view(local.data(), text.size()));
+        return;
+    }
+    probe(lowercase(text));
+}
+
 std::string location(std::string_view file, int line) {
-    return std::string(file) + ":" + std::to_string(line);
+    char number[16];
+    const int digits = std::snprintf(number, sizeof number, "%d", line);
+    std::string out;
+    out.reserve(file.size() + 1 + static_cast<std::size_t>(digits));
+    out.append(file);
+    out += ':';
+    out.append(number, static_cast<std::size_t>(digits));
+    return out;
 }
 
 // "word rest of line" -> {"word", "rest of line"}.
@@ -113,6 +135,115 @@ struct TransparentHash {
 };
 // Lowercased key -> entry index. Heterogeneous lookup: no std::string per probe.
 using KeyIndex = std::unordered_map<std::string, std::uint32_t, TransparentHash, std::equal_to<>>;
+
+// Lowercased key -> entry index for big texthash: tables: one flat open-addressing array of
+// (hash, key, index) slots over one arena of key text, at most half full. A lookup reads
+// one slot (rarely two) and one key, where a node-based map reads a bucket, a node and the
+// key's own allocation: three cache misses in a 10,000-entry table.
+class FlatKeyIndex {
+  public:
+    // The index stored for `key`; `index` is stored when there was none (and returned).
+    std::uint32_t emplace(std::string_view key, std::uint32_t index) {
+        if ((count_ + 1) * 2 > slots_.size()) grow();
+        const std::uint64_t hash = hash_of(key);
+        for (std::size_t k = hash & mask_;; k = (k + 1) & mask_) {
+            Slot& slot = slots_[k];
+            if (slot.index == kNone) {
+                slot = Slot{static_cast<std::uint32_t>(hash),
+                            static_cast<std::uint32_t>(arena_.size()),
+                            static_cast<std::uint32_t>(key.size()), index};
+                arena_.append(key);
+                ++count_;
+                return index;
+            }
+            if (matches(slot, hash, key)) return slot.index;
+        }
+    }
+    // kNone when absent.
+    std::uint32_t find(std::string_view key) const {
+        if (count_ == 0) return kNone;
+        const std::uint64_t hash = hash_of(key);
+        for (std::size_t k = hash & mask_;; k = (k + 1) & mask_) {
+            const Slot& slot = slots_[k];
+            if (slot.index == kNone) return kNone;
+            if (matches(slot, hash, key)) return slot.index;
+        }
+    }
+
+  private:
+    struct Slot {
+        std::uint32_t hash = 0;  // low half of the key's hash
+        std::uint32_t offset = 0;
+        std::uint32_t length = 0;
+        std::uint32_t index = kNone;  // kNone: empty
+    };
+
+    static std::uint64_t hash_of(std::string_view key) {
+        return std::hash<std::string_view>{}(key);
+    }
+    bool matches(const Slot& slot, std::uint64_t hash, std::string_view key) const {
+        return slot.hash == static_cast<std::uint32_t>(hash) && slot.length == key.size() &&
+               std::string_view(arena_).substr(slot.offset, slot.length) == key;
+    }
+    void grow() {
+        std::vector<Slot> old = std::move(slots_);
+        slots_.assign(old.empty() ? 16 : old.size() * 2, Slot{});
+        mask_ = slots_.size() - 1;
+        for (const Slot& slot : old) {
+            if (slot.index == kNone) continue;
+            const std::string_view key(arena_.data() + slot.offset, slot.length);
+            std::size_t k = hash_of(key) & mask_;
+            while (slots_[k].index != kNone) k = (k + 1) & mask_;
+            slots_[k] = slot;
+        }
+    }
+
+    std::vector<Slot> slots_;
+    std::size_t mask_ = 0;
+    std::size_t count_ = 0;
+    std::string arena_;
+};
+
+// Right-hand sides and locations of a big table's entries, each distinct value and file kept
+// once: a 100,000-line table holds a handful of route names and one path, not 100,000
+// copies of each, so it loads and frees faster and a lookup touches one small entry. The
+// "file:line" text is spelled out only for the entry asked for.
+class EntryFacts {
+  public:
+    struct Ref {
+        std::uint32_t value = 0;
+        std::uint32_t file = 0;
+        int line = 0;  // 0: the file string is the whole location ("inline:label")
+    };
+
+    Ref add(std::string_view value, std::string_view file, int line) {
+        Ref ref{intern(values_, value_index_, value), 0, line};
+        if (files_.empty() || files_.back() != file) files_.emplace_back(file);
+        ref.file = static_cast<std::uint32_t>(files_.size() - 1);
+        return ref;
+    }
+    const std::string& value(const Ref& ref) const { return values_[ref.value]; }
+    std::string where(const Ref& ref) const {
+        return ref.line > 0 ? location(files_[ref.file], ref.line) : files_[ref.file];
+    }
+    TableMatch match(const Ref& ref) const { return TableMatch{value(ref), where(ref)}; }
+    // Once every entry is in: the index that deduplicates values is no longer needed.
+    void finish() { KeyIndex().swap(value_index_); }
+
+  private:
+    static std::uint32_t intern(std::vector<std::string>& strings, KeyIndex& index,
+                                std::string_view text) {
+        if (const auto it = index.find(text); it != index.end()) return it->second;
+        const auto id = static_cast<std::uint32_t>(strings.size());
+        strings.emplace_back(text);
+        index.emplace(std::string(text), id);
+        return id;
+    }
+
+    std::vector<std::string> values_;
+    KeyIndex value_index_;
+    std::vector<std::string> files_;
+};
 
 std::string_view kind_plural(KeyKind kind) {
     switch (kind) {
@@ -384,15 +515,21 @@ class CidrTable final : public Table {
         return static_cast<std::uint32_t>(if_blocks_.size() - 1);
     }
 
-    void add_rule(CidrCondition condition, std::uint32_t enclosing_if, std::string value,
-                  std::string where) {
+    // `line` 0: `file` is the whole location.
+    void add_rule(CidrCondition condition, std::uint32_t enclosing_if, std::string_view value,
+                  std::string_view file, int line) {
         const auto index = static_cast<std::uint32_t>(rules_.size());
         if (condition.negated) {
             negated_rules_.push_back(index);
         } else {
             trie_.insert(condition.network, index);
         }
-        rules_.push_back(Rule{condition, enclosing_if, std::move(value), std::move(where)});
+        rules_.push_back(Rule{condition, enclosing_if});
+        rule_facts_.push_back(facts_.add(value, file, line));
+    }
+    void finish() {
+        trie_.finish();
+        facts_.finish();
     }
 
     std::optional<TableMatch> lookup(std::string_view key) const override {
@@ -418,15 +555,16 @@ class CidrTable final : public Table {
             }
         }
         if (best == kNone) return std::nullopt;
-        return TableMatch{rules_[best].value, rules_[best].where};
+        return facts_.match(rule_facts_[best]);
     }
 
-    std::string describe() const override { return description_; }
+    const std::string& describe() const override { return description_; }
 
     void for_each_result(
         const std::function<void(const std::string&, const std::string&)>& fn) const override {
         if (!has_results_) return;
-        for (const Rule& rule : rules_) fn(rule.value, rule.where);
+        for (const EntryFacts::Ref& facts : rule_facts_)
+            fn(facts_.value(facts), facts_.where(facts));
     }
 
   private:
@@ -437,8 +575,6 @@ class CidrTable final : public Table {
     struct Rule {
         CidrCondition condition;
         std::uint32_t enclosing_if;
-        std::string value;
-        std::string where;
     };
 
     bool if_blocks_hold(std::uint32_t block, const IpAddress& address) const {
@@ -451,9 +587,13 @@ class CidrTable final : public Table {
     std::string description_;
     bool has_results_;
     std::vector<Rule> rules_;
+    // By rule, apart from rules_: a lookup reads only this, and a 100,000-entry table's
+    // array of 12-byte entries stays in the CPU's cache where 48-byte rules would not.
+    std::vector<EntryFacts::Ref> rule_facts_;
     std::vector<IfBlock> if_blocks_;
     std::vector<std::uint32_t> negated_rules_;  // ascending rule indexes
     PrefixTrie trie_;
+    EntryFacts facts_;
 };
 
 Result<std::unique_ptr<Table>> build_cidr_table(const std::vector<LogicalLine>& lines,
@@ -498,21 +638,32 @@ Result<std::unique_ptr<Table>> build_cidr_table(const std::vector<LogicalLine>& 
         if (rest.empty()) {
             return make_error("missing result after " + quoted(pattern), path, line.line);
         }
-        table->add_rule(condition, current_if(), std::string(rest), location(path, line.line));
+        table->add_rule(condition, current_if(), rest, path, line.line);
     }
     if (!open_ifs.empty()) {
         return make_error("if without matching endif", path, open_ifs.back().line);
     }
+    table->finish();
     return std::unique_ptr<Table>(std::move(table));
 }
 
 // ---------------------------------------------------------------------------------------
 // regexp: and pcre: tables: a flat list evaluated in file order. An if-block is one entry
 // that knows where its block ends, so a failed condition skips the block in one step.
+//
+// A thousand header checks tried one by one cost a thousand PCRE2 calls per header, so a
+// table of more than a few entries also keeps a literal prefilter. Most patterns need some
+// literal text in any match ("/^From:.*@spam\.example/" needs "spam.example"); one pass of
+// a multi-literal matcher over the key finds the entries whose text is there. An entry
+// whose first pattern must match (not "!/.../") and whose text is absent cannot hold, so
+// it is skipped without running PCRE2; all other entries, and every if, stay "always"
+// candidates. The walk visits candidates in file order, so the first match and the
+// if-block skips are exactly those of the plain walk.
 
 struct RegexCondition {
     Regex regex;
     bool want_match;
+    RequiredLiterals literals;  // of `regex`, for the prefilter
 
     // nullopt when PCRE2 gave up on this key: neither the pattern nor its negation holds.
     std::optional<bool> holds(std::string_view key) const {
@@ -520,6 +671,34 @@ struct RegexCondition {
         if (!matched) return std::nullopt;
         return *matched == want_match;
     }
+};
+
+// Entry indexes the prefilter found for one key: a few, so kept inline up to a point.
+class CandidateList {
+  public:
+    void push_back(std::uint32_t index) {
+        if (overflow_.empty() && size_ < inline_.size()) {
+            inline_[size_++] = index;
+            return;
+        }
+        if (overflow_.empty()) overflow_.assign(inline_.begin(), inline_.begin() + size_);
+        overflow_.push_back(index);
+        ++size_;
+    }
+    // Sorted, without repeats; call once, after the last push_back.
+    std::span<const std::uint32_t> sorted_unique() {
+        std::uint32_t* begin = overflow_.empty() ? inline_.data() : overflow_.data();
+        std::sort(begin, begin + size_);
+        size_ = static_cast<std::size_t>(std::unique(begin, begin + size_) - begin);
+        return {begin, size_};
+    }
+
+  private:
+    // Left uninitialised: only [0, size_) is ever read, and zeroing it would cost more than
+    // the rest of a typical lookup's bookkeeping.
+    std::array<std::uint32_t, 16> inline_;
+    std::vector<std::uint32_t> overflow_;  // all of them once inline_ is full
+    std::size_t size_ = 0;
 };
 
 class RegexTable final : public Table {
@@ -531,7 +710,11 @@ class RegexTable final : public Table {
         std::uint32_t block_end = kNone;       // is_if: index of the first entry after endif
         std::string value;
         std::string where;
+        bool filtered = false;  // skipped unless the prefilter found its literal text
     };
+
+    // Below this many entries the plain walk costs about what the matcher's pass does.
+    static constexpr std::size_t kPrefilterMinEntries = 8;
 
     explicit RegexTable(std::string description) : description_(std::move(description)) {}
 
@@ -544,14 +727,134 @@ class RegexTable final : public Table {
         entries_[if_entry].block_end = end;
     }
 
+    // Builds the prefilter once every entry is in. Each filtered entry contributes one
+    // factor of its first pattern: the one whose strings the fewest other entries share
+    // (so a table of "/^Subject:.*word/" lines is filtered by the words, not by
+    // "subject:"), then the longest. Strings shorter than the matcher takes ("/\bsex\b/")
+    // leave the entry unfiltered, unless another factor qualifies.
+    void build_prefilter() {
+        if (entries_.size() < kPrefilterMinEntries) return;
+        std::unordered_map<std::string, std::uint32_t, TransparentHash, std::equal_to<>> sharing;
+        for (const Entry& entry : entries_) {
+            std::vector<std::string_view> seen;
+            for (const auto& factor : entry.first.literals.factors) {
+                for (const std::string& text : factor) {
+                    if (std::find(seen.begin(), seen.end(), text) != seen.end()) continue;
+                    seen.push_back(text);
+                    ++sharing[text];
+                }
+            }
+        }
+        std::vector<std::pair<std::string, std::uint32_t>> literals;
+        std::vector<std::uint32_t> always;
+        for (std::uint32_t i = 0; i < entries_.size(); ++i) {
+            Entry& entry = entries_[i];
+            const std::vector<std::string>* best = nullptr;
+            std::pair<std::uint64_t, std::size_t> best_cost{};  // (sharing, -shortest)
+            if (entry.first.want_match) {
+                for (const auto& factor : entry.first.literals.factors) {
+                    std::uint64_t shared = 0;
+                    std::size_t shortest = std::numeric_limits<std::size_t>::max();
+                    for (const std::string& text : factor) {
+                        shared += sharing.find(text)->second;
+                        shortest = std::min(shortest, text.size());
+                    }
+                    if (shortest < LiteralMatcher::kMinLength) continue;
+                    const auto cost =
+                        std::make_pair(shared, std::numeric_limits<std::size_t>::max() - shortest);
+                    if (!best || cost < best_cost) {
+                        best = &factor;
+                        best_cost = cost;
+                    }
+                }
+            }
+            entry.filtered = best != nullptr;
+            if (entry.filtered) {
+                for (const std::string& text : *best) literals.emplace_back(text, i);
+            }
+            if (!entry.filtered || entry.is_if) always.push_back(i);
+        }
+        for (Entry& entry : entries_) {  // no longer needed
+            entry.first.literals = {};
+            if (entry.second) entry.second->literals = {};
+        }
+        auto matcher = LiteralMatcher::build(literals);
+        if (!matcher) {
+            for (Entry& entry : entries_) entry.filtered = false;
+            return;
+        }
+        prefilter_.emplace(Prefilter{std::move(*matcher), std::move(always)});
+    }
+
     std::optional<TableMatch> lookup(std::string_view key) const override {
         std::string storage;
-        key = valid_utf8(key, storage);
+        if (!prefilter_) return walk_all(valid_utf8(key, storage));
+
+        // The prefilter reads the key as it is: its literals are ASCII, and making the key
+        // valid UTF-8 (for PCRE2) keeps every valid character, so it finds the same text.
+        // Most keys run no regex at all, and skip that pass.
+        CandidateList found;
+        prefilter_->matcher.for_each_match(key, [&](std::uint32_t i) { found.push_back(i); });
+        bool sanitised = false;
+        const auto evaluate_entry = [&](const Entry& entry) {
+            if (!sanitised) {
+                key = valid_utf8(key, storage);
+                sanitised = true;
+            }
+            return evaluate(entry, key);
+        };
+        const std::span<const std::uint32_t> hits = found.sorted_unique();
+        const std::vector<std::uint32_t>& always = prefilter_->always;
+        auto a = always.begin();
+        auto h = hits.begin();
+        for (;;) {
+            const std::uint32_t next_always = a != always.end() ? *a : kNone;
+            const std::uint32_t next_hit = h != hits.end() ? *h : kNone;
+            const std::uint32_t i = std::min(next_always, next_hit);
+            if (i == kNone) return std::nullopt;
+            const bool hit = i == next_hit;
+            if (i == next_always) ++a;
+            if (hit) ++h;
+            const Entry& entry = entries_[i];
+            const bool holds = (hit || !entry.filtered) && evaluate_entry(entry);
+            if (entry.is_if) {
+                if (!holds) {  // skip the block: no candidate inside it may be tried
+                    a = std::lower_bound(a, always.end(), entry.block_end);
+                    h = std::lower_bound(h, hits.end(), entry.block_end);
+                }
+            } else if (holds) {
+                return TableMatch{entry.value, entry.where};
+            }
+        }
+    }
+
+    const std::string& describe() const override { return description_; }
+
+    void for_each_result(
+        const std::function<void(const std::string&, const std::string&)>& fn) const override {
+        for (const Entry& entry : entries_) {
+            if (!entry.is_if) fn(entry.value, entry.where);
+        }
+    }
+
+  private:
+    struct Prefilter {
+        LiteralMatcher matcher;             // literal text -> entry index
+        std::vector<std::uint32_t> always;  // ascending: unfiltered entries and every if
+    };
+
+    static bool evaluate(const Entry& entry, std::string_view key) {
+        bool holds = entry.first.holds(key).value_or(false);
+        if (holds && entry.second) holds = entry.second->holds(key).value_or(false);
+        return holds;
+    }
+
+    // Every entry in file order: small tables, or no prefilter could be built.
+    std::optional<TableMatch> walk_all(std::string_view key) const {
         std::uint32_t i = 0;
         while (i < entries_.size()) {
             const Entry& entry = entries_[i];
-            bool holds = entry.first.holds(key).value_or(false);
-            if (holds && entry.second) holds = entry.second->holds(key).value_or(false);
+            const bool holds = evaluate(entry, key);
             if (entry.is_if) {
                 i = holds ? i + 1 : entry.block_end;
             } else if (holds) {
@@ -563,24 +866,16 @@ class RegexTable final : public Table {
         return std::nullopt;
     }
 
-    std::string describe() const override { return description_; }
-
-    void for_each_result(
-        const std::function<void(const std::string&, const std::string&)>& fn) const override {
-        for (const Entry& entry : entries_) {
-            if (!entry.is_if) fn(entry.value, entry.where);
-        }
-    }
-
-  private:
     std::string description_;
     std::vector<Entry> entries_;
+    std::optional<Prefilter> prefilter_;
 };
 
 Result<RegexCondition> compile_condition(const PatternSpec& spec) {
     auto regex = Regex::compile(spec.body, spec.options);
     if (!regex) return regex.error();
-    return RegexCondition{std::move(*regex), spec.want_match};
+    return RegexCondition{std::move(*regex), spec.want_match,
+                          required_literals(spec.body, spec.options)};
 }
 
 // Parses and compiles the pattern at the front of `text`; errors get file:line.
@@ -624,7 +919,8 @@ Result<std::unique_ptr<Table>> build_regex_table(const std::vector<LogicalLine>&
                                       "continues the previous line: do not indent inside if)",
                                   path, line.line);
             }
-            RegexTable::Entry entry{true, std::move(*condition), std::nullopt, kNone, {}, {}};
+            RegexTable::Entry entry{true, std::move(*condition), std::nullopt, kNone, {}, {},
+                                    false};
             open_ifs.push_back(OpenIf{table->add(std::move(entry)), line.line});
             continue;
         }
@@ -653,11 +949,12 @@ Result<std::unique_ptr<Table>> build_regex_table(const std::vector<LogicalLine>&
         auto value = literal_result(result_text);
         if (!value) return located(value.error(), path, line.line);
         table->add(RegexTable::Entry{false, std::move(*first), std::move(second), kNone,
-                                     std::move(*value), location(path, line.line)});
+                                     std::move(*value), location(path, line.line), false});
     }
     if (!open_ifs.empty()) {
         return make_error("if without matching endif", path, open_ifs.back().line);
     }
+    table->build_prefilter();
     return std::unique_ptr<Table>(std::move(table));
 }
 
@@ -670,19 +967,21 @@ class TextHashTable final : public Table {
         : description_(std::move(description)), kind_(kind) {}
 
     // Returns the index of an earlier entry with the same key, or kNone when added.
-    std::uint32_t add(std::string key, std::string value, std::string where) {
+    std::uint32_t add(std::string key, std::string_view value, std::string_view file, int line) {
         const auto index = static_cast<std::uint32_t>(entries_.size());
-        const auto [it, inserted] = index_.emplace(key, index);
-        if (!inserted) return it->second;
-        entries_.push_back(Entry{std::move(value), std::move(where)});
+        if (const std::uint32_t earlier = index_.emplace(key, index); earlier != index) {
+            return earlier;
+        }
+        entries_.push_back(facts_.add(value, file, line));
         return kNone;
     }
-    const std::string& where(std::uint32_t index) const { return entries_[index].where; }
+    std::string where(std::uint32_t index) const { return facts_.where(entries_[index]); }
+    void finish() { facts_.finish(); }
 
     std::optional<TableMatch> lookup(std::string_view key) const override {
         std::uint32_t found = kNone;
         const auto probe = [&](std::string_view candidate) {
-            if (const auto it = index_.find(candidate); it != index_.end()) found = it->second;
+            found = index_.find(candidate);
             return found != kNone;
         };
         std::string buffer;
@@ -695,27 +994,21 @@ class TextHashTable final : public Table {
                 break;
             case KeyKind::text:
             case KeyKind::header:
-                lowercase_into(buffer, key);
-                probe(buffer);
+                probe_lowercase(key, probe);
                 break;
         }
         if (found == kNone) return std::nullopt;
-        return TableMatch{entries_[found].value, entries_[found].where};
+        return facts_.match(entries_[found]);
     }
 
-    std::string describe() const override { return description_; }
+    const std::string& describe() const override { return description_; }
 
     void for_each_result(
         const std::function<void(const std::string&, const std::string&)>& fn) const override {
-        for (const Entry& entry : entries_) fn(entry.value, entry.where);
+        for (const EntryFacts::Ref& entry : entries_) fn(facts_.value(entry), facts_.where(entry));
     }
 
   private:
-    struct Entry {
-        std::string value;
-        std::string where;
-    };
-
     // access(5) for client addresses: the address, then for IPv4 "1.2.3", "1.2", "1".
     // IPv6 is looked up exactly. An IPv4-mapped address is looked up as IPv4.
     template <class Probe>
@@ -737,8 +1030,9 @@ class TextHashTable final : public Table {
 
     std::string description_;
     KeyKind kind_;
-    std::vector<Entry> entries_;
-    KeyIndex index_;
+    std::vector<EntryFacts::Ref> entries_;
+    FlatKeyIndex index_;
+    EntryFacts facts_;
 };
 
 Result<std::unique_ptr<Table>> build_texthash_table(const std::vector<LogicalLine>& lines,
@@ -750,14 +1044,14 @@ Result<std::unique_ptr<Table>> build_texthash_table(const std::vector<LogicalLin
         if (value.empty()) {
             return make_error("missing value after key " + quoted(key), path, line.line);
         }
-        const std::string where = location(path, line.line);
-        const std::uint32_t earlier = table->add(lowercase(key), std::string(value), where);
+        const std::uint32_t earlier = table->add(lowercase(key), value, path, line.line);
         if (earlier != kNone) {
             return make_error("duplicate key " + quoted(lowercase(key)) + " (first at " +
                                   table->where(earlier) + ")",
                               path, line.line);
         }
     }
+    table->finish();
     return std::unique_ptr<Table>(std::move(table));
 }
 
@@ -790,12 +1084,11 @@ class InlinePatternTable final : public Table {
                 }
                 return best == 0;  // nothing can beat the first entry
             };
-            std::string buffer;
             if (kind_ == KeyKind::address) {
+                std::string buffer;
                 visit_address_keys(buffer, key, true, probe);
             } else {
-                lowercase_into(buffer, key);
-                probe(buffer);
+                probe_lowercase(key, probe);
             }
         }
         std::string storage;
@@ -811,7 +1104,7 @@ class InlinePatternTable final : public Table {
         return TableMatch{std::string(), where_[best]};
     }
 
-    std::string describe() const override { return description_; }
+    const std::string& describe() const override { return description_; }
 
     // Inline entries have no right-hand side to check.
     void for_each_result(
@@ -897,11 +1190,15 @@ Result<std::unique_ptr<Table>> make_inline_table(const std::vector<InlineEntry>&
 
     if (kind == KeyKind::ip) {
         auto table = std::make_unique<CidrTable>("inline:" + label, false);
+        const std::string inline_label = "inline:" + label;
         for (const InlineEntry& entry : entries) {
             auto network = parse_ip_network(trim(entry.pattern));
             if (!network) return located(network.error(), entry.file, entry.line);
-            table->add_rule(CidrCondition{*network, false}, kNone, std::string(), where_of(entry));
+            table->add_rule(CidrCondition{*network, false}, kNone, "",
+                            entry.file.empty() ? std::string_view(inline_label) : entry.file,
+                            entry.file.empty() ? 0 : entry.line);
         }
+        table->finish();
         return std::unique_ptr<Table>(std::move(table));
     }
 

@@ -36,7 +36,7 @@ class Table {
     // First matching entry in table order (Postfix semantics), nullopt when nothing matches.
     virtual std::optional<TableMatch> lookup(std::string_view key) const = 0;
     // "cidr:/etc/paas-milter/printers.cidr" or "inline" — for logs and `paas-milter query`.
-    virtual std::string describe() const = 0;
+    virtual const std::string& describe() const = 0;
     // Every right-hand side with its "file:line", so the config loader can check that
     // each names a route (or is OK/DUNNO) before the table is used.
     virtual void for_each_result(const std::function<void(const std::string& value,

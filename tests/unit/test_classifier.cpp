@@ -199,6 +199,43 @@ TEST_CASE("header conditions match unfolded header lines") {
     CHECK(rule_of(f.classify(tx)) == "(none)");
 }
 
+TEST_CASE("header lines are unfolded: every CR and LF dropped, wherever it is") {
+    TempDir dir;
+    auto loaded = load_config(dir.write("paas-milter.toml", R"(
+[milter]
+socket = "inet:10025@127.0.0.1"
+[routes.r]
+action = "relay"
+[[rules]]
+name = "h"
+header = ["/^X-Test: /"]
+route = "r"
+)"));
+    REQUIRE_MESSAGE(loaded.ok(), (loaded.ok() ? "" : loaded.error().to_string()));
+    const std::string long_value =
+        "0123456\r\n\t89abcdef0123456\r\n"
+        " 7\n\n89abcdefXYZ\r";
+    const std::vector<std::pair<std::string, std::string>> cases = {
+        {"", ""},
+        {"a", "a"},
+        {"a\r\n\tb", "a\tb"},
+        {"\r\n", ""},
+        {"x\ry\nz", "xyz"},
+        {"\n\n\n", ""},
+        {"01234567\r\n 89", "01234567 89"},  // a break right after an 8-byte block
+        {long_value, "0123456\t89abcdef0123456 789abcdefXYZ"},
+    };
+    for (const auto& [value, unfolded] : cases) {
+        Transaction tx = from_client("10.1.1.1");
+        tx.headers = {{"From", "a@b"}, {"X-Test", value}};
+        const Decision decision = paasmilter::classify(**loaded, tx);
+        CAPTURE(value);
+        REQUIRE(rule_of(decision) == "h");
+        REQUIRE(decision.hits.size() == 1);
+        CHECK(decision.hits.front().key == "X-Test: " + unfolded);
+    }
+}
+
 TEST_CASE("recipient_match any and all") {
     Fixture f;
     Transaction tx = from_client("10.1.1.1");

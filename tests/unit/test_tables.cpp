@@ -2,13 +2,18 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "paasmilter/ip.hpp"
+#include "paasmilter/prefix_trie.hpp"
 #include "paasmilter/regex.hpp"
 #include "paasmilter/table.hpp"
 
@@ -723,4 +728,469 @@ TEST_CASE("tables: concurrent lookups give the same answers") {
     }
     for (auto& thread : threads) thread.join();
     CHECK(wrong == 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The literal prefilter of regexp:/pcre: tables, and the jump tables of the cidr trie: both
+// must answer exactly as the plain walks do.
+
+namespace {
+
+using Factors = std::vector<std::vector<std::string>>;
+
+Factors factors_of(std::string_view pattern, const RegexOptions& options = {}) {
+    return required_literals(pattern, options).factors;
+}
+
+// ASCII lowercase, KELVIN SIGN as 'k', LONG S as 's': how PCRE2 (UTF, caseless) can equate
+// text with an ASCII literal.
+std::string fold(std::string_view text) {
+    std::string out;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        if (text.substr(i, 3) == "\xE2\x84\xAA") {
+            out += 'k';
+            i += 2;
+        } else if (text.substr(i, 2) == "\xC5\xBF") {
+            out += 's';
+            i += 1;
+        } else {
+            const char c = text[i];
+            out += (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+        }
+    }
+    return out;
+}
+
+// Random text over a few characters, so that random patterns often match it. Some
+// characters are the non-ASCII ones PCRE2 equates with 'k' and 's'.
+std::string random_text(std::mt19937& random, std::size_t max_length) {
+    static const std::vector<std::string> kPieces = {
+        "a", "b", "A", "B", "k", "K", "s", "S", "1", "-", ".", " ", ":", "\xE2\x84\xAA", "\xC5\xBF",
+    };
+    std::string out;
+    const std::size_t length = random() % (max_length + 1);
+    for (std::size_t i = 0; i < length; ++i) out += kPieces[random() % kPieces.size()];
+    return out;
+}
+
+// A random PCRE2 pattern over the same characters: literals, escapes, classes, dots,
+// quantifiers, groups with alternatives, lookahead and anchors.
+std::string random_pattern(std::mt19937& random, int depth = 0) {
+    static const std::vector<std::string> kAtoms = {
+        "a", "b", "A",           "k",    "s",    "S",   "1",   "-",   "\\.",
+        " ", ":", ".",           "[ab]", "[^a]", "\\d", "\\s", "\\w", "\\b",
+        "^", "$", "[[:alpha:]]", "\\-",  "ab",   "ks",  "s:",
+    };
+    // "{,1}" is a quantifier from PCRE2 10.43 on, literal text before: either way the
+    // reading must stay sound.
+    static const std::vector<std::string> kQuantifiers = {
+        "", "", "", "?", "*", "+", "{2}", "{0,2}", "{1,}", "??", "*+", "{,1}",
+    };
+    std::string out;
+    const int items = 1 + static_cast<int>(random() % 5);
+    for (int i = 0; i < items; ++i) {
+        std::string atom;
+        if (depth < 2 && random() % 6 == 0) {
+            static const std::vector<std::string> kOpen = {"(", "(?:", "(?=", "(?<n>", "(?>"};
+            std::string open = kOpen[random() % kOpen.size()];
+            if (open == "(?<n>") open = "(?<n" + std::to_string(random()) + ">";
+            atom = open + random_pattern(random, depth + 1);
+            if (random() % 2) atom += "|" + random_pattern(random, depth + 1);
+            atom += ")";
+        } else {
+            atom = kAtoms[random() % kAtoms.size()];
+        }
+        const bool quantifiable = atom != "^" && atom != "$" && atom != "\\b";
+        out += atom + (quantifiable ? kQuantifiers[random() % kQuantifiers.size()] : "");
+    }
+    return out;
+}
+
+bool factors_hold(const Factors& factors, std::string_view subject) {
+    const std::string folded = fold(subject);
+    return std::all_of(factors.begin(), factors.end(), [&](const std::vector<std::string>& any) {
+        return std::any_of(any.begin(), any.end(), [&](const std::string& text) {
+            return folded.find(text) != std::string::npos;
+        });
+    });
+}
+
+}  // namespace
+
+TEST_CASE("required_literals: the literal runs every match passes through") {
+    CHECK(factors_of("^Subject:.*\\bviagra\\b") == Factors{{"subject:"}, {"viagra"}});
+    CHECK(factors_of("^X-Mailer: OldScan Firmware 1\\.") ==
+          Factors{{"x-mailer: oldscan firmware 1."}});
+    // An optional item ends a run and is not required; a repeated one is, once.
+    CHECK(factors_of("colou?r") == Factors{{"colo"}, {"r"}});
+    CHECK(factors_of("ab*c") == Factors{{"a"}, {"c"}});
+    CHECK(factors_of("ab+c") == Factors{{"ab"}, {"c"}});
+    CHECK(factors_of("ab{2,3}c") == Factors{{"ab"}, {"c"}});
+    CHECK(factors_of("ab{0,3}c") == Factors{{"a"}, {"c"}});
+    CHECK(factors_of("ab{,3}c") == Factors{{"a"}, {"c"}});
+    CHECK(factors_of("ab*?c") == Factors{{"a"}, {"c"}});
+    // Groups count unless optional; alternatives make one factor of choices.
+    CHECK(factors_of("^From:.*@(?:[a-z0-9-]+\\.)*spam\\.example\\b") ==
+          Factors{{"from:"}, {"@"}, {"spam.example"}});
+    CHECK(factors_of("(?:Firmware|FW) [0-3]") == Factors{{"firmware", "fw"}, {" "}});
+    CHECK(factors_of("(cheap|free) (pills)?") == Factors{{"cheap", "free"}, {" "}});
+    CHECK(factors_of("(?<name>abc)d") == Factors{{"abc"}, {"d"}});
+    CHECK(factors_of("foo|bar") == Factors{{"bar", "foo"}});
+    CHECK(factors_of("foo|").empty());                    // the empty branch needs nothing
+    CHECK(factors_of("(?=abc)abd") == Factors{{"abd"}});  // a lookahead consumes nothing
+    // Classes, escapes and dots are atoms between runs; an escaped metacharacter is text.
+    CHECK(factors_of("a[]b]c\\d.e\\.f") == Factors{{"a"}, {"c"}, {"e.f"}});
+    CHECK(factors_of("[[:alpha:]]x") == Factors{{"x"}});
+    // Lowercased; a non-ASCII character ends a run; long runs are cut.
+    CHECK(factors_of("ABC\xc3\xa4"
+                     "DEF") == Factors{{"abc"}, {"def"}});
+    CHECK(factors_of(std::string(40, 'x')) == Factors{{std::string(kMaxRequiredLiteral, 'x')}});
+    // Syntax beyond this reading yields nothing rather than something wrong.
+    for (const char* pattern :
+         {"(?i)abc", "(*UTF)abc", "\\Qa.b\\E", "a\\x41b", "(a)\\1abc", "a{foo}", "(?(1)a|b)",
+          "(?#c)abc", "\\p{L}abc", "abc\\", "[\\Q]\\E]abc", "\\N{U+41}abc"}) {
+        CAPTURE(pattern);
+        CHECK(factors_of(pattern).empty());
+    }
+    RegexOptions extended;
+    extended.extended = true;
+    CHECK(factors_of("abc", extended).empty());
+}
+
+TEST_CASE("required_literals: every match contains them (random patterns and subjects)") {
+    std::mt19937 random(20261124);  // fixed seed: reproducible
+    int matches = 0;
+    for (int p = 0; p < 3000; ++p) {
+        const std::string pattern = random_pattern(random);
+        RegexOptions options;
+        options.caseless = random() % 3 != 0;
+        auto regex = Regex::compile(pattern, options);
+        REQUIRE_MESSAGE(regex.ok(), pattern);
+        const Factors factors = factors_of(pattern, options);
+        for (int s = 0; s < 20; ++s) {
+            const std::string subject = random_text(random, 10);
+            if (!regex->matches(subject)) continue;
+            ++matches;
+            CAPTURE(pattern);
+            CAPTURE(subject);
+            CHECK(factors_hold(factors, subject));
+        }
+    }
+    CHECK(matches > 5000);  // the data really exercises matches
+}
+
+TEST_CASE("PCRE2 takes no character but KELVIN SIGN and LONG S for an ASCII one") {
+    // The prefilter's folding relies on this (see LiteralMatcher); a PCRE2 that adds
+    // case-equivalents (e.g. Turkish dotless i by default) must fail here, not misroute.
+    RegexOptions caseless;
+    auto ascii = Regex::compile("[\\x21-\\x7e]", caseless);
+    REQUIRE(ascii.ok());
+    std::vector<std::uint32_t> equivalents;
+    std::string text;
+    for (std::uint32_t cp = 0x80; cp < 0x110000; ++cp) {
+        if (cp >= 0xD800 && cp < 0xE000) continue;
+        text.clear();
+        if (cp < 0x800) {
+            text += static_cast<char>(0xC0 | cp >> 6);
+        } else if (cp < 0x10000) {
+            text += static_cast<char>(0xE0 | cp >> 12);
+            text += static_cast<char>(0x80 | (cp >> 6 & 0x3F));
+        } else {
+            text += static_cast<char>(0xF0 | cp >> 18);
+            text += static_cast<char>(0x80 | (cp >> 12 & 0x3F));
+            text += static_cast<char>(0x80 | (cp >> 6 & 0x3F));
+        }
+        text += static_cast<char>(0x80 | (cp & 0x3F));
+        if (ascii->matches(text)) equivalents.push_back(cp);
+    }
+    CHECK(equivalents == std::vector<std::uint32_t>{0x017F, 0x212A});
+}
+
+TEST_CASE("LiteralMatcher: finds every occurrence, ignoring case, KELVIN SIGN and LONG S") {
+    std::mt19937 random(7);
+    for (int round = 0; round < 200; ++round) {
+        std::vector<std::pair<std::string, std::uint32_t>> literals;
+        const int count = 1 + static_cast<int>(random() % 40);
+        for (int i = 0; i < count; ++i) {
+            std::string text;
+            while (text.size() < LiteralMatcher::kMinLength) {
+                text = fold(random_text(random, 7));
+            }
+            // Letters, digits and these punctuation characters fold exactly under | 0x20.
+            std::replace(text.begin(), text.end(), ':', 'b');
+            if (text.find_first_not_of("abks1-. ") != std::string::npos) continue;
+            literals.emplace_back(text, static_cast<std::uint32_t>(i));
+            if (random() % 5 == 0) literals.emplace_back(text, 1000 + i);  // a shared string
+        }
+        if (literals.empty()) continue;
+        auto matcher = LiteralMatcher::build(literals);
+        REQUIRE(matcher.has_value());
+        for (int t = 0; t < 30; ++t) {
+            std::string text = random_text(random, 60);
+            if (random() % 3 == 0) {  // plant a literal, in random case
+                std::string planted = literals[random() % literals.size()].first;
+                for (char& c : planted) {
+                    if (random() % 2) c = static_cast<char>(std::toupper(c));
+                }
+                text.insert(random() % (text.size() + 1), planted);
+            }
+            std::set<std::uint32_t> found;
+            matcher->for_each_match(text, [&](std::uint32_t id) { found.insert(id); });
+            std::set<std::uint32_t> expected;
+            const std::string folded = fold(text);
+            for (const auto& [literal, id] : literals) {
+                if (folded.find(literal) != std::string::npos) expected.insert(id);
+            }
+            CAPTURE(text);
+            CHECK(found == expected);
+        }
+    }
+    CHECK_FALSE(LiteralMatcher::build({}).has_value());
+    CHECK_FALSE(LiteralMatcher::build({{"abc", 1}}).has_value());  // shorter than kMinLength
+}
+
+TEST_CASE("regexp/pcre tables: the prefiltered walk answers as the plain one") {
+    // Random tables in pcre_table(5) syntax (negations, two-pattern lines, nested ifs,
+    // flags), evaluated here one regex at a time, in file order.
+    struct Line {
+        int kind = 0;  // 0: "/p/ result", 1: "if /p/", 2: "endif"
+        std::string first;
+        bool first_negated = false;
+        bool first_caseless = true;
+        std::optional<std::string> second;  // "!/p/": must not match
+        std::string result;
+    };
+    std::mt19937 random(42);
+    TempDir dir;
+    int answered = 0;
+    for (int round = 0; round < 60; ++round) {
+        std::vector<Line> lines;
+        int open = 0;
+        const int count = 8 + static_cast<int>(random() % 40);
+        for (int i = 0; i < count; ++i) {
+            Line line;
+            const unsigned roll = random() % 12;
+            if (roll == 0 && open < 3) {
+                line.kind = 1;
+                ++open;
+            } else if (roll == 1 && open > 0) {
+                line.kind = 2;
+                --open;
+            }
+            if (line.kind != 2) {
+                line.first = random_pattern(random);
+                line.first_negated = random() % 6 == 0;
+                line.first_caseless = random() % 4 != 0;
+                if (line.kind == 0 && random() % 8 == 0) line.second = random_pattern(random);
+                line.result = "r" + std::to_string(i);
+            }
+            lines.push_back(line);
+        }
+        for (; open > 0; --open) lines.push_back(Line{2, {}, false, true, std::nullopt, {}});
+
+        std::string file;
+        for (const Line& line : lines) {
+            if (line.kind == 2) {
+                file += "endif\n";
+                continue;
+            }
+            const std::string first = std::string(line.first_negated ? "!" : "") + "/" +
+                                      line.first + "/" + (line.first_caseless ? "" : "i");
+            if (line.kind == 1) {
+                file += "if " + first + "\n";
+            } else {
+                file += first + (line.second ? "!/" + *line.second + "/" : "") + " " + line.result +
+                        "\n";
+            }
+        }
+        const std::string path = dir.write("random.pcre", file);
+        const auto table = open_ok("pcre:" + path, KeyKind::text);
+
+        // The plain walk.
+        const auto expected = [&](const std::string& key) -> std::string {
+            std::vector<bool> skipping;  // per open if: its condition failed
+            const auto compile = [](const std::string& pattern, bool caseless) {
+                RegexOptions options;
+                options.caseless = caseless;
+                return std::move(Regex::compile(pattern, options)).value();
+            };
+            for (const Line& line : lines) {
+                const bool skipped =
+                    std::find(skipping.begin(), skipping.end(), true) != skipping.end();
+                if (line.kind == 2) {
+                    skipping.pop_back();
+                    continue;
+                }
+                bool holds = false;
+                if (!skipped) {
+                    holds =
+                        compile(line.first, line.first_caseless).matches(key) != line.first_negated;
+                    if (holds && line.second) holds = !compile(*line.second, true).matches(key);
+                }
+                if (line.kind == 1) {
+                    skipping.push_back(!holds);
+                } else if (holds) {
+                    return line.result;
+                }
+            }
+            return "-";
+        };
+        for (int k = 0; k < 40; ++k) {
+            const std::string key = random_text(random, 12);
+            const auto match = table->lookup(key);
+            const std::string got = match ? match->value : "-";
+            CAPTURE(file);
+            CAPTURE(key);
+            CHECK(got == expected(key));
+            answered += got != "-";
+        }
+    }
+    CHECK(answered > 300);
+}
+
+TEST_CASE("regexp tables: a thousand header checks, with and without their text") {
+    TempDir dir;
+    std::string file = "if /^Subject:/\n";
+    for (int i = 0; i < 1000; ++i) {
+        file += "/^Subject:.*\\bword" + std::to_string(i) + "x\\b/ r" + std::to_string(i) + "\n";
+    }
+    file += "endif\n/^From:.*@(spam|junk)[0-9]+\\.example/ from\n/\\bsex\\b/ short\n";
+    const std::string path = dir.write("checks.regexp", file);
+    const auto table = open_ok("regexp:" + path, KeyKind::header);
+    CHECK(find(*table, "Subject: about word17x today") == "r17@" + path + ":19");
+    CHECK(find(*table, "SUBJECT: ABOUT WORD999X") == "r999@" + path + ":1001");
+    CHECK(find(*table, "Subject: word17xx") == "-");
+    CHECK(find(*table, "X-Subject: word17x") == "-");  // the if-block does not hold
+    CHECK(find(*table, "From: <a@junk12.example>") == "from@" + path + ":1003");
+    CHECK(find(*table, "From: <a@junk.example>") == "-");
+    CHECK(find(*table, "Comments: sex") == "short@" + path + ":1004");  // unfiltered entry
+    // Matching ignores case the way PCRE2 does: KELVIN SIGN is a 'k', LONG S an 's'.
+    CHECK(find(*table,
+               "From: <a@jun\xE2\x84\xAA"
+               "1.example>") == "from@" + path + ":1003");
+    CHECK(find(*table,
+               "\xC5\xBF"
+               "ubject: word5x") == "r5@" + path + ":7");
+}
+
+TEST_CASE("cidr tables: jump tables answer as the plain trie walk and a linear scan") {
+    std::mt19937 random(99);
+    PrefixTrie trie;
+    std::vector<IpNetwork> networks;
+    for (std::uint32_t i = 0; i < 20000; ++i) {
+        IpAddress address;
+        int length = 0;
+        if (random() % 3 != 0) {  // dense IPv4: 10.0.0.0/14
+            address.family = IpFamily::v4;
+            address.bytes = {10, static_cast<std::uint8_t>(random() % 4),
+                             static_cast<std::uint8_t>(random()),
+                             static_cast<std::uint8_t>(random())};
+            length = static_cast<int>(14 + random() % 19);
+        } else {  // IPv6 under 2001:db8:0:0::/56
+            address.family = IpFamily::v6;
+            address.bytes = {0x20, 0x01, 0x0d, 0xb8};
+            for (int b = 7; b < 16; ++b) address.bytes[b] = static_cast<std::uint8_t>(random());
+            length = static_cast<int>(56 + random() % 73);
+        }
+        for (int bit = length; bit < 128; ++bit) {
+            address.bytes[bit / 8] &= static_cast<std::uint8_t>(~(0x80u >> (bit % 8)));
+        }
+        networks.push_back(IpNetwork{address, length});
+        trie.insert(networks.back(), i);
+    }
+    std::vector<IpAddress> probes;
+    for (int p = 0; p < 5000; ++p) {
+        IpAddress address = networks[random() % networks.size()].address;
+        const int bits = address.bit_count();
+        for (int flips = static_cast<int>(random() % 4); flips > 0; --flips) {
+            const int bit = bits - 1 - static_cast<int>(random() % 24);
+            address.bytes[bit / 8] ^= static_cast<std::uint8_t>(0x80u >> (bit % 8));
+        }
+        probes.push_back(address);
+    }
+    std::vector<std::uint32_t> plain;
+    for (const IpAddress& address : probes) plain.push_back(trie.lowest_match(address));
+    trie.finish();
+    CHECK(trie.jump_entry_count() > 0);
+    int matched = 0;
+    for (std::size_t p = 0; p < probes.size(); ++p) {
+        std::uint32_t scan = PrefixTrie::npos;
+        for (std::uint32_t i = 0; i < networks.size(); ++i) {
+            if (networks[i].contains(probes[p])) {
+                scan = i;
+                break;
+            }
+        }
+        CHECK(trie.lowest_match(probes[p]) == scan);
+        CHECK(plain[p] == scan);
+        matched += scan != PrefixTrie::npos;
+    }
+    CHECK(matched > 2500);
+    trie.insert(networks.front(), 20000);  // an insert drops the jump tables
+    CHECK(trie.jump_entry_count() == 0);
+    CHECK(trie.lowest_match(networks.front().address) == 0);
+
+    // The same through a cidr: table file, with results and an if-block (the walk that
+    // visits every stored prefix).
+    TempDir dir;
+    std::string file;
+    for (std::size_t i = 0; i < 3000; ++i)
+        file += networks[i].to_string() + " r" + std::to_string(i) + "\n";
+    const std::string plain_path = dir.write("dense.cidr", file);
+    const std::string if_path = dir.write("dense-if.cidr", "if 10.0.0.0/15\n" + file + "endif\n");
+    const auto table = open_ok("cidr:" + plain_path, KeyKind::ip);
+    const auto with_if = open_ok("cidr:" + if_path, KeyKind::ip);
+    for (std::size_t p = 0; p < 2000; ++p) {
+        const std::string key = IpAddress(probes[p]).to_string();
+        std::string expected = "-";
+        std::string expected_if = "-";
+        for (std::size_t i = 0; i < 3000; ++i) {
+            if (!networks[i].contains(probes[p])) continue;
+            expected = "r" + std::to_string(i) + "@" + plain_path + ":" + std::to_string(i + 1);
+            if (IpNetwork{*parse_ip_address("10.0.0.0"), 15}.contains(probes[p])) {
+                expected_if = "r" + std::to_string(i) + "@" + if_path + ":" + std::to_string(i + 2);
+            }
+            break;
+        }
+        CAPTURE(key);
+        CHECK(find(*table, key) == expected);
+        CHECK(find(*with_if, key) == expected_if);
+    }
+}
+
+TEST_CASE("texthash: a big table finds every key, in any case, and no other") {
+    TempDir dir;
+    std::string file = "# generated\n";
+    for (int i = 0; i < 5000; ++i) {
+        file += "Scanner-" + std::to_string(i) + ".Site" + std::to_string(i % 40) +
+                ".contoso.test r" + std::to_string(i) + "\n";
+    }
+    const std::string path = dir.write("subjects", file);
+    const auto table = open_ok("texthash:" + path, KeyKind::text);
+    for (int i = 0; i < 5000; ++i) {
+        const std::string key =
+            "scanner-" + std::to_string(i) + ".site" + std::to_string(i % 40) + ".contoso.test";
+        const std::string expected =
+            "r" + std::to_string(i) + "@" + path + ":" + std::to_string(i + 2);
+        REQUIRE(find(*table, key) == expected);
+        std::string upper = key;
+        for (char& c : upper) c = static_cast<char>(std::toupper(c));
+        REQUIRE(find(*table, upper) == expected);
+        REQUIRE(find(*table, key + "x") == "-");
+        REQUIRE(find(*table, key.substr(1)) == "-");
+    }
+    CHECK(find(*table, "") == "-");
+    // A key longer than the lookup's stack buffer.
+    const std::string long_key(300, 'k');
+    const auto long_table =
+        open_ok("texthash:" + dir.write("long", long_key + " long\n"), KeyKind::text);
+    CHECK(find(*long_table, std::string(300, 'K')).starts_with("long@"));
+    CHECK(find(*long_table, std::string(299, 'k')) == "-");
+    // Duplicates are still refused, with the first occurrence named.
+    CHECK(open_error("texthash:" + dir.write("dup", file + "SCANNER-7.site7.contoso.test x\n"),
+                     KeyKind::text) == dir.path() +
+                                           "/dup:5002: duplicate key "
+                                           "\"scanner-7.site7.contoso.test\" (first "
+                                           "at " +
+                                           dir.path() + "/dup:9)");
 }
