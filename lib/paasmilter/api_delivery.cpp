@@ -418,13 +418,15 @@ ChunkReport Submission::deliver_alone(const std::string& operation_id, const Htt
     // An earlier transaction left this request's fate open, and a client retried at once:
     // the original may still be running although the service has no operation yet. Repeat
     // that very request (the service answers 409 while it runs, or replays its answer)
-    // instead of posting a new one. Only while the original can still be running (its
-    // request timeout and a margin): after that an absent operation is proof, and a replayed
-    // 409 must not hold the message back for the rest of the service's 5-minute window.
+    // instead of posting a new one. Only while the original can still be running: the
+    // earlier transaction may have posted it again until its time budget ran out (counted
+    // from before its first post), each post running up to the request timeout, plus a
+    // margin. After that an absent operation is proof, and a replayed 409 must not hold the
+    // message back for the rest of the service's 5-minute window.
     std::optional<PostedRequests::Repeatability> earlier =
         hooks_.posted ? hooks_.posted->uncertain_repeatability(operation_id) : std::nullopt;
-    bool repeating_earlier =
-        earlier && hooks_.wall_clock() - earlier->first_sent < api_.request_timeout + seconds(30);
+    bool repeating_earlier = earlier && hooks_.wall_clock() - earlier->first_sent <
+                                            api_.time_budget + api_.request_timeout + seconds(30);
     // The route's quota, only now: the service said it lacks this request, so it is a new
     // one (a repeat of an earlier attempt's request was charged when that attempt posted it).
     // Without room, nothing is posted and the service certainly lacks it: on_quota may send
