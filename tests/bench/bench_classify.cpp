@@ -19,6 +19,7 @@
 
 #include <fmt/format.h>
 
+#include "naive_cidr.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/table.hpp"
@@ -36,27 +37,6 @@ using Clock = std::chrono::steady_clock;
 
 // Results feed this so the optimiser cannot drop the work being timed.
 volatile std::size_t g_sink = 0;
-
-// One cidr entry as the naive baseline keeps it: network bytes, prefix, result.
-struct CidrEntry {
-    int family = AF_INET;
-    std::array<std::uint8_t, 16> bytes{};
-    int prefix = 0;
-    std::string value;
-};
-
-std::string to_text(int family, const std::array<std::uint8_t, 16>& bytes) {
-    char buffer[INET6_ADDRSTRLEN];
-    inet_ntop(family, bytes.data(), buffer, sizeof buffer);
-    return buffer;
-}
-
-void clear_host_bits(std::array<std::uint8_t, 16>& bytes, int prefix) {
-    for (int i = 0; i < 16; ++i) {
-        const int keep = std::clamp(prefix - i * 8, 0, 8);
-        bytes[i] &= static_cast<std::uint8_t>(0xff00u >> keep);
-    }
-}
 
 // Half IPv4 (mostly single devices, some small subnets), half IPv6 under 2001:db8::/32;
 // a few DUNNO exceptions, as real device tables have.
@@ -190,20 +170,6 @@ double per_second(std::size_t batch_size, Batch&& batch) {
     return static_cast<double>(done) / elapsed.count();
 }
 
-// The baseline: parse the address, then try every entry in file order.
-const CidrEntry* naive_lookup(const std::vector<CidrEntry>& entries, const std::string& text) {
-    std::array<std::uint8_t, 16> address{};
-    const int family = text.find(':') == std::string::npos ? AF_INET : AF_INET6;
-    if (inet_pton(family, text.c_str(), address.data()) != 1) return nullptr;
-    for (const CidrEntry& entry : entries) {
-        if (entry.family != family) continue;
-        std::array<std::uint8_t, 16> masked = address;
-        clear_host_bits(masked, entry.prefix);
-        if (masked == entry.bytes) return &entry;
-    }
-    return nullptr;
-}
-
 int run() {
     std::mt19937 rng(kSeed);
     const std::vector<CidrEntry> entries = make_entries(rng);
@@ -231,7 +197,7 @@ int run() {
     std::size_t hits = 0;
     for (const Transaction& tx : transactions) {
         const auto trie = (*table)->lookup(tx.client_addr);
-        const CidrEntry* scan = naive_lookup(entries, tx.client_addr);
+        const CidrEntry* scan = naive_cidr_lookup(entries, tx.client_addr);
         const bool same =
             trie ? scan && trie->value == scan->value &&
                        trie->where.ends_with(fmt::format(":{}", scan - entries.data() + 1))
@@ -260,8 +226,8 @@ int run() {
     });
     const double scans = per_second(transactions.size(), [&] {
         for (const Transaction& tx : transactions) {
-            g_sink =
-                g_sink + reinterpret_cast<std::uintptr_t>(naive_lookup(entries, tx.client_addr));
+            g_sink = g_sink +
+                     reinterpret_cast<std::uintptr_t>(naive_cidr_lookup(entries, tx.client_addr));
         }
     });
 

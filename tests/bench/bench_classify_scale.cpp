@@ -47,6 +47,7 @@
 #include <fmt/format.h>
 
 #include "config_snapshot.hpp"  // milter/: how the daemon publishes a reloaded configuration
+#include "naive_cidr.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/regex.hpp"
@@ -91,26 +92,6 @@ std::uint32_t elapsed_ns(Clock::time_point start, Clock::time_point end) {
 
 // ---------------------------------------------------------------------------------------
 // The tables, generated with their naive counterparts.
-
-struct CidrEntry {
-    int family = AF_INET;
-    std::array<std::uint8_t, 16> bytes{};
-    int prefix = 0;
-    std::string value;
-};
-
-std::string to_text(int family, const std::array<std::uint8_t, 16>& bytes) {
-    char buffer[INET6_ADDRSTRLEN];
-    inet_ntop(family, bytes.data(), buffer, sizeof buffer);
-    return buffer;
-}
-
-void clear_host_bits(std::array<std::uint8_t, 16>& bytes, int prefix) {
-    for (int i = 0; i < 16; ++i) {
-        const int keep = std::clamp(prefix - i * 8, 0, 8);
-        bytes[i] &= static_cast<std::uint8_t>(0xff00u >> keep);
-    }
-}
 
 std::uint8_t random_byte(std::mt19937& rng) {
     return static_cast<std::uint8_t>(rng() & 0xff);
@@ -164,20 +145,6 @@ std::string cidr_file(const std::vector<CidrEntry>& entries) {
         out += to_text(e.family, e.bytes) + "/" + std::to_string(e.prefix) + "\t" + e.value + "\n";
     }
     return out;
-}
-
-// Parses the address, then tries every entry in file order.
-const CidrEntry* naive_cidr_lookup(const std::vector<CidrEntry>& entries, const std::string& text) {
-    std::array<std::uint8_t, 16> address{};
-    const int family = text.find(':') == std::string::npos ? AF_INET : AF_INET6;
-    if (inet_pton(family, text.c_str(), address.data()) != 1) return nullptr;
-    for (const CidrEntry& entry : entries) {
-        if (entry.family != family) continue;
-        std::array<std::uint8_t, 16> masked = address;
-        clear_host_bits(masked, entry.prefix);
-        if (masked == entry.bytes) return &entry;
-    }
-    return nullptr;
 }
 
 // Pronounceable made-up words, distinct for distinct n: product names, spam words, domains.
