@@ -330,11 +330,12 @@ sfsistat on_header(SMFICTX* ctx, char* name, char* value) {
     return answer(ctx, SMFIP_NR_HDR, status);
 }
 
+// Answered: DATA is never negotiated no-reply (see on_negotiate). Only --verbose needs it.
 sfsistat on_data(SMFICTX* ctx) {
-    return answer(ctx, SMFIP_NR_DATA, guarded(ctx, "data", [&]() -> sfsistat {
-                      log_stage(ctx, static_cast<ConnectionState*>(smfi_getpriv(ctx)), "data");
-                      return SMFIS_CONTINUE;
-                  }));
+    return guarded(ctx, "data", [&]() -> sfsistat {
+        log_stage(ctx, static_cast<ConnectionState*>(smfi_getpriv(ctx)), "data");
+        return SMFIS_CONTINUE;
+    });
 }
 
 // Classifies once the header is complete: the decision needs nothing from the body, and
