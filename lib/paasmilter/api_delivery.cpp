@@ -136,10 +136,11 @@ bool wait_for_retry(const ApiHooks& hooks, std::chrono::steady_clock::time_point
 }
 
 Result<HttpResponse> send_measured(HttpClient* http, const char* provider,
-                                   const HttpRequest& request, std::chrono::milliseconds timeout) {
+                                   const HttpRequest& request, std::chrono::milliseconds timeout,
+                                   SlotPool pool) {
     const auto started = std::chrono::steady_clock::now();
     auto response =
-        http ? http->send(request, timeout)
+        http ? http->send(request, timeout, pool)
              : Result<HttpResponse>(make_error(ErrorKind::request_not_sent, "no HTTP client"));
     metrics().api_request(
         provider, request.method,

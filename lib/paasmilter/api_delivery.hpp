@@ -122,7 +122,8 @@ ApiHooks default_api_hooks(const ApiSettings& api);
 // `http`->send (an Error of kind request_not_sent when null), counted and timed in the
 // metrics under `provider`.
 Result<HttpResponse> send_measured(HttpClient* http, const char* provider,
-                                   const HttpRequest& request, std::chrono::milliseconds timeout);
+                                   const HttpRequest& request, std::chrono::milliseconds timeout,
+                                   SlotPool pool = SlotPool::requests);
 
 // Waits `how_long` before a retry, in slices so the MTA hears from us (smfi_progress), if
 // that still leaves `keep` before `deadline`; otherwise adds why not to `why` and returns

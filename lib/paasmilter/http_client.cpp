@@ -181,7 +181,9 @@ std::optional<std::string> HttpResponse::header(std::string_view name) const {
 
 struct HttpClient::Impl {
     explicit Impl(HttpClientOptions o)
-        : options(std::move(o)), slots(std::max<size_t>(1, options.max_concurrency)) {}
+        : options(std::move(o)),
+          slots(std::max<size_t>(1, options.max_concurrency)),
+          background_slots(std::max<size_t>(1, options.max_concurrency / 2)) {}
 
     HttpClientOptions options;
     CURLcode init_result = CURLE_OK;
@@ -192,6 +194,7 @@ struct HttpClient::Impl {
     std::mutex pool_mutex;
     std::vector<EasyPtr> idle;  // LIFO: the most recently used handle has the warmest connection
     Slots slots;
+    Slots background_slots;
 
     static void lock(CURL*, curl_lock_data data, curl_lock_access, void* user) {
         static_cast<Impl*>(user)->share_locks[static_cast<size_t>(data)].lock();
@@ -241,8 +244,8 @@ HttpClient::HttpClient(HttpClientOptions options)
 
 HttpClient::~HttpClient() = default;
 
-Result<HttpResponse> HttpClient::send(const HttpRequest& request,
-                                      std::chrono::milliseconds timeout) {
+Result<HttpResponse> HttpClient::send(const HttpRequest& request, std::chrono::milliseconds timeout,
+                                      SlotPool pool) {
     using std::chrono::milliseconds;
     const std::string host = host_of(request.url);
     const auto fail = [&](const std::string& why, ErrorKind kind = ErrorKind::request_not_sent) {
@@ -254,14 +257,16 @@ Result<HttpResponse> HttpClient::send(const HttpRequest& request,
 
     // Waiting for a slot is part of the request's time budget.
     const auto deadline = std::chrono::steady_clock::now() + timeout;
-    if (timeout.count() <= 0 || !impl_->slots.acquire_until(deadline)) {
+    Slots& slots = pool == SlotPool::background ? impl_->background_slots : impl_->slots;
+    if (timeout.count() <= 0 || !slots.acquire_until(deadline)) {
         return fail("no free connection slot within " + std::to_string(timeout.count()) +
-                    " ms (max_concurrency " + std::to_string(impl_->options.max_concurrency) + ")");
+                    " ms (max_concurrency " + std::to_string(impl_->options.max_concurrency) +
+                    (pool == SlotPool::background ? ", background" : "") + ")");
     }
     struct SlotGuard {
         Slots& slots;
         ~SlotGuard() { slots.release(); }
-    } slot_guard{impl_->slots};
+    } slot_guard{slots};
     const auto remaining =
         std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
     if (remaining.count() <= 0) return fail("timed out waiting for a connection slot");

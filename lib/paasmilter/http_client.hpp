@@ -71,6 +71,13 @@ struct HttpClientOptions {
     std::string user_agent = "paas-milter/0.1";
 };
 
+// Which budget of connection slots a request waits for.
+enum class SlotPool {
+    requests,    // the route's own requests: max_concurrency slots
+    background,  // after-the-fact work (final-status polls): max(1, max_concurrency / 2)
+                 // slots of their own, so that it never delays a message's requests
+};
+
 class HttpClient {
   public:
     explicit HttpClient(HttpClientOptions options);
@@ -82,7 +89,8 @@ class HttpClient {
     // success here; an Error means no HTTP answer (DNS, connect, TLS, timeout, reset), and
     // its message says which. Its kind is request_not_sent when the request certainly never
     // reached the server, no_answer when it may have. Thread-safe.
-    Result<HttpResponse> send(const HttpRequest& request, std::chrono::milliseconds timeout);
+    Result<HttpResponse> send(const HttpRequest& request, std::chrono::milliseconds timeout,
+                              SlotPool pool = SlotPool::requests);
 
   private:
     struct Impl;

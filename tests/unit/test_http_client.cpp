@@ -305,6 +305,31 @@ TEST_CASE("HttpClient: max_concurrency caps requests in flight; waiting counts a
     CHECK(starved.error().kind == ErrorKind::request_not_sent);
 }
 
+TEST_CASE("HttpClient: background requests have slots of their own, half of max_concurrency") {
+    HttpClient client(trusting(2));
+    // Both request slots busy: a background request still goes at once...
+    std::vector<std::thread> busy;
+    for (int i = 0; i < 2; ++i) {
+        busy.emplace_back([&] { CHECK(client.send(get("/sleep?ms=1000"), 5s).ok()); });
+    }
+    std::this_thread::sleep_for(150ms);
+    auto polled = client.send(get("/echo"), 300ms, SlotPool::background);
+    CHECK(polled.ok());
+    // ...and a request, which must wait for its own slots, does not.
+    auto starved = client.send(get("/echo"), 200ms);
+    REQUIRE_FALSE(starved.ok());
+    CHECK(starved.error().message.find("slot") != std::string::npos);
+    // The one background slot (2 / 2) busy: a second background request waits for it.
+    std::thread background(
+        [&] { CHECK(client.send(get("/sleep?ms=1000"), 5s, SlotPool::background).ok()); });
+    std::this_thread::sleep_for(150ms);
+    auto second = client.send(get("/echo"), 200ms, SlotPool::background);
+    REQUIRE_FALSE(second.ok());
+    CHECK(second.error().message.find("background") != std::string::npos);
+    for (auto& thread : busy) thread.join();
+    background.join();
+}
+
 TEST_CASE("HttpClient: response size cap") {
     HttpClientOptions options = trusting();
     options.max_response_bytes = 1000;

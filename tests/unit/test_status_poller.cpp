@@ -2,8 +2,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <thread>
+
+#include <fmt/format.h>
 
 #include "paasmilter/api_delivery.hpp"
 #include "paasmilter/delivery/status_poller.hpp"
@@ -123,6 +126,66 @@ TEST_CASE("status poller: refuses work past max_pending and stops promptly") {
     CHECK(calls->load() == 0);
     CHECK(got.size() == 0);
     CHECK(std::chrono::steady_clock::now() - started < 1h);
+}
+
+TEST_CASE(
+    "status poller: polls concurrently, up to `workers` at once; a slow answer holds up "
+    "no other operation") {
+    auto options = fast();
+    options.workers = 4;
+    Collected got;
+    std::mutex mutex;
+    std::condition_variable changed;
+    int active = 0, most_active = 0;
+    bool release = false;
+    // Every fetch waits until four are in flight at once (or 5 s, so that a poller that
+    // polls one at a time fails the check instead of hanging), then answers Succeeded.
+    auto fetch = [&](const std::string&, std::chrono::milliseconds) -> Result<HttpResponse> {
+        std::unique_lock lock(mutex);
+        most_active = std::max(most_active, ++active);
+        if (active == 4) release = true;
+        changed.notify_all();
+        changed.wait_for(lock, 5s, [&] { return release; });
+        --active;
+        return answer(200, R"({"status":"Succeeded"})");
+    };
+    {
+        StatusPoller poller(options, [&](const FinalStatus& s) { got.add(s); });
+        for (int i = 0; i < 12; ++i) {
+            REQUIRE(poller.watch(fmt::format("Q{}", i), fmt::format("op-{}", i), fetch));
+        }
+        REQUIRE(got.wait_for(12));
+        CHECK(poller.pending() == 0);
+    }
+    CHECK(most_active == 4);
+    std::lock_guard lock(got.mutex);
+    for (const auto& s : got.statuses) {
+        CHECK(s.status == "Succeeded");
+        CHECK(s.polls == 1);
+    }
+}
+
+TEST_CASE("status poller: each operation is polled when it is due, earliest first") {
+    auto options = fast();
+    options.workers = 1;
+    options.first_delay = 50ms;
+    Collected got;
+    {
+        StatusPoller poller(options, [&](const FinalStatus& s) { got.add(s); });
+        auto succeeded = [](const std::string&, std::chrono::milliseconds) -> Result<HttpResponse> {
+            return answer(200, R"({"status":"Succeeded"})");
+        };
+        // Watched in this order; each is due first_delay after its watch().
+        for (int i = 0; i < 5; ++i) {
+            REQUIRE(poller.watch(fmt::format("Q{}", i), "op", succeeded));
+            std::this_thread::sleep_for(2ms);
+        }
+        REQUIRE(got.wait_for(5));
+    }
+    std::lock_guard lock(got.mutex);
+    for (size_t i = 0; i < got.statuses.size(); ++i) {
+        CHECK(got.statuses[i].queue_id == fmt::format("Q{}", i));
+    }
 }
 
 TEST_CASE("operation status bodies") {

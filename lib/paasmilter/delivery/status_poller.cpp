@@ -38,10 +38,16 @@ bool terminal(std::string_view status) {
 
 }  // namespace
 
+bool StatusPoller::due_later(const std::unique_ptr<Job>& a, const std::unique_ptr<Job>& b) {
+    return a->next > b->next;
+}
+
 StatusPoller::StatusPoller(Options options, Report report)
-    : options_(options),
-      report_(report ? std::move(report) : Report(log_final)),
-      thread_([this] { loop(); }) {}
+    : options_(options), report_(report ? std::move(report) : Report(log_final)) {
+    for (int i = 0; i < std::max(1, options_.workers); ++i) {
+        workers_.emplace_back([this] { loop(); });
+    }
+}
 
 StatusPoller::~StatusPoller() {
     {
@@ -49,7 +55,7 @@ StatusPoller::~StatusPoller() {
         stopping_ = true;
     }
     wake_.notify_all();
-    thread_.join();
+    for (auto& worker : workers_) worker.join();
     if (!jobs_.empty()) {
         log_warning("shutdown: the final status of {} accepted operation(s) was not polled",
                     jobs_.size());
@@ -63,38 +69,48 @@ bool StatusPoller::watch(std::string queue_id, std::string operation_id, Fetch f
                                   now, now + options_.first_delay, options_.first_delay, 0});
     {
         std::lock_guard lock(mutex_);
-        if (stopping_ || jobs_.size() >= options_.max_pending) return false;
+        if (stopping_ || jobs_.size() + in_flight_ >= options_.max_pending) return false;
         jobs_.push_back(std::move(job));
+        std::push_heap(jobs_.begin(), jobs_.end(), due_later);
     }
-    wake_.notify_all();
+    // One worker is enough: a new job is due after first_delay, which a waiting worker
+    // must learn when it is the earliest.
+    wake_.notify_one();
     return true;
 }
 
 size_t StatusPoller::pending() const {
     std::lock_guard lock(mutex_);
-    return jobs_.size();
+    return jobs_.size() + in_flight_;
 }
 
 void StatusPoller::loop() {
     std::unique_lock lock(mutex_);
     while (!stopping_) {
-        auto due = std::min_element(jobs_.begin(), jobs_.end(),
-                                    [](const auto& a, const auto& b) { return a->next < b->next; });
-        if (due == jobs_.end()) {
+        if (jobs_.empty()) {
             wake_.wait(lock);
             continue;
         }
-        if ((*due)->next > Steady::now()) {
-            wake_.wait_until(lock, (*due)->next);
+        if (auto next = jobs_.front()->next; next > Steady::now()) {
+            wake_.wait_until(lock, next);
             continue;
         }
         // Poll outside the lock: watch() must never wait for the network.
-        std::unique_ptr<Job> job = std::move(*due);
-        jobs_.erase(due);
+        std::pop_heap(jobs_.begin(), jobs_.end(), due_later);
+        std::unique_ptr<Job> job = std::move(jobs_.back());
+        jobs_.pop_back();
+        ++in_flight_;
+        // Another job may be due already: hand it to an idle worker.
+        if (!jobs_.empty()) wake_.notify_one();
         lock.unlock();
         poll(*job);
         lock.lock();
-        if (job->next != Steady::time_point::max()) jobs_.push_back(std::move(job));
+        --in_flight_;
+        if (job->next != Steady::time_point::max()) {
+            jobs_.push_back(std::move(job));
+            std::push_heap(jobs_.begin(), jobs_.end(), due_later);
+            wake_.notify_one();
+        }
     }
 }
 
@@ -140,7 +156,8 @@ StatusPoller::Fetch acs_status_fetch(std::shared_ptr<const ApiSettings> api) {
         if (auto r = authorize_acs_request(*api, request, system_clock::now(), timeout); !r) {
             return r.error();
         }
-        return send_measured(api->http.get(), to_string(api->provider), request, timeout);
+        return send_measured(api->http.get(), to_string(api->provider), request, timeout,
+                             SlotPool::background);
     };
 }
 
