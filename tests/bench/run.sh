@@ -8,7 +8,9 @@
 #                         1k header regexes: latency percentiles, load/reload, reload under
 #                         traffic (baseline: a naive scan of the same tables)
 #   throughput.py         the relay route vs. Postfix alone (smtp-source -> private Postfix ->
-#                         smtp-sink), unix and TCP socket, 20 sessions and 1
+#                         smtp-sink), unix and TCP socket, 20 sessions and 1; and vs. its
+#                         floor, a libmilter filter that only adds the routing header
+#                         (floor_milter.cpp): what paas-milter's own work costs
 #   api_route.py          the API route against the ACS double with a fixed latency, at 1, 20
 #                         and 100 SMTP sessions (baseline: a naive client, a fresh TLS
 #                         connection per request)
@@ -23,7 +25,8 @@ cd "$(dirname "$0")/../.."
 build="${BUILD_DIR:-build-bench}"
 # A benchmark build: optimised; a newer compiler's false warnings at -O3 must not stop it.
 [ -f "$build/build.ninja" ] || meson setup "$build" -Dbuildtype=release -Dwerror=false >/dev/null
-meson compile -C "$build" tests/bench/bench-classify-scale milter/paas-milter >/dev/null
+meson compile -C "$build" tests/bench/bench-classify-scale tests/bench/bench-floor-milter \
+    milter/paas-milter >/dev/null
 binary="$build/milter/paas-milter"
 log=$(mktemp /tmp/paas-bench.XXXXXX)
 trap 'rm -f "$log"' EXIT
@@ -45,9 +48,9 @@ run() {
 
 run "$build/tests/bench/bench-classify-scale"
 for socket in unix inet; do
-    run python3 tests/bench/throughput.py --binary "$binary" --configs baseline,relay \
+    run python3 tests/bench/throughput.py --binary "$binary" --configs baseline,floor,relay \
         --socket "$socket" --sessions 20 --messages "$messages" --rounds "$rounds"
-    run python3 tests/bench/throughput.py --binary "$binary" --configs baseline,relay \
+    run python3 tests/bench/throughput.py --binary "$binary" --configs baseline,floor,relay \
         --socket "$socket" --sessions 1 --messages $((messages / 4)) --rounds "$rounds"
 done
 run python3 tests/bench/api_route.py --binary "$binary" --rounds "$api_rounds"

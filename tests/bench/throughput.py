@@ -85,6 +85,11 @@ CONFIGS = {
     "relay": ("+ paas-milter, relay (every msg)", True, "relay",
               rf"rule=bench-relay, route={RELAY_VALUE}, action=relay, "
               rf"header={harness.ROUTING_HEADER}: {RELAY_VALUE}"),
+    # the relay route's floor: tests/bench/floor_milter.cpp, a libmilter filter that only adds
+    # the same routing header (same negotiation and macros); relay / floor is what
+    # paas-milter's own work costs, floor / baseline what the milter protocol and the header
+    # edit cost Postfix and libmilter
+    "floor": ("+ floor: libmilter adding the header", True, "relay", None),
     "cidr5000": ("+ paas-milter, relay, 5000 cidr", True, "relay",
                  rf"rule=printers, route={RELAY_VALUE}, action=relay, "
                  rf"header={harness.ROUTING_HEADER}: {RELAY_VALUE}.*devices\.cidr:"),
@@ -566,15 +571,20 @@ class Bench:
         if name in self.milter_configs:
             m = self.milter_configs[name]
             log_path = os.path.join(os.path.dirname(m.config), "paas-milter.log")
+            kw = {"binary": self.args.binary, "log_path": log_path}
+            if name == "floor":
+                socket = (f"unix:{m.unix_path}" if m.unix_path else f"inet:{m.port}@127.0.0.1")
+                kw["command"] = [self.args.floor_binary, socket, harness.ROUTING_HEADER,
+                                 RELAY_VALUE]
             if m.unix_path:
-                self.milter = UnixMilter(m.config, m.unix_path, binary=self.args.binary,
-                                         log_path=log_path)
+                self.milter = UnixMilter(m.config, m.unix_path, **kw)
             else:
-                self.milter = harness.Milter(m.config, m.port, binary=self.args.binary,
-                                             log_path=log_path)
+                self.milter = harness.Milter(m.config, m.port, **kw)
             self.milter.start()
 
     def milter_setup(self, name: str) -> "MilterSetup":
+        if name == "floor":
+            os.makedirs(os.path.join(self.workdir, "floor"))
         if self.args.socket == "unix":
             # Postfix's smtpd (user postfix, not chrooted here) must reach the socket: the
             # milter creates it group-writable (umask 007), and the setgid directory gives
@@ -590,6 +600,8 @@ class Bench:
             port = harness.free_port()
             setup = MilterSetup("", port, None, f"inet:127.0.0.1:{port}")
             cfg = make_milter_config(self.workdir, name, f"inet:{port}@127.0.0.1")
+        if name == "floor":
+            return dataclasses.replace(setup, config=os.path.join(self.workdir, "floor", "-"))
         check_milter_config(self.args.binary, cfg, name)
         return dataclasses.replace(setup, config=cfg)
 
@@ -906,6 +918,12 @@ def result_lines(med: dict[str, tuple[float, float]], args: argparse.Namespace) 
         name = f"{n}, {args.socket} socket, {args.sessions} session(s)"
         lines.append("\t".join(["RESULT", name, f"{accept:.0f}", "msg/s", f"{base[0]:.0f}",
                                 f"{ratio:.2f}", target, met]))
+    # paas-milter against the floor: what its own work costs on the relay route
+    if "relay" in med and "floor" in med:
+        lines.append("\t".join(["RESULT", f"relay vs floor, {args.socket} socket, "
+                                 f"{args.sessions} session(s)", f"{med['relay'][0]:.0f}",
+                                 "msg/s", f"{med['floor'][0]:.0f}",
+                                 f"{med['relay'][0] / med['floor'][0]:.2f}", "-", "-"]))
     return lines
 
 
@@ -925,6 +943,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="untimed messages before each measurement (200; 0: none)")
     p.add_argument("--binary", default=os.path.join(REPO, "build", "milter", "paas-milter"),
                    help="paas-milter executable (build/milter/paas-milter in the repo)")
+    p.add_argument("--floor-binary", default=None,
+                   help="the floor filter (default: tests/bench/bench-floor-milter in the build "
+                        "directory of --binary)")
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated subset of {','.join(CONFIGS)} (all)")
     p.add_argument("--timeout", type=float, default=120,
@@ -951,6 +972,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if a.warmup < 0 or a.timeout <= 0:
         p.error("--warmup must be >= 0 and --timeout > 0")
     a.binary = os.path.abspath(a.binary)
+    a.floor_binary = os.path.abspath(a.floor_binary or os.path.join(
+        os.path.dirname(os.path.dirname(a.binary)), "tests", "bench", "bench-floor-milter"))
     return a
 
 
@@ -965,6 +988,10 @@ def main(argv: list[str]) -> int:
             return 2
     if any(CONFIGS[c][1] for c in args.configs) and not os.access(args.binary, os.X_OK):
         print(f"throughput: no paas-milter at {args.binary} (build it, or --binary PATH)",
+              file=sys.stderr)
+        return 2
+    if "floor" in args.configs and not os.access(args.floor_binary, os.X_OK):
+        print(f"throughput: no floor filter at {args.floor_binary} (build it, or --floor-binary)",
               file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_signal)
