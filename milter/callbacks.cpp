@@ -21,6 +21,7 @@
 #include "paasmilter/metrics.hpp"
 #include "paasmilter/route_addresses.hpp"
 #include "paasmilter/verdict.hpp"
+#include "paasmilter/xtext.hpp"
 
 namespace paasmilter {
 
@@ -98,7 +99,7 @@ void log_stage(SMFICTX* ctx, const ConnectionState* conn, const char* stage,
 
 // TLS client-certificate facts. Postfix sends {cert_subject}/{cert_issuer} (CommonNames)
 // only for a verified certificate; Sendmail sends DNs for any certificate plus {verify},
-// so with Sendmail they only count when {verify} is OK.
+// so with Sendmail they only count when {verify} is OK (tests/sendmail/).
 void capture_certificate(SMFICTX* ctx, ConnectionState& conn) {
     std::string subject = macro(ctx, "{cert_subject}");
     std::string issuer = macro(ctx, "{cert_issuer}");
@@ -113,8 +114,11 @@ void capture_certificate(SMFICTX* ctx, ConnectionState& conn) {
         conn.cert_fingerprint.clear();
         return;
     }
-    conn.cert_subject = subject;
-    conn.cert_issuer = issuer;
+    // Only Sendmail sends {verify}, and it sends the DNs xtext-encoded
+    // ("/O=Contoso+20Ltd/CN=printer-42"): rules are written against the DN itself.
+    const bool sendmail = !verify.empty();
+    conn.cert_subject = sendmail ? decode_xtext(subject) : subject;
+    conn.cert_issuer = sendmail ? decode_xtext(issuer) : issuer;
     conn.cert_fingerprint = fingerprint;
 }
 

@@ -19,7 +19,11 @@
 #   libsasl2-modules                PLAIN/LOGIN for the Postfix SMTP client (SASL to relays)
 #   groff-base + man-db             the man page test renders paas-milter(8) with `man -l`
 #   podman runc buildah catatonit   the container images and their test suite
-#   mmdebstrap podman-compose       (contrib/scripts/container-image.sh, tests/container/)
+#   mmdebstrap podman-compose       (contrib/scripts/container-image.sh, tests/container/);
+#                                   also the Sendmail suite (tests/sendmail/): Sendmail
+#                                   (sendmail-bin conflicts with postfix) runs only in its
+#                                   container image, built from Debian's packages by the
+#                                   tests, so nothing Sendmail is installed on the host
 set -eu
 
 PACKAGES="
