@@ -185,6 +185,13 @@ Result<void> open_journal_for(const Config& config) {
         directory, summary->requests, summary->left_open,
         summary->unreadable ? fmt::format(", {} unreadable lines skipped", summary->unreadable)
                             : std::string());
+    if (summary->fresh) {
+        // Not an error: the first start. But a journal lost or left behind looks the same.
+        log_info(
+            "the journal of posted API requests is new: requests posted before it cannot be "
+            "known, so until it is 6 days old every first attempt asks the service first "
+            "(lookup_before_post = \"auto\" skips that lookup only with a complete journal)");
+    }
     return {};
 }
 

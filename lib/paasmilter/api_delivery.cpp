@@ -373,7 +373,8 @@ ChunkReport Submission::deliver_alone(const std::string& operation_id, const Htt
     std::string why;
     const bool ask_first =
         concrete_lookup(api_.lookup_before_post, hooks_.fleet) == LookupBeforePost::always ||
-        !hooks_.posted || hooks_.posted->maybe_posted(operation_id);
+        !hooks_.posted || !hooks_.posted->knows_every_post() ||
+        hooks_.posted->maybe_posted(operation_id);
     switch (ask_first ? check_operation(operation_id, true, why, reserve_) : Existence::absent) {
         case Existence::exists:
             report.fate = ChunkFate::already_accepted;

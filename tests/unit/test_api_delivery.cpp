@@ -525,6 +525,15 @@ TEST_CASE("submission: whether the service is asked before the first post") {
         CHECK(attempt(LookupBeforePost::automatic, false) ==
               std::tuple{ChunkFate::accepted, size_t{0}, size_t{1}});
     }
+    SUBCASE("own attempts with a new journal: asked first, an earlier post may be lost to it") {
+        TempDir dir;
+        REQUIRE(posted.open_journal((dir.path() / "posted-requests.journal").string()));
+        REQUIRE_FALSE(posted.knows_every_post());
+        CHECK(attempt(LookupBeforePost::automatic, false, {exists(0, 1)}) ==
+              std::tuple{ChunkFate::already_accepted, size_t{1}, size_t{0}});
+        CHECK(attempt(LookupBeforePost::own_attempts, false) ==
+              std::tuple{ChunkFate::accepted, size_t{1}, size_t{1}});
+    }
 }
 
 // A route's quota as ApiHooks::admit sees it: the recipient counts it was asked about, and

@@ -91,15 +91,25 @@ TEST_CASE("posted requests: a transaction at a time delivers a request") {
     CHECK(posted.begin("a"));
 }
 
+// A journal started longer ago than the default retention (6 days): complete, not fresh.
+std::string established_journal(TempDir& dir) {
+    const auto week_ago = std::chrono::system_clock::now() - std::chrono::hours(24 * 7);
+    return dir.write("posted-requests.journal",
+                     fmt::format("N {}\n", std::chrono::duration_cast<std::chrono::milliseconds>(
+                                               week_ago.time_since_epoch())
+                                               .count()));
+}
+
 TEST_CASE("posted requests: the journal survives a restart") {
     TempDir dir;
-    const std::string path = (dir.path() / "posted-requests.journal").string();
+    const std::string path = established_journal(dir);
     const auto open = repeatability("rep-open");
     {
         PostedRequests before;
         auto summary = before.open_journal(path);
         REQUIRE(summary);
         CHECK(summary->requests == 0);
+        CHECK_FALSE(summary->fresh);
         CHECK(before.remember("settled", repeatability("rep-settled")));
         before.set_uncertain("settled", false);
         CHECK(before.remember("left-open", open));
@@ -128,6 +138,50 @@ TEST_CASE("posted requests: the journal survives a restart") {
     // A crash during the attempt leaves its fate open: the next attempt repeats it.
     REQUIRE(after.uncertain_repeatability("in-flight"));
     CHECK(after.uncertain_repeatability("in-flight")->request_id == "rep-in-flight");
+}
+
+TEST_CASE("posted requests: a new journal cannot know earlier requests, for a retention") {
+    TempDir dir;
+    const std::string path = (dir.path() / "posted-requests.journal").string();
+    {
+        // Absent, as after a first start, a deleted journal or a changed state directory:
+        // asking the service first cannot be skipped...
+        PostedRequests first;
+        auto summary = first.open_journal(path);
+        REQUIRE(summary);
+        CHECK(summary->fresh);
+        CHECK_FALSE(first.knows_every_post());
+        // ...but an unknown id does not count as posted: when the service cannot be asked,
+        // a first attempt may still take its relay fallback.
+        CHECK_FALSE(first.maybe_posted("posted-before-the-journal"));
+    }
+    {
+        // A restart within the retention still knows the journal is not complete.
+        PostedRequests restarted;
+        auto summary = restarted.open_journal(path);
+        REQUIRE(summary);
+        CHECK_FALSE(summary->fresh);
+        CHECK_FALSE(restarted.knows_every_post());
+    }
+    // An empty file is as new as an absent one.
+    PostedRequests emptied;
+    auto summary = emptied.open_journal(dir.write("empty.journal", ""));
+    REQUIRE(summary);
+    CHECK(summary->fresh);
+    CHECK_FALSE(emptied.knows_every_post());
+    // Older than the retention: complete. It stays so when it had no live records to keep,
+    // and a journal written before the "N" line existed counts as complete too.
+    const std::string established = established_journal(dir);
+    for (int restart = 0; restart < 2; ++restart) {
+        PostedRequests old;
+        auto reopened = old.open_journal(established);
+        REQUIRE(reopened);
+        CHECK_FALSE(reopened->fresh);
+        CHECK(old.knows_every_post());
+    }
+    PostedRequests older_format;
+    REQUIRE(older_format.open_journal(dir.write("v1.journal", "garbage\n")));
+    CHECK(older_format.knows_every_post());
 }
 
 TEST_CASE("posted requests: a torn or foreign line in the journal is skipped, not fatal") {
@@ -161,7 +215,7 @@ TEST_CASE("posted requests: records past the retention are dropped, recent ones 
     CHECK_FALSE(posted.maybe_posted("old"));
     CHECK(posted.maybe_posted("new"));
     // Rewritten with the live records only.
-    CHECK(testing::read_all(path) == fmt::format("P new {} - {}\nS new\n", now_ms, now_ms));
+    CHECK(testing::read_all(path) == fmt::format("N 0\nP new {} - {}\nS new\n", now_ms, now_ms));
 }
 
 TEST_CASE("posted requests: records dropped for room are remembered as such across a restart") {
@@ -228,7 +282,7 @@ TEST_CASE(
 
 TEST_CASE("posted requests: a failed write leaves no fragment for the next record to stick to") {
     TempDir dir;
-    const std::string path = (dir.path() / "journal").string();
+    const std::string path = established_journal(dir);
     {
         PostedRequests posted;
         REQUIRE(posted.open_journal(path));
@@ -276,7 +330,7 @@ TEST_CASE("posted requests: one process at a time uses a journal") {
 
 TEST_CASE("posted requests: a journal that cannot be written refuses the request") {
     TempDir dir;
-    const std::string path = (dir.path() / "journal").string();
+    const std::string path = established_journal(dir);
     PostedRequests posted;
     REQUIRE(posted.open_journal(path));
     {
@@ -318,7 +372,7 @@ TEST_CASE("posted requests: an accepted request is remembered as such across a r
 
 TEST_CASE("posted requests: concurrent remembers each return once their own line is on disk") {
     TempDir dir;
-    const std::string path = (dir.path() / "journal").string();
+    const std::string path = established_journal(dir);
     constexpr int threads = 16;
     constexpr int calls = 25;
     std::atomic<int> failures = 0;
@@ -450,7 +504,7 @@ TEST_CASE("posted requests: lines that need no flush do not wait for one in prog
 
 TEST_CASE("posted requests: after a failed flush no request goes out until a rewrite works") {
     TempDir dir;
-    const std::string path = (dir.path() / "journal").string();
+    const std::string path = established_journal(dir);
     {
         PostedRequests posted;
         REQUIRE(posted.open_journal(path));
@@ -492,7 +546,7 @@ TEST_CASE("posted requests: after a failed flush no request goes out until a rew
 
 TEST_CASE("posted requests: a failed flush fails every remember waiting for it") {
     TempDir dir;
-    const std::string path = (dir.path() / "journal").string();
+    const std::string path = established_journal(dir);
     constexpr int threads = 8;
     {
         PostedRequests posted;
@@ -527,7 +581,7 @@ TEST_CASE("posted requests: a failed flush fails every remember waiting for it")
 
 TEST_CASE("posted requests: a rewrite while remembers wait for flushes loses nothing") {
     TempDir dir;
-    const std::string path = (dir.path() / "journal").string();
+    const std::string path = established_journal(dir);
     constexpr int threads = 8;
     constexpr int calls = 50;
     std::atomic<int> failures = 0;

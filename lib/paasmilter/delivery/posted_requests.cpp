@@ -110,6 +110,8 @@ std::string PostedRequests::live_records() const {
     if (dropped_at_ && *dropped_at_ + retention_ > Clock::now()) {
         text += fmt::format("D {}\n", to_ms(*dropped_at_));
     }
+    // Always: a journal rewritten without live records must not look new when read back.
+    if (started_at_) text += fmt::format("N {}\n", to_ms(*started_at_));
     for (const auto& [posted, id] : order_) {
         auto found = entries_.find(id);
         if (found == entries_.end() || found->second.posted != posted) continue;
@@ -191,9 +193,9 @@ Result<void> PostedRequests::append_durably(std::unique_lock<std::mutex>& lock,
 
 void PostedRequests::replay(std::string_view line, JournalSummary& summary) {
     auto fields = fields_of(line);
-    if (fields.size() == 2 && fields[0] == "D") {
+    if (fields.size() == 2 && (fields[0] == "D" || fields[0] == "N")) {
         if (auto when = number(fields[1])) {
-            dropped_at_ = from_ms(*when);
+            (fields[0] == "D" ? dropped_at_ : started_at_) = from_ms(*when);
             return;
         }
     }
@@ -301,6 +303,7 @@ Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::s
         entries_.clear();
         order_.clear();
         dropped_at_.reset();
+        started_at_.reset();
         journal_.reset();
         journal_path_.clear();
         broken_.reset();
@@ -331,6 +334,15 @@ Result<PostedRequests::JournalSummary> PostedRequests::open_journal(const std::s
             }
             replay(rest.substr(0, end), summary);
             rest.remove_prefix(end + 1);
+        }
+        if (text.empty()) {
+            // Kept in the journal as its "N" line, so a restart within the retention does
+            // not take the new journal for a complete one.
+            summary.fresh = true;
+            started_at_ = Clock::now();
+        } else if (!started_at_) {
+            // Written before journals had an "N" line: complete for as long as it ran.
+            started_at_ = Clock::time_point{};
         }
         expire(Clock::now());
         for (const auto& [id, entry] : entries_) {
@@ -416,6 +428,11 @@ std::optional<PostedRequests::Repeatability> PostedRequests::uncertain_repeatabi
     auto found = entries_.find(operation_id);
     if (found == entries_.end() || found->second.fate != Fate::open) return std::nullopt;
     return found->second.repeatability;
+}
+
+bool PostedRequests::knows_every_post() {
+    std::lock_guard lock(mutex_);
+    return !started_at_ || *started_at_ + retention_ <= Clock::now();
 }
 
 bool PostedRequests::maybe_posted(const std::string& operation_id) {

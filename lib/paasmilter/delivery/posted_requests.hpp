@@ -51,6 +51,8 @@ class PostedRequests {
         size_t requests = 0;    // live records read back
         size_t left_open = 0;   // of those, requests whose fate was left open
         size_t unreadable = 0;  // lines skipped (a torn last line after a crash)
+        // The journal was empty or absent: see knows_every_post().
+        bool fresh = false;
     };
     // Reads back the journal at `path` (created if absent, mode 0600), rewrites it with the
     // live records only, and from then on records every request in it. The file is locked:
@@ -74,6 +76,14 @@ class PostedRequests {
     // True when the gateway posted it within the retention, or records were dropped for
     // room within the retention (an unknown id may then be one of them: the safe side).
     bool maybe_posted(const std::string& operation_id);
+    // Whether an unknown id is certainly one this gateway never posted, so that asking the
+    // service first can be skipped (lookup_before_post = "own-attempts"): false for a
+    // retention after a journal was started afresh, which a first start cannot tell apart
+    // from a deleted or restored journal or a changed state directory. (maybe_posted()
+    // does not count that: it decides whether a failure policy may send a message
+    // elsewhere when the service cannot be asked, and a first start must not lose the
+    // relay fallback for days; that risk is the one it always had with a lost journal.)
+    bool knows_every_post();
 
     // Marks the request as being delivered by one transaction; false if another one is.
     // Every begin() is paired with an end(), whatever it returned.
@@ -117,6 +127,8 @@ class PostedRequests {
     // When records were last dropped for room: for a retention after that, an unknown id
     // may be one of them.
     std::optional<Clock::time_point> dropped_at_;
+    // When the journal was started afresh ("N" line), within the retention.
+    std::optional<Clock::time_point> started_at_;
 
     // The file. Taken before mutex_ when both are needed. Not held during a flush to disk:
     // other lines are appended meanwhile, and the next flush covers them all.
