@@ -16,6 +16,7 @@
 #include "config_snapshot.hpp"
 #include "message_state.hpp"
 #include "mta_actions.hpp"
+#include "negotiation.hpp"
 #include "paasmilter/classifier.hpp"
 #include "paasmilter/log.hpp"
 #include "paasmilter/metrics.hpp"
@@ -193,8 +194,7 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
         //   for our ACK (Nagle against delayed ACKs over TCP): 44 ms per message, measured.
         // - the body: SMFIS_SKIP spares every message that is not for an API route the rest
         //   of its body.
-        constexpr unsigned long no_reply =
-            SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL | SMFIP_NR_HDR | SMFIP_NR_EOH;
+        constexpr unsigned long no_reply = kNoReplySteps;
         constexpr unsigned long wanted = SMFIP_NOUNKNOWN | SMFIP_SKIP | no_reply;
         *steps = offered_steps & wanted;
 
@@ -206,17 +206,7 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
             delete state;
             return SMFIS_TEMPFAIL;
         }
-        if (offered_actions & SMFIF_SETSYMLIST) {
-            // Ask for the macros we classify on (Postfix's defaults lack some of them).
-            smfi_setsymlist(ctx, SMFIM_CONNECT, const_cast<char*>("j {client_addr} {client_name}"));
-            smfi_setsymlist(ctx, SMFIM_HELO,
-                            const_cast<char*>("{tls_version} {cipher} {cert_subject} "
-                                              "{cert_issuer} {verify} {cert_fp}"));
-            smfi_setsymlist(ctx, SMFIM_ENVFROM,
-                            const_cast<char*>("i {auth_type} {auth_authen} {cert_subject} "
-                                              "{cert_issuer} {verify} {cert_fp}"));
-            smfi_setsymlist(ctx, SMFIM_EOM, const_cast<char*>("i"));
-        }
+        if (offered_actions & SMFIF_SETSYMLIST) request_macros(ctx);
         log_stage(
             ctx, state, "negotiate",
             {{"actions", fmt::format("{:#x}", *actions)}, {"steps", fmt::format("{:#x}", *steps)}});

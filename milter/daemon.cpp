@@ -31,6 +31,7 @@
 #include "api_action.hpp"
 #include "callbacks.hpp"
 #include "config_snapshot.hpp"
+#include "negotiation.hpp"
 #include "paasmilter/delivery/posted_requests.hpp"
 #include "paasmilter/drain.hpp"
 #include "paasmilter/log.hpp"
@@ -132,28 +133,6 @@ ServiceRegistry& services() {
 
 void log_warnings(const Config& config) {
     for (const std::string& warning : config.warnings) log_warning("{}", warning);
-}
-
-// libmilter writes a reply in several small packets and gives us no handle on its sockets:
-// with Nagle's algorithm and the MTA's delayed ACKs that stalls every message ~40 ms over
-// TCP. Linux copies TCP_NODELAY from a listening socket to the sockets it accepts, so set
-// it on the listener libmilter opened (the only listening TCP socket of this process).
-void disable_nagle_on_listener() {
-    for (int fd = 0; fd < 1024; ++fd) {
-        int listening = 0;
-        socklen_t length = sizeof listening;
-        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) != 0 || !listening) {
-            continue;
-        }
-        sockaddr_storage address{};
-        socklen_t address_length = sizeof address;
-        if (getsockname(fd, reinterpret_cast<sockaddr*>(&address), &address_length) != 0) continue;
-        if (address.ss_family != AF_INET && address.ss_family != AF_INET6) continue;
-        int on = 1;
-        if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on) != 0) {
-            log_warning("cannot set TCP_NODELAY on the milter socket: {}", std::strerror(errno));
-        }
-    }
 }
 
 // The journal of posted API requests (see PostedRequests) is opened once, with the first
@@ -386,7 +365,9 @@ int run_daemon(const DaemonOptions& options) {
         return 1;
     }
 
-    if (socket.starts_with("inet")) disable_nagle_on_listener();
+    if (socket.starts_with("inet") && !disable_nagle_on_listener()) {
+        log_warning("cannot set TCP_NODELAY on the milter socket: {}", std::strerror(errno));
+    }
 
     Reloader reloader(options.config_path);
     // smfi_stop() waits for libmilter's accept loop, which holds its lock across a select()

@@ -11,57 +11,27 @@
 // SOCKET in libmilter syntax (inet:PORT@127.0.0.1, unix:/path). Not a test: it asserts nothing.
 #include <libmilter/mfapi.h>
 
-#include <cstdio>
-#include <cstring>
-
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
+
+#include <cstdio>
+
+#include "negotiation.hpp"  // milter/: the same steps, macros and TCP_NODELAY as paas-milter
+
+using paasmilter::kNoReplySteps;
+using paasmilter::request_macros;
 
 namespace {
 
 char* header_name = nullptr;
 char* header_value = nullptr;
 
-constexpr unsigned long no_reply =
-    SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL | SMFIP_NR_HDR | SMFIP_NR_EOH;
-
 sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long offered_steps,
                       unsigned long, unsigned long, unsigned long* actions, unsigned long* steps,
                       unsigned long*, unsigned long*) {
     *actions = SMFIF_ADDHDRS | SMFIF_CHGHDRS | (offered_actions & SMFIF_SETSYMLIST);
-    *steps = offered_steps & (SMFIP_NOUNKNOWN | SMFIP_SKIP | no_reply);
-    if (offered_actions & SMFIF_SETSYMLIST) {
-        // The same lists as milter/callbacks.cpp, so that Postfix sends the same macros.
-        smfi_setsymlist(ctx, SMFIM_CONNECT, const_cast<char*>("j {client_addr} {client_name}"));
-        smfi_setsymlist(ctx, SMFIM_HELO,
-                        const_cast<char*>("{tls_version} {cipher} {cert_subject} "
-                                          "{cert_issuer} {verify} {cert_fp}"));
-        smfi_setsymlist(ctx, SMFIM_ENVFROM,
-                        const_cast<char*>("i {auth_type} {auth_authen} {cert_subject} "
-                                          "{cert_issuer} {verify} {cert_fp}"));
-        smfi_setsymlist(ctx, SMFIM_EOM, const_cast<char*>("i"));
-    }
+    *steps = offered_steps & (SMFIP_NOUNKNOWN | SMFIP_SKIP | kNoReplySteps);
+    if (offered_actions & SMFIF_SETSYMLIST) request_macros(ctx);
     return SMFIS_CONTINUE;
-}
-
-// As milter/daemon.cpp does (Linux copies TCP_NODELAY from the listener to the sockets it
-// accepts): without it each message waits ~40 ms for a delayed ACK over TCP.
-void disable_nagle_on_listener() {
-    for (int fd = 0; fd < 1024; ++fd) {
-        int listening = 0;
-        socklen_t length = sizeof listening;
-        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) != 0 || !listening) {
-            continue;
-        }
-        sockaddr_storage address{};
-        socklen_t address_length = sizeof address;
-        if (getsockname(fd, reinterpret_cast<sockaddr*>(&address), &address_length) != 0) continue;
-        if (address.ss_family != AF_INET && address.ss_family != AF_INET6) continue;
-        int on = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
-    }
 }
 
 sfsistat no_reply_step(SMFICTX*) {
@@ -127,6 +97,6 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%s: cannot listen on %s\n", argv[0], argv[1]);
         return 1;
     }
-    disable_nagle_on_listener();
+    paasmilter::disable_nagle_on_listener();
     return smfi_main() == MI_SUCCESS ? 0 : 1;
 }
