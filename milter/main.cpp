@@ -15,6 +15,7 @@
 #include "paasmilter/log.hpp"
 #include "paasmilter/postfix_config.hpp"
 #include "paasmilter/quota/route_quota.hpp"
+#include "paasmilter/sendmail_config.hpp"
 #include "paasmilter/verdict.hpp"
 #include "postfix_facts.hpp"
 
@@ -33,6 +34,7 @@ constexpr const char* kUsage = R"(usage:
                      [--auth USER] [--from ADDR] [--rcpt ADDR]... [--header 'Name: value']...
   paas-milter header-checks [-c FILE]
   paas-milter postfix-config [-c FILE] [--table-dir DIR]
+  paas-milter sendmail-config [-c FILE] [--table-dir DIR]
   paas-milter health [-c FILE] [--socket SPEC] [--timeout SECONDS]
   paas-milter version | --version | -V
   paas-milter help | --help | -h
@@ -49,6 +51,9 @@ constexpr const char* kUsage = R"(usage:
   header-checks  print the milter_header_checks lines for the relay routes
   postfix-config print what Postfix needs for the routes: main.cf and master.cf lines,
                  milter_header_checks, transport and generic maps (tables in DIR)
+  sendmail-config print what Sendmail needs for the routes (milter.mta = "sendmail"):
+                 sendmail.mc lines (INPUT_MAIL_FILTER, a mailer per relay route) and
+                 the mailertable (in DIR, default /etc/mail)
 -c FILE, --config FILE: the configuration, by default /etc/paas-milter/paas-milter.toml.
 )";
 
@@ -66,8 +71,9 @@ struct Arguments {
     LogFormat log_format = LogFormat::text;
     Transaction tx;
     PostfixCheckOptions postfix;  // check: --postconf, --postfix-config
-    // postfix-config: --table-dir
+    // postfix-config, sendmail-config: --table-dir
     PostfixConfigOptions postfix_config;
+    SendmailConfigOptions sendmail_config;
 };
 
 // Returns an error message, or empty on success.
@@ -95,6 +101,7 @@ std::string parse(int argc, char** argv, Arguments& args) {
             ok = value(args.postfix.config_directory);
         } else if (arg == "--table-dir") {
             ok = value(args.postfix_config.table_directory);
+            args.sendmail_config.table_directory = args.postfix_config.table_directory;
         } else if (arg == "--verbose" || arg == "-v") {
             args.verbose = true;
         } else if (arg == "--log-format") {
@@ -197,6 +204,16 @@ int command_postfix_config(const Arguments& args) {
     return 0;
 }
 
+int command_sendmail_config(const Arguments& args) {
+    auto config = load_config(args.config);
+    if (!config) {
+        std::fprintf(stderr, "%s\n", config.error().to_string().c_str());
+        return 1;
+    }
+    std::fputs(render_sendmail_config(**config, args.sendmail_config).c_str(), stdout);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -219,6 +236,7 @@ int main(int argc, char** argv) {
         if (args.command == "query") return command_query(args);
         if (args.command == "header-checks") return command_header_checks(args);
         if (args.command == "postfix-config") return command_postfix_config(args);
+        if (args.command == "sendmail-config") return command_sendmail_config(args);
         if (args.command == "version" || args.command == "--version" || args.command == "-V") {
             std::printf("paas-milter %s\n", kVersion);
             return 0;

@@ -274,6 +274,13 @@ void report_postfix_wiring(const Config& config, const PostfixCheckOptions& opti
         }
     };
     print(check_routes_used(config));
+    if (config.mta == Mta::sendmail) {
+        // Postfix's main.cf and master.cf say nothing about a Sendmail in front.
+        std::printf(
+            "info: milter.mta = sendmail: Postfix wiring not checked (paas-milter "
+            "sendmail-config prints what sendmail.mc and the mailertable need)\n");
+        return;
+    }
 
     std::string program = options.postconf;
     if (program.empty()) {

@@ -37,7 +37,8 @@ Result<PostfixFacts> gather_postfix_facts(const std::string& postconf,
                                           const std::string& config_directory,
                                           std::vector<std::string>& notes);
 
-// The Postfix part of `check`: unused routes, then, where postconf is found, the wiring.
+// The Postfix part of `check`: unused routes, then, where postconf is found, the wiring
+// (skipped with a note when milter.mta = "sendmail").
 // Prints each finding as "warning: ..." on stderr and notes as "info: ..." on stdout; never
 // fails (warnings leave check's exit status alone).
 void report_postfix_wiring(const Config& config, const PostfixCheckOptions& options);

@@ -27,6 +27,10 @@ const char* to_string(Mode mode) {
     return mode == Mode::enforce ? "enforce" : "dry-run";
 }
 
+const char* to_string(Mta mta) {
+    return mta == Mta::postfix ? "postfix" : "sendmail";
+}
+
 const char* to_string(Action action) {
     switch (action) {
         case Action::relay:
@@ -366,7 +370,7 @@ class Loader : private ConfigReader {
         const toml::table* milter = node->as_table();
         if (!milter) return error_at(*node, "milter: expected a table");
         if (auto r = check_keys(*milter,
-                                {"socket", "routing_header", "mode", "default_route",
+                                {"socket", "routing_header", "mode", "mta", "default_route",
                                  "state_directory", "internal_domains", "internal_table"},
                                 "milter");
             !r)
@@ -415,6 +419,18 @@ class Loader : private ConfigReader {
             return error_at(
                 *milter->get("mode"),
                 fmt::format("milter.mode: \"{}\" is not \"enforce\" or \"dry-run\"", *mode));
+        }
+
+        auto mta = get_string(*milter, "mta", "milter", false, "postfix");
+        if (!mta) return mta.error();
+        if (*mta == "postfix") {
+            config.mta = Mta::postfix;
+        } else if (*mta == "sendmail") {
+            config.mta = Mta::sendmail;
+        } else {
+            return error_at(
+                *milter->get("mta"),
+                fmt::format("milter.mta: \"{}\" is not \"postfix\" or \"sendmail\"", *mta));
         }
 
         auto default_route = get_string(*milter, "default_route", "milter", false);

@@ -22,8 +22,14 @@ namespace paasmilter {
 
 enum class Mode { enforce, dry_run };
 enum class Action { relay, pass, reject, tempfail, api };
+// The MTA in front ([milter] mta): how a relay route reaches its next hop. Postfix: the
+// routing header and milter_header_checks (external_only routes per recipient). Sendmail,
+// which has no milter_header_checks: every relay route per recipient, through the route's
+// pseudo-domain and a mailertable entry (`paas-milter sendmail-config`).
+enum class Mta { postfix, sendmail };
 
 const char* to_string(Mode mode);
+const char* to_string(Mta mta);
 const char* to_string(Action action);
 
 // What to do with a message the API did not accept.
@@ -119,7 +125,7 @@ struct Route {
     Action action = Action::pass;
     bool dry_run = false;      // log only, whatever the global mode
     std::string header_value;  // relay: value of the routing header (default: the name)
-    std::string transport;     // relay: "transport:nexthop", documentation only
+    std::string transport;     // relay: "transport:nexthop" (postfix-config, sendmail-config)
     int reply_code = 0;        // reject / tempfail
     std::string reply_status;  // "5.7.1"
     std::string reply_text;
@@ -183,6 +189,7 @@ struct Config {
     std::string socket;
     std::string routing_header = "X-PaaS-Route";
     Mode mode = Mode::enforce;
+    Mta mta = Mta::postfix;
     std::string default_route;  // empty: leave unmatched messages alone
     // Where the daemon keeps what must survive a restart (the journal of posted API
     // requests). Empty: $STATE_DIRECTORY (systemd's StateDirectory=), else

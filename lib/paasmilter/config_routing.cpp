@@ -143,6 +143,25 @@ Result<void> load_route_routing(ConfigReader& reader, const toml::table& table,
                         context));
     }
     route.external_only = *external_only;
+    if (relay && config.mta == Mta::sendmail) {
+        // Sendmail routes every relay route per recipient: the route's pseudo-domain goes to
+        // its next hop through a mailertable entry (paas-milter sendmail-config).
+        const toml::node& at = node_or(table, "transport");
+        if (route.transport.empty() || route.transport.find(':') == std::string::npos) {
+            return reader.error_at(
+                at, fmt::format("{}: with milter.mta = \"sendmail\" a relay route needs "
+                                "transport = \"transport:nexthop\": sendmail-config makes the "
+                                "mailertable entry for its next hop from it",
+                                context));
+        }
+        if (!valid_route_label(route.name)) {
+            return reader.error_at(
+                at, fmt::format("{}: with milter.mta = \"sendmail\" the route name becomes a "
+                                "DNS label of its pseudo-domain ({}): letters, digits and '-' "
+                                "only, at most 63",
+                                context, route_pseudo_domain(route.name)));
+        }
+    }
     for (std::string_view key : {"internal_domains", "internal_table"}) {
         if (const toml::node* node = table.get(key); node && !route.external_only) {
             return reader.error_at(*node, fmt::format("{}.{}: only valid with external_only = "
@@ -198,7 +217,9 @@ Result<void> load_route_routing(ConfigReader& reader, const toml::table& table,
                                 "its transport: set transport = \"transport:nexthop\"",
                                 context));
         }
-        // smtp_generic_maps rewrites every address, sender or recipient: one map.
+        // smtp_generic_maps rewrites every address, sender or recipient: one map. (Sendmail's
+        // mailer has a sender and a recipient ruleset of its own: no conflict there.)
+        if (config.mta == Mta::sendmail) return {};
         for (const auto& [from, to] : route.rewrite.sender.entries) {
             const std::string* other = route.rewrite.recipient.find(from);
             if (other && *other != to) {

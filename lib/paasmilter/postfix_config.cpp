@@ -185,6 +185,12 @@ std::string render_generic_map(const Config& config, std::string_view transport,
 
 PostfixWiring postfix_wiring(const Config& config, const PostfixConfigOptions& options) {
     PostfixWiring wiring;
+    if (config.mta == Mta::sendmail) {
+        wiring.notes.push_back(
+            "milter.mta is \"sendmail\": the milter adds no routing header and reroutes every "
+            "relay route's recipients, which this output does not wire for Postfix; run "
+            "paas-milter sendmail-config, or set mta = \"postfix\"");
+    }
     const std::string& dir = options.table_directory;
     std::string note;
     wiring.main_cf.push_back("smtpd_milters = " + postfix_milter_socket(config.socket, &note));

@@ -20,8 +20,10 @@ Verdict decide_verdict(const Config& config, const Decision& decision, int forge
     verdict.outcome = to_string(route->action);
     switch (route->action) {
         case Action::relay:
-            // external_only: per recipient (delivery/external_plan.cpp), never the header.
-            verdict.add_routing_header = !route->external_only;
+            // external_only, or Sendmail (no milter_header_checks): per recipient
+            // (delivery/external_plan.cpp), never the header.
+            verdict.reroute_recipients = route->external_only || config.mta == Mta::sendmail;
+            verdict.add_routing_header = !verdict.reroute_recipients;
             verdict.routing_value = route->header_value;
             break;
         case Action::pass:
@@ -73,6 +75,7 @@ Result<void> apply_loop_protection(const LoopSettings& settings, const Decision&
     loop.stopped = true;
     loop.log += fmt::format(": on_loop={}", to_string(settings.on_loop));
     verdict.add_routing_header = false;
+    verdict.reroute_recipients = false;
     verdict.routing_value.clear();
     verdict.submit_to_api = false;
     switch (settings.on_loop) {
@@ -164,6 +167,12 @@ std::string format_query_report(const Decision& decision, const Verdict& verdict
         if (!decision.route->transport.empty()) {
             out += fmt::format("transport: {}\n", decision.route->transport);
         }
+    }
+    if (decision.route->action == Action::relay && verdict.reroute_recipients &&
+        !decision.route->external_only) {
+        // milter.mta = "sendmail": every recipient, through the route's mailertable entry.
+        out += fmt::format("recipients: all to {} (as {}, Sendmail's mailertable)\n",
+                           decision.route->transport, route_pseudo_domain(decision.route->name));
     }
     if (decision.route->external_only && decision.route->action == Action::relay) {
         const Route& route = *decision.route;

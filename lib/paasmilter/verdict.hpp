@@ -27,6 +27,9 @@ struct Verdict {
     bool dry_run = false;              // global dry-run mode or the route's dry_run
     int forged_headers_to_delete = 0;  // client-sent routing headers (deleted even for pass)
     bool add_routing_header = false;
+    // A relay route that reroutes recipients into its pseudo-domain (route_addresses.hpp)
+    // instead of the header: external_only, or any relay route with milter.mta = "sendmail".
+    bool reroute_recipients = false;
     bool submit_to_api = false;  // action = "api": the milter submits at end of message
     std::string routing_header;  // name
     std::string routing_value;

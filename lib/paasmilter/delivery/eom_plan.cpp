@@ -258,9 +258,10 @@ MtaPlan plan_for_api(const Config& config, const ApiSettings& api, const Verdict
             }
             add_loop_stamp(plan, verdict);
             delete_recipients(plan, recipients, recipient_args, result.accepted);
-            if (relay->external_only) {
-                // Only the external recipients the service does not have take the fallback;
-                // local_domains recipients stay with Postfix, as on success.
+            if (relay->external_only || config.mta == Mta::sendmail) {
+                // Only the (external) recipients the service does not have take the fallback;
+                // local_domains recipients stay with the MTA, as on success. Sendmail has no
+                // milter_header_checks: there every relay route goes per recipient.
                 std::vector<std::string> keep = result.accepted;
                 keep.insert(keep.end(), local.begin(), local.end());
                 route_external_recipients(plan, *relay,

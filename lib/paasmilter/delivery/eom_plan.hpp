@@ -82,15 +82,19 @@ struct EnvelopeRecipients {
     const std::vector<std::string>* esmtp = nullptr;
 };
 
-// plan_for_verdict, and for a relay route with external_only (not in a dry run) only the
-// external recipients rerouted, no routing header (delivery/external_plan.cpp).
+// plan_for_verdict, and for a relay route that reroutes recipients (verdict.reroute_recipients:
+// external_only, or milter.mta = "sendmail"; not in a dry run, not when a loop stopped it)
+// its recipients rerouted into its pseudo-domain instead of the routing header: the external
+// ones of an external_only route, else all (delivery/external_plan.cpp).
 MtaPlan plan_for_verdict(const Verdict& verdict, const Route* route,
                          const EnvelopeRecipients& recipients);
 
-// Sends the recipients of the message that `relay` (external_only) does not count as
-// internal, and that are not in `keep`, through the route: each is deleted and added again in
-// the route's pseudo-domain, with an ORCPT naming it (or the client's own ORCPT and NOTIFY).
-// The others keep Postfix's normal path. Appends ", external_only=..." to plan.log.
+// Sends the recipients of the message that are not in `keep` (and, when `relay` is
+// external_only, that it does not count as internal) through the route: each is deleted and
+// added again in the route's pseudo-domain, with an ORCPT naming it (or the client's own ORCPT
+// and NOTIFY). The others keep the MTA's normal path. Appends ", external_only=ROUTE,
+// rerouted=N, staying=M" to plan.log, or ", route_by=recipients, rerouted=N, staying=M" for a
+// route that is not external_only (milter.mta = "sendmail").
 void route_external_recipients(MtaPlan& plan, const Route& relay,
                                const EnvelopeRecipients& recipients,
                                const std::vector<std::string>& keep);

@@ -1,5 +1,8 @@
-// External-only routing in the end-of-message plan: which recipients leave the message's
-// normal path for the route, and how (see route_addresses.hpp for the pseudo-domain).
+// Per-recipient routing in the end-of-message plan: which recipients leave the message's
+// normal path for the route, and how (see route_addresses.hpp for the pseudo-domain). Used by
+// external_only routes, and by every relay route when the MTA is Sendmail (milter.mta), which
+// has no milter_header_checks: there the pseudo-domain reaches the route's next hop through a
+// mailertable entry (`paas-milter sendmail-config`).
 #include <algorithm>
 
 #include <fmt/format.h>
@@ -23,12 +26,13 @@ bool contains_ignoring_case(const std::vector<std::string>& list, std::string_vi
 MtaPlan plan_for_verdict(const Verdict& verdict, const Route* route,
                          const EnvelopeRecipients& recipients) {
     MtaPlan plan = plan_for_verdict(verdict);
-    if (!route || route->action != Action::relay || !route->external_only || verdict.dry_run ||
+    if (!route || route->action != Action::relay ||
+        !(route->external_only || verdict.reroute_recipients) || verdict.dry_run ||
         verdict.reply != Verdict::Reply::accept || verdict.loop.stopped) {
         return plan;
     }
     // Per recipient instead of for the whole message: never the routing header, whose
-    // FILTER would take the internal recipients along.
+    // FILTER would take the internal recipients along (and which Sendmail would ignore).
     std::erase_if(plan.add_headers, [&](const auto& header) {
         return iequals(header.first, verdict.routing_header) &&
                header.second == route->header_value;
@@ -53,7 +57,7 @@ void route_external_recipients(MtaPlan& plan, const Route& relay,
         const bool deleted = std::find(plan.delete_recipients.begin(), plan.delete_recipients.end(),
                                        arg) != plan.delete_recipients.end();
         if (contains_ignoring_case(keep, address) ||
-            (relay.internal && relay.internal->contains(address))) {
+            (relay.external_only && relay.internal && relay.internal->contains(address))) {
             if (!deleted) ++staying;
             continue;
         }
@@ -73,8 +77,15 @@ void route_external_recipients(MtaPlan& plan, const Route& relay,
             recipients.esmtp && i < recipients.esmtp->size() ? (*recipients.esmtp)[i] : "";
         plan.add_recipients.push_back({"<" + *encoded + ">", reroute_esmtp_args(address, esmtp)});
     }
-    plan.log +=
-        fmt::format(", external_only={}, rerouted={}, staying={}", relay.name, rerouted, staying);
+    // The same counters either way; "route_by=recipients" is a route that is not
+    // external_only taking every recipient this way (milter.mta = "sendmail").
+    if (relay.external_only) {
+        plan.log += fmt::format(", external_only={}, rerouted={}, staying={}", relay.name, rerouted,
+                                staying);
+    } else {
+        plan.log +=
+            fmt::format(", route_by=recipients, rerouted={}, staying={}", rerouted, staying);
+    }
     if (!unroutable.empty()) {
         // Never Postfix's normal path: that would let a client dodge the route with an
         // address the pseudo-domain cannot carry. Held for the operator, all recipients.
