@@ -214,6 +214,24 @@ sfsistat on_negotiate(SMFICTX* ctx, unsigned long offered_actions, unsigned long
     });
 }
 
+// milter.mta decides how relay routes reach their next hop; the wrong one sends their mail
+// the normal way (Sendmail ignores the routing header; Postfix has no mailertable entries
+// for the pseudo-domains). The MTA says what it is in macro v: warned once per process.
+void warn_if_other_mta(const std::string& version) {
+    static std::atomic<bool> warned{false};
+    if (version.empty() || warned.load(std::memory_order_relaxed)) return;
+    auto config = config_snapshot().get();
+    if (!config) return;
+    const bool postfix = version.starts_with("Postfix");
+    if (postfix == (config->mta == Mta::postfix)) return;
+    if (warned.exchange(true)) return;
+    log_warning(
+        "the MTA says it is {}{}, but milter.mta = \"{}\": relay routes will not reach their "
+        "next hop (set mta = \"{}\" and see `paas-milter {}-config`)",
+        postfix ? "" : "Sendmail ", sanitize_for_log(version, 60), to_string(config->mta),
+        postfix ? "postfix" : "sendmail", postfix ? "postfix" : "sendmail");
+}
+
 sfsistat on_connect(SMFICTX* ctx, char* hostname, _SOCK_ADDR* address) {
     return answer(
         ctx, SMFIP_NR_CONN, guarded(ctx, "connect", [&]() -> sfsistat {
@@ -223,6 +241,7 @@ sfsistat on_connect(SMFICTX* ctx, char* hostname, _SOCK_ADDR* address) {
             if (conn->client_addr.empty()) conn->client_addr = macro(ctx, "{client_addr}");
             // Postfix passes "unknown" or "[addr]" when the client has no verified name.
             conn->client_name = hostname && hostname[0] != '[' ? hostname : "unknown";
+            warn_if_other_mta(macro(ctx, "v"));
             log_stage(ctx, conn, "connect",
                       {{"client", fmt::format("{}[{}]", sanitize_for_log(conn->client_name, 120),
                                               conn->client_addr)}});

@@ -20,7 +20,9 @@ struct MacroRequest {
     const char* names;
 };
 inline constexpr MacroRequest kMacroRequests[] = {
-    {SMFIM_CONNECT, "j {client_addr} {client_name}"},
+    // v: the MTA's version ("Postfix 3.7.11", Sendmail's "8.17.1"), to warn about a wrong
+    // milter.mta.
+    {SMFIM_CONNECT, "j v {client_addr} {client_name}"},
     {SMFIM_HELO, "{tls_version} {cipher} {cert_subject} {cert_issuer} {verify} {cert_fp}"},
     {SMFIM_ENVFROM, "i {auth_type} {auth_authen} {cert_subject} {cert_issuer} {verify} {cert_fp}"},
     {SMFIM_EOM, "i"},

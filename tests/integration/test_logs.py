@@ -109,6 +109,9 @@ class TextDefault(LogTestCase):
         self.assertTrue(line.startswith("rule=printers, route=acs-smtp, action=relay"), line)
         self.assertNotIn("stage=", self.milter.log())
         self.assertEqual(len(re.findall(re.escape(queue_id), self.milter.log())), 1)
+        # Postfix with the default milter.mta = "postfix": no warning about the MTA (its
+        # "v" macro is "Postfix 3.7...").
+        self.assertNotIn("the MTA says it is", self.milter.log())
         self.assert_nothing_private()
 
 

@@ -14,9 +14,10 @@ route acs-smtp to fall back on); per class one failure policy:
   file, `mailq -qQ` lists it with the reason, nothing is delivered, and the operator's
   release (`sendmail -qQ -Q`, then a queue run) delivers it intact;
 * reject: 550, nothing queued; a permanent service error is a 550 with the service's code;
-* relay fallback: the decision and the routing header. Which next hop the routed message
-  takes is the Sendmail relay mechanism's part of issue 11 (not built yet): today it goes
-  to SMART_HOST like any other; that arrival at the route's own sink is asserted there.
+* relay fallback with the default `mta = "postfix"`: the decision and the routing header,
+  which Sendmail (no milter_header_checks) ignores: the message goes to SMART_HOST like any
+  other. With `mta = "sendmail"` the fallback reroutes the recipients instead and they
+  arrive at the route's own sink: test_sendmail_relay.py.
 """
 
 from __future__ import annotations
@@ -198,14 +199,19 @@ class RelayFallback(SendmailApiRoute):
         self.assertIn("policy=relay:acs-smtp", self.decision(qid))
         self.sendmail.wait_for_log(rf"{qid}: Milter \(paas-milter\) add: header: "
                                    rf"{harness.ROUTING_HEADER}: acs-smtp")
-        # Delivered once, with the routing header. WHERE it goes (the route's own next hop,
-        # here the acs sink) needs the Sendmail relay mechanism of issue 11, not built yet:
-        # today Sendmail sends it to SMART_HOST like any other message.
+        # Delivered once, with the routing header, which Sendmail does not act on: without
+        # mta = "sendmail" it goes to SMART_HOST like any other message (with it, to the
+        # route's own sink: test_sendmail_relay.py).
         arrived = sh.wait_any(self.sinks, 1)
         self.assertEqual(len(arrived), 1)
         self.assertEqual(arrived[0][1].get_all(harness.ROUTING_HEADER), ["acs-smtp"])
         self.assertEqual(arrived[0][1].rcpt_to, ["customer@example.net"])
         self.assertEqual(self.mock.accepted_messages(), [])
+        # ...and the milter told the operator why, once.
+        warning = (r"the MTA says it is Sendmail 8\.17[0-9.]*, but milter\.mta = \"postfix\": "
+                   r"relay routes will not reach their next hop")
+        self.milter.wait_for_log(warning)
+        self.assertEqual(len(re.findall(warning, self.milter.log())), 1)
 
 
 if __name__ == "__main__":
