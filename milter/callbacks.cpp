@@ -21,6 +21,8 @@
 #include "paasmilter/log.hpp"
 #include "paasmilter/metrics.hpp"
 #include "paasmilter/route_addresses.hpp"
+#include "paasmilter/sendmail_config.hpp"
+#include "paasmilter/text.hpp"
 #include "paasmilter/verdict.hpp"
 #include "paasmilter/xtext.hpp"
 
@@ -288,6 +290,21 @@ sfsistat on_envfrom(SMFICTX* ctx, char** argv) {
                   }));
 }
 
+// Whether a client's RCPT would reach a route's next hop unclassified: its address, or the
+// MTA's own reading of it ({rcpt_addr}, both MTAs send it at RCPT by default), in a route's
+// pseudo-domain; with Sendmail also a recipient its rulesets resolved to a route's mailer
+// ({rcpt_mailer}, "paas_ROUTE" from sendmail-config), however the address was disguised.
+bool names_a_route(SMFICTX* ctx, const char* rcpt, const MessageState& message) {
+    if (is_route_pseudo_address(rcpt) || is_route_pseudo_address(macro(ctx, "{rcpt_addr}"))) {
+        return true;
+    }
+    if (!message.config || message.config->mta != Mta::sendmail) return false;
+    const std::string mailer = macro(ctx, "{rcpt_mailer}");
+    return mailer.size() >= kSendmailRouteMailerPrefix.size() &&
+           iequals(std::string_view(mailer).substr(0, kSendmailRouteMailerPrefix.size()),
+                   kSendmailRouteMailerPrefix);
+}
+
 sfsistat on_envrcpt(SMFICTX* ctx, char** argv) {
     return guarded(ctx, "rcpt", [&]() -> sfsistat {
         ConnectionState* conn = state_of(ctx);
@@ -297,7 +314,7 @@ sfsistat on_envrcpt(SMFICTX* ctx, char** argv) {
             return SMFIS_TEMPFAIL;
         }
         if (argv && argv[0]) {
-            if (is_route_pseudo_address(argv[0])) {
+            if (names_a_route(ctx, argv[0], *conn->message)) {
                 // Only the milter may put a recipient there (external_only routes): one named
                 // by a client would reach a route's transport without being classified.
                 log_warning("{}: RCPT {} refused: a route's pseudo-domain ({})", queue_id(ctx),

@@ -19,7 +19,9 @@
 #include "paasmilter/config_reader.hpp"
 #include "paasmilter/config_routing.hpp"
 #include "paasmilter/ip.hpp"
+#include "paasmilter/log.hpp"
 #include "paasmilter/quota/quota_config.hpp"
+#include "paasmilter/text.hpp"
 
 namespace paasmilter {
 
@@ -538,6 +540,18 @@ class Loader : private ConfigReader {
             config.routes.emplace(name, std::move(route));
         }
         if (config.routes.empty()) return error_at(*node, "routes: no route is defined");
+        // A route's name is its pseudo-domain's label and, by default, its routing header's
+        // value, both compared without case: two names that differ only in case would share
+        // them, and one route's mail would take the other's next hop.
+        for (auto a = config.routes.begin(); a != config.routes.end(); ++a) {
+            for (auto b = std::next(a); b != config.routes.end(); ++b) {
+                if (iequals(a->first, b->first)) {
+                    return error_at(*node, fmt::format("routes.{} and routes.{}: route names must "
+                                                       "differ in more than case",
+                                                       a->first, b->first));
+                }
+            }
+        }
         // Fallback policies may only name relay routes (checked once all routes are known).
         for (const auto& [name, route] : config.routes) {
             if (!route.api) continue;
@@ -579,6 +593,26 @@ class Loader : private ConfigReader {
             route.header_value = *value;
             auto transport = get_string(table, "transport", context, false);
             if (!transport) return transport.error();
+            // It goes into generated Postfix and Sendmail configuration (postfix-config,
+            // sendmail-config): only what a transport name and a next hop are made of.
+            const size_t colon = transport->find(':');
+            const std::string_view name = std::string_view(*transport).substr(0, colon);
+            const std::string_view hop = colon == std::string::npos
+                                             ? std::string_view()
+                                             : std::string_view(*transport).substr(colon + 1);
+            auto is = [](std::string_view text, std::string_view extra) {
+                return std::all_of(text.begin(), text.end(), [&](char c) {
+                    return std::isalnum(static_cast<unsigned char>(c)) ||
+                           extra.find(c) != std::string_view::npos;
+                });
+            };
+            if (!is(name, "_.-") || !is(hop, "_.-:[]")) {
+                return error_at(*table.get("transport"),
+                                fmt::format("{}.transport: \"{}\" is not \"transport:nexthop\" "
+                                            "(letters, digits, '_', '.', '-'; the next hop also "
+                                            "'[', ']', ':')",
+                                            context, sanitize_for_log(*transport, 120)));
+            }
             route.transport = *transport;
         } else {
             if (auto r = only_for("header_value", Action::relay); !r) return r;

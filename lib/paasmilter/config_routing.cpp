@@ -5,6 +5,8 @@
 
 #include <fmt/format.h>
 
+#include "paasmilter/sendmail_config.hpp"
+
 namespace paasmilter {
 
 namespace {
@@ -153,6 +155,12 @@ Result<void> load_route_routing(ConfigReader& reader, const toml::table& table,
                                 "transport = \"transport:nexthop\": sendmail-config makes the "
                                 "mailertable entry for its next hop from it",
                                 context));
+        }
+        // What sendmail-config could not make an entry of would send the route's pseudo-domain
+        // nowhere: refused here, not left to a NOTE in its output.
+        if (auto hop = sendmail_next_hop(route.transport); !hop) {
+            return reader.error_at(at,
+                                   fmt::format("{}.transport: {}", context, hop.error().message));
         }
         if (!valid_route_label(route.name)) {
             return reader.error_at(

@@ -81,7 +81,27 @@ std::optional<std::string> encode_route_address(std::string_view address,
 bool is_route_pseudo_address(std::string_view address) {
     // Anywhere in the address, not only after the last '@': Postfix's percent hack
     // (user%host@localdomain) and bang paths (host!user) turn other parts into the domain.
-    return lower(without_angle_brackets(address)).find(kRoutePseudoDomain) != std::string::npos;
+    // And as the MTA's address parser will read it: RFC 5322 comments ("paas-route.(x)invalid"),
+    // white space, quotes and backslashes ("paas-route\\.invalid") are dropped there, so
+    // they are dropped here before looking (Sendmail routed such a disguise to the route).
+    std::string parsed;
+    parsed.reserve(address.size());
+    int comment_depth = 0;
+    for (size_t i = 0; i < address.size(); ++i) {
+        const char c = address[i];
+        if (c == '\\') {
+            if (i + 1 < address.size() && comment_depth == 0) parsed += address[i + 1];
+            ++i;
+        } else if (c == '(') {
+            ++comment_depth;
+        } else if (c == ')') {
+            if (comment_depth > 0) --comment_depth;
+        } else if (comment_depth == 0 && c != '"' && c != ' ' && c != '\t') {
+            parsed += c;
+        }
+    }
+    return lower(without_angle_brackets(parsed)).find(kRoutePseudoDomain) != std::string::npos ||
+           lower(address).find(kRoutePseudoDomain) != std::string::npos;
 }
 
 std::string xtext_encode(std::string_view text) {

@@ -191,14 +191,17 @@ Result<SendmailNextHop> sendmail_next_hop(std::string_view transport) {
         hop.host = std::string(host);
     }
     if (!port.empty() || rest.back() == ':') {
-        if (!digits(port)) return make_error(fmt::format("\"{}\": not a port", transport));
+        if (!digits(port) || port.size() > 5 || std::stoi(std::string(port)) == 0 ||
+            std::stoi(std::string(port)) > 65535) {
+            return make_error(fmt::format("\"{}\": not a port (1-65535)", transport));
+        }
         hop.port = std::string(port);
     }
     return hop;
 }
 
 std::string sendmail_mailer_name(std::string_view route_name) {
-    return "paas_" + rule_label(route_name);
+    return std::string(kSendmailRouteMailerPrefix) + rule_label(route_name);
 }
 
 std::string sendmail_pseudo_domain_tokens(std::string_view route_name) {

@@ -52,6 +52,10 @@ struct SendmailNextHop {
 // host or port Sendmail cannot take.
 Result<SendmailNextHop> sendmail_next_hop(std::string_view transport);
 
+// Every route's mailer is named with this prefix: the milter refuses a client's RCPT that
+// Sendmail resolved to one ({rcpt_mailer}).
+inline constexpr std::string_view kSendmailRouteMailerPrefix = "paas_";
+
 // The route's name in sendmail.cf names: "acs-smtp" -> "acs_smtp" (rulesets
 // "PaasRcpt_acs_smtp", ...), and its mailer: "acs-smtp" -> "paas_acs_smtp".
 std::string rule_label(std::string_view route_name);

@@ -262,6 +262,21 @@ class ClientCannotPickItsRoute(SendmailRelayCase):
         for sink in (self.acs_sink, self.default_sink):
             self.assertEqual([m.rcpt_to for m in sink.messages()], [["bob@example.net"]])
 
+    def test_a_disguised_pseudo_domain_recipient_is_refused(self) -> None:
+        # Sendmail's address parser drops comments and white space and reads a backslash as
+        # quoting the next character: each of these would resolve to the route's mailer
+        # (review finding: they got 250 and reached the acs sink unclassified).
+        disguises = ["bob@example.net.acs-smtp.paas-route.(x)invalid",
+                     "bob@example.net.acs-smtp.paas-route. invalid",
+                     "bob@example.net.acs-smtp.paas-route\\.invalid"]
+        result = self.send("127.0.0.1", ["someone@example.org", *disguises])
+        qid = self.accepted(result)
+        codes = [code for cmd, code, _ in result.replies if cmd == "RCPT"]
+        self.assertEqual(codes, [250, 550, 550, 550], result.transcript)
+        self.assertIn("rule=(none), route=(none), action=none", self.decision(qid))
+        [msg] = self.assert_only(self.default_sink)
+        self.assertEqual(msg.rcpt_to, ["someone@example.org"])
+
     def test_a_clients_routing_header_changes_nothing(self) -> None:
         qid = self.accepted(self.send("127.0.0.1", ["someone@example.org"],
                                       headers=[f"{harness.ROUTING_HEADER}: acs-smtp"]))

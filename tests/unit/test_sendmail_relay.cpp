@@ -258,6 +258,35 @@ TEST_CASE("sendmail: milter.mta and what a relay route needs with it") {
                              "recipient_rewrite = { \"contoso.local\" = \"contoso.net\" }\n";
     CHECK(load_error(head + "mta = \"sendmail\"\n" + maps).empty());
     CHECK(has(load_error(head + maps), "cannot tell the two apart"));
+    // A next hop sendmail-config could not make a mailertable entry of is refused at load,
+    // not left to a note in its output (review finding: check said OK).
+    for (const char* transport :
+         {"smtp:", "smtp:[mx example]", "x:[192.0.2.1]:99999", "x:[192.0.2.1]:0"}) {
+        CAPTURE(transport);
+        CHECK(has(load_error(head + "mta = \"sendmail\"\n\n[routes.r1]\naction = \"relay\"\n" +
+                             "transport = \"" + transport + "\"\n"),
+                  "routes.r1.transport"));
+    }
+}
+
+TEST_CASE("routes: transports are transport:nexthop, names differ in more than case") {
+    const std::string head = "[milter]\nsocket = \"inet:10025@127.0.0.1\"\n";
+    auto relay = [](const std::string& name, const std::string& transport) {
+        return "\n[routes." + name + "]\naction = \"relay\"\ntransport = \"" + transport + "\"\n";
+    };
+    CHECK(load_error(head + relay("r1", "acs-relay:[smtp.azurecomm.net]:587")).empty());
+    CHECK(load_error(head + relay("r1", "relay:")).empty());
+    CHECK(load_error(head + relay("r1", "relay:[2001:db8::1]:25")).empty());
+    // It goes into generated configuration: a line break (m4 would run the next line), a
+    // quote or a comma could take a pasted sendmail.mc or master.cf elsewhere.
+    for (const char* bad : {"smtp\\nsyscmd(id)dnl\\n:[127.0.0.1]:25", "smtp:[x]`y'", "smtp:a,b",
+                            "sm tp:x", "smtp:x y"}) {
+        CAPTURE(bad);
+        CHECK(has(load_error(head + relay("r1", bad)), "routes.r1.transport"));
+    }
+    // Two names one pseudo-domain (and routing header value, in any case) would share.
+    CHECK(has(load_error(head + relay("acs", "a:[192.0.2.1]") + relay("ACS", "b:[192.0.2.2]")),
+              "route names must differ in more than case"));
 }
 
 TEST_CASE("sendmail-config: next hops as Sendmail addresses them") {
@@ -278,6 +307,8 @@ TEST_CASE("sendmail-config: next hops as Sendmail addresses them") {
     CHECK(hop->host == "[127.0.0.1]");
     CHECK(has(sendmail_next_hop("relay:").error().message, "names no next hop"));
     CHECK(has(sendmail_next_hop("relay:[x.test]:port").error().message, "not a port"));
+    CHECK(has(sendmail_next_hop("relay:[x.test]:65536").error().message, "not a port"));
+    CHECK(sendmail_next_hop("relay:[x.test]:65535").ok());
     CHECK(has(sendmail_next_hop("relay:[x.test]25").error().message, "\":port\""));
     CHECK(has(sendmail_next_hop("relay:bad`host").error().message, "not a host"));
     CHECK(has(sendmail_next_hop("relay:[x.test").error().message, "no ']'"));
