@@ -1,5 +1,7 @@
 #include "paasmilter/postfix_config.hpp"
 
+#include "paasmilter/generated_text.hpp"
+
 #include <algorithm>
 #include <cctype>
 #include <map>
@@ -20,13 +22,6 @@ std::string escape_regex(std::string_view text) {
         out += c;
     }
     return out;
-}
-
-std::string join_path(std::string_view directory, std::string_view file) {
-    std::string out(directory);
-    while (out.size() > 1 && out.back() == '/') out.pop_back();
-    if (out != "/") out += '/';
-    return out + std::string(file);
 }
 
 // A transport's name as part of a file name.
@@ -67,21 +62,7 @@ std::string generic_map_file(std::string_view transport) {
 
 // `text` as "# " comment lines of at most about 90 columns.
 std::string comment(std::string_view text) {
-    std::string out, line = "#";
-    size_t start = 0;
-    while (start < text.size()) {
-        size_t end = text.find(' ', start);
-        if (end == std::string_view::npos) end = text.size();
-        const std::string_view word = text.substr(start, end - start);
-        if (line.size() > 1 && line.size() + 1 + word.size() > 90) {
-            out += line + "\n";
-            line.resize(1);  // "#" (assigning "#" trips a false GCC 12 -Wrestrict at -O3)
-        }
-        line += " ";
-        line += word;
-        start = end + 1;
-    }
-    return out + line + "\n";
+    return wrapped_comment("#", text) + "\n";
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "paasmilter/sendmail_config.hpp"
 
+#include "paasmilter/generated_text.hpp"
+
 #include <algorithm>
 #include <cctype>
 
@@ -42,13 +44,6 @@ std::string domain_tokens(std::string_view domain) {
     return out;
 }
 
-std::string join_path(std::string_view directory, std::string_view file) {
-    std::string out(directory);
-    while (out.size() > 1 && out.back() == '/') out.pop_back();
-    if (out != "/") out += '/';
-    return out + std::string(file);
-}
-
 // One line of sendmail.cf text in m4 quotes: m4 copies it unexpanded (a route named "index"
 // or "eval" is no m4 macro call then). The rules hold no quote characters.
 std::string quoted(std::string_view line) {
@@ -57,40 +52,12 @@ std::string quoted(std::string_view line) {
 
 // `text` as "dnl " comment lines of sendmail.mc (m4 discards them unexpanded).
 std::string dnl_comment(std::string_view text) {
-    std::string out, line = "dnl";
-    size_t start = 0;
-    while (start < text.size()) {
-        size_t end = text.find(' ', start);
-        if (end == std::string_view::npos) end = text.size();
-        const std::string_view word = text.substr(start, end - start);
-        if (line.size() > 3 && line.size() + 1 + word.size() > 90) {
-            out += line + "\n";
-            line.resize(3);
-        }
-        line += " ";
-        line += word;
-        start = end + 1;
-    }
-    return out + line;
+    return wrapped_comment("dnl", text);
 }
 
 // `text` as "# " comment lines of at most about 90 columns.
 std::string comment(std::string_view text) {
-    std::string out, line = "#";
-    size_t start = 0;
-    while (start < text.size()) {
-        size_t end = text.find(' ', start);
-        if (end == std::string_view::npos) end = text.size();
-        const std::string_view word = text.substr(start, end - start);
-        if (line.size() > 1 && line.size() + 1 + word.size() > 90) {
-            out += line + "\n";
-            line.resize(1);
-        }
-        line += " ";
-        line += word;
-        start = end + 1;
-    }
-    return out + line + "\n";
+    return wrapped_comment("#", text) + "\n";
 }
 
 // milter.socket as INPUT_MAIL_FILTER's S= (Sendmail takes libmilter's syntax).
