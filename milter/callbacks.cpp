@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstring>
 #include <initializer_list>
@@ -224,7 +225,11 @@ void warn_if_other_mta(const std::string& version) {
     if (version.empty() || warned.load(std::memory_order_relaxed)) return;
     auto config = config_snapshot().get();
     if (!config) return;
+    // Sendmail's v is its bare version ("8.17.1"); Postfix's is milter_macro_v, by default
+    // "$mail_name $mail_version", which a site may change: only a leading digit says Sendmail.
+    const bool sendmail = std::isdigit(static_cast<unsigned char>(version.front())) != 0;
     const bool postfix = version.starts_with("Postfix");
+    if (!sendmail && !postfix) return;
     if (postfix == (config->mta == Mta::postfix)) return;
     if (warned.exchange(true)) return;
     log_warning(

@@ -547,7 +547,9 @@ class Loader : private ConfigReader {
             for (auto b = std::next(a); b != config.routes.end(); ++b) {
                 if (iequals(a->first, b->first)) {
                     return error_at(*node, fmt::format("routes.{} and routes.{}: route names must "
-                                                       "differ in more than case",
+                                                       "differ in more than case (a name is a "
+                                                       "pseudo-domain label and the default "
+                                                       "routing header value, both caseless)",
                                                        a->first, b->first));
                 }
             }
@@ -600,17 +602,24 @@ class Loader : private ConfigReader {
             const std::string_view hop = colon == std::string::npos
                                              ? std::string_view()
                                              : std::string_view(*transport).substr(colon + 1);
-            auto is = [](std::string_view text, std::string_view extra) {
-                return std::all_of(text.begin(), text.end(), [&](char c) {
-                    return std::isalnum(static_cast<unsigned char>(c)) ||
-                           extra.find(c) != std::string_view::npos;
-                });
-            };
-            if (!is(name, "_.-") || !is(hop, "_.-:[]")) {
+            // The next hop as transport(5) allows it (a list separated by commas or spaces,
+            // lmtp:unix:/path, a scoped IPv6 address), but no line break, quote, '#' or '\\'
+            // that could end a generated line or comment.
+            const bool name_ok = std::all_of(name.begin(), name.end(), [](char c) {
+                return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' ||
+                       c == '-';
+            });
+            const bool hop_ok = std::all_of(hop.begin(), hop.end(), [](char c) {
+                const auto u = static_cast<unsigned char>(c);
+                return u >= 0x20 && u < 0x7f &&
+                       std::string_view("\"'`#\\").find(c) == std::string_view::npos;
+            });
+            if (!name_ok || !hop_ok) {
                 return error_at(*table.get("transport"),
                                 fmt::format("{}.transport: \"{}\" is not \"transport:nexthop\" "
-                                            "(letters, digits, '_', '.', '-'; the next hop also "
-                                            "'[', ']', ':')",
+                                            "(a transport name of letters, digits, '_', '.', '-'; "
+                                            "a next hop without control characters, quotes, '#' "
+                                            "or '\\')",
                                             context, sanitize_for_log(*transport, 120)));
             }
             route.transport = *transport;

@@ -183,7 +183,7 @@ struct HttpClient::Impl {
     explicit Impl(HttpClientOptions o)
         : options(std::move(o)),
           slots(std::max<size_t>(1, options.max_concurrency)),
-          background_slots(std::max<size_t>(1, options.max_concurrency / 2)) {}
+          background_slots(std::max<size_t>(1, options.background_concurrency)) {}
 
     HttpClientOptions options;
     CURLcode init_result = CURLE_OK;

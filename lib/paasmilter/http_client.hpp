@@ -67,6 +67,7 @@ struct HttpClientOptions {
     std::string proxy;    // "http://proxy:3128" (HTTPS is tunnelled with CONNECT); empty: none
     std::chrono::milliseconds connect_timeout{10'000};
     size_t max_concurrency = 8;           // requests in flight at once through this client
+    size_t background_concurrency = 8;    // and background ones (the status poller's workers)
     size_t max_response_bytes = 1 << 20;  // a longer response body is an Error
     std::string user_agent = "paas-milter/0.1";
 };
@@ -74,8 +75,8 @@ struct HttpClientOptions {
 // Which budget of connection slots a request waits for.
 enum class SlotPool {
     requests,    // the route's own requests: max_concurrency slots
-    background,  // after-the-fact work (final-status polls): max(1, max_concurrency / 2)
-                 // slots of their own, so that it never delays a message's requests
+    background,  // after-the-fact work (final-status polls): background_concurrency slots
+                 // of their own, so that it never delays a message's requests
 };
 
 class HttpClient {

@@ -84,20 +84,32 @@ bool is_route_pseudo_address(std::string_view address) {
     // And as the MTA's address parser will read it: RFC 5322 comments ("paas-route.(x)invalid"),
     // white space, quotes and backslashes ("paas-route\\.invalid") are dropped there, so
     // they are dropped here before looking (Sendmail routed such a disguise to the route).
+    // Inside a quoted string, '(' is text, not a comment ("(x"@paas-route(y).invalid).
     std::string parsed;
     parsed.reserve(address.size());
     int comment_depth = 0;
+    bool in_quotes = false;
     for (size_t i = 0; i < address.size(); ++i) {
         const char c = address[i];
         if (c == '\\') {
             if (i + 1 < address.size() && comment_depth == 0) parsed += address[i + 1];
             ++i;
+        } else if (in_quotes) {
+            if (c == '"') {
+                in_quotes = false;
+            } else {
+                parsed += c;
+            }
         } else if (c == '(') {
             ++comment_depth;
         } else if (c == ')') {
             if (comment_depth > 0) --comment_depth;
-        } else if (comment_depth == 0 && c != '"' && c != ' ' && c != '\t') {
-            parsed += c;
+        } else if (comment_depth == 0) {
+            if (c == '"') {
+                in_quotes = true;
+            } else if (c != ' ' && c != '\t') {
+                parsed += c;
+            }
         }
     }
     return lower(without_angle_brackets(parsed)).find(kRoutePseudoDomain) != std::string::npos ||

@@ -96,6 +96,9 @@ TEST_CASE("pseudo-domain: each recipient in the route's pseudo-domain, reversibl
     CHECK(is_route_pseudo_address("<bob@example.net.acs-smtp.paas-route\\.invalid>"));
     CHECK(is_route_pseudo_address("<bob@example.net.acs-smtp.paas-(a(b)c)route.inv\"\"alid>"));
     CHECK(is_route_pseudo_address("<bob@example.net.acs-smtp.paas\\-route.\tinvalid>"));
+    // A '(' in a quoted local part is text, not the start of a comment (review finding).
+    CHECK(is_route_pseudo_address("<\"(x\"@paas-route(y).invalid>"));
+    CHECK_FALSE(is_route_pseudo_address("<\"john(work)\"@example.net>"));
     // Harmless in a comment, but refused all the same: never a doubt.
     CHECK(is_route_pseudo_address("<bob(paas-route.invalid)@example.net>"));
 }

@@ -279,8 +279,11 @@ TEST_CASE("routes: transports are transport:nexthop, names differ in more than c
     CHECK(load_error(head + relay("r1", "relay:[2001:db8::1]:25")).empty());
     // It goes into generated configuration: a line break (m4 would run the next line), a
     // quote or a comma could take a pasted sendmail.mc or master.cf elsewhere.
-    for (const char* bad : {"smtp\\nsyscmd(id)dnl\\n:[127.0.0.1]:25", "smtp:[x]`y'", "smtp:a,b",
-                            "sm tp:x", "smtp:x y"}) {
+    // What transport(5) allows stays allowed: next-hop lists, LMTP over a unix socket.
+    CHECK(load_error(head + relay("r1", "relay:[a.test]:587, [b.test]:587")).empty());
+    CHECK(load_error(head + relay("r1", "lmtp:unix:/var/run/lmtp")).empty());
+    for (const char* bad : {"smtp\\nsyscmd(id)dnl\\n:[127.0.0.1]:25", "smtp:[x]`y'", "smtp:a#b",
+                            "sm tp:x", "smtp:x\\\\y"}) {
         CAPTURE(bad);
         CHECK(has(load_error(head + relay("r1", bad)), "routes.r1.transport"));
     }
