@@ -304,10 +304,7 @@ bool names_a_route(SMFICTX* ctx, const char* rcpt, const MessageState& message) 
         return true;
     }
     if (!message.config || message.config->mta != Mta::sendmail) return false;
-    const std::string mailer = macro(ctx, "{rcpt_mailer}");
-    return mailer.size() >= kSendmailRouteMailerPrefix.size() &&
-           iequals(std::string_view(mailer).substr(0, kSendmailRouteMailerPrefix.size()),
-                   kSendmailRouteMailerPrefix);
+    return istarts_with(macro(ctx, "{rcpt_mailer}"), kSendmailRouteMailerPrefix);
 }
 
 sfsistat on_envrcpt(SMFICTX* ctx, char** argv) {

@@ -1,4 +1,5 @@
 #include "paasmilter/acs_auth.hpp"
+#include "paasmilter/text.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -27,16 +28,6 @@ std::string_view trim(std::string_view s) {
     return s;
 }
 
-std::string lower(std::string_view s) {
-    std::string out(s);
-    for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return out;
-}
-
-bool starts_with_nocase(std::string_view s, std::string_view prefix) {
-    return s.size() >= prefix.size() && lower(s.substr(0, prefix.size())) == prefix;
-}
-
 // The parts of an http(s) URL that request signing needs, taken verbatim from the text so
 // they match what goes on the wire.
 struct UrlParts {
@@ -46,10 +37,10 @@ struct UrlParts {
 
 Result<UrlParts> split_url(std::string_view url) {
     std::string_view default_port;
-    if (starts_with_nocase(url, "https://")) {
+    if (istarts_with(url, "https://")) {
         default_port = "443";
         url.remove_prefix(8);
-    } else if (starts_with_nocase(url, "http://")) {
+    } else if (istarts_with(url, "http://")) {
         default_port = "80";
         url.remove_prefix(7);
     } else {
@@ -181,7 +172,7 @@ Result<FetchedToken> parse_token_response(const std::string& body) {
 
 Result<FetchedToken> request_token(const EntraCredentials& credentials, HttpClient& http,
                                    std::chrono::milliseconds timeout) {
-    if (!starts_with_nocase(credentials.authority, "https://"))
+    if (!istarts_with(credentials.authority, "https://"))
         return make_error("Entra ID authority must be an https:// URL");
     if (!valid_tenant(credentials.tenant_id))
         return make_error(
@@ -249,14 +240,14 @@ Result<AcsConnectionString> parse_connection_string(std::string_view text) {
         if (equals == std::string_view::npos)
             return make_error("connection string: part " + std::to_string(index + 1) +
                               " has no '='");
-        const std::string name = lower(trim(segment.substr(0, equals)));
+        const std::string name = ascii_lowercase(trim(segment.substr(0, equals)));
         const std::string_view value = trim(segment.substr(equals + 1));
         if (name == "endpoint") {
             if (have_endpoint) return make_error("connection string: endpoint given twice");
             have_endpoint = true;
             std::string_view endpoint = value;
             while (!endpoint.empty() && endpoint.back() == '/') endpoint.remove_suffix(1);
-            if (!starts_with_nocase(endpoint, "https://"))
+            if (!istarts_with(endpoint, "https://"))
                 return make_error("connection string: endpoint must start with https://");
             const std::string_view authority = endpoint.substr(8);
             if (authority.empty() || authority.find_first_of("/?#@ ") != std::string_view::npos)
@@ -332,7 +323,7 @@ std::string_view to_string(ClientAssertionAlgorithm algorithm) {
 }
 
 std::optional<ClientAssertionAlgorithm> parse_client_assertion_algorithm(std::string_view text) {
-    const std::string name = lower(text);
+    const std::string name = ascii_lowercase(text);
     if (name == "ps256") return ClientAssertionAlgorithm::ps256;
     if (name == "rs256") return ClientAssertionAlgorithm::rs256;
     return std::nullopt;

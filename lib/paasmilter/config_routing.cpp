@@ -1,4 +1,5 @@
 #include "paasmilter/config_routing.hpp"
+#include "paasmilter/text.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -10,13 +11,6 @@
 namespace paasmilter {
 
 namespace {
-
-std::string lower(std::string_view text) {
-    std::string out(text);
-    std::transform(out.begin(), out.end(), out.begin(),
-                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    return out;
-}
 
 // A domain as the maps and lists take it: labels of letters, digits, '-' and '_', separated
 // by single dots. `subdomains_allowed`: a leading '.' ("all subdomains of") is accepted.
@@ -55,7 +49,7 @@ Result<std::shared_ptr<const InternalRecipients>> load_internal(ConfigReader& re
                                                "subdomains)",
                                                context, domain));
         }
-        internal->domains.push_back(lower(domain));
+        internal->domains.push_back(ascii_lowercase(domain));
     }
     if (const toml::node* node = table.get("internal_table")) {
         auto spec = reader.get_string(table, "internal_table", context, true);
@@ -117,7 +111,8 @@ Result<DomainMap> load_domain_map(ConfigReader& reader, const toml::table& table
             return reader.error_at(
                 from, fmt::format("{}.{}: \"{}\" is listed twice", context, key, from_domain));
         }
-        map.entries.emplace_back(lower(from_domain), lower(to.as_string()->get()));
+        map.entries.emplace_back(ascii_lowercase(from_domain),
+                                 ascii_lowercase(to.as_string()->get()));
     }
     return map;
 }

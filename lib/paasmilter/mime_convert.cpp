@@ -41,16 +41,6 @@ using GCharPtr = std::unique_ptr<char, GFree>;
 
 // ---- small string helpers ----
 
-std::string lower(std::string_view text) {
-    std::string out(text);
-    std::transform(out.begin(), out.end(), out.begin(), ascii_lower);
-    return out;
-}
-
-bool istarts_with(std::string_view text, std::string_view prefix) {
-    return text.size() >= prefix.size() && iequals(text.substr(0, prefix.size()), prefix);
-}
-
 std::string_view trim(std::string_view text) {
     const char* space = " \t\r\n\f\v";
     const auto first = text.find_first_not_of(space);
@@ -109,8 +99,8 @@ std::string clean_text(const char* text) {
 std::string media_type(GMimeObject* object) {
     GMimeContentType* type = g_mime_object_get_content_type(object);
     if (!type) return "application/octet-stream";
-    std::string media = lower(or_empty(g_mime_content_type_get_media_type(type)));
-    std::string sub = lower(or_empty(g_mime_content_type_get_media_subtype(type)));
+    std::string media = ascii_lowercase(or_empty(g_mime_content_type_get_media_type(type)));
+    std::string sub = ascii_lowercase(or_empty(g_mime_content_type_get_media_subtype(type)));
     if (media.empty() || sub.empty()) return "application/octet-stream";
     return media + "/" + sub;
 }
@@ -361,7 +351,7 @@ std::string envelope_address(std::string_view raw) {
 std::string domain_of(std::string_view address) {
     const auto at = address.rfind('@');
     if (at == std::string_view::npos) return {};
-    std::string domain = lower(address.substr(at + 1));
+    std::string domain = ascii_lowercase(address.substr(at + 1));
     while (!domain.empty() && domain.back() == '.') domain.pop_back();
     return domain;
 }
@@ -370,7 +360,7 @@ bool in_verified_domain(std::string_view address, const std::vector<std::string>
     const std::string domain = domain_of(address);
     if (domain.empty()) return false;
     return std::any_of(verified.begin(), verified.end(), [&](const std::string& candidate) {
-        std::string wanted = lower(trim(candidate));
+        std::string wanted = ascii_lowercase(trim(candidate));
         while (!wanted.empty() && wanted.back() == '.') wanted.pop_back();
         return wanted == domain;
     });
@@ -468,14 +458,14 @@ std::vector<std::pair<std::string, std::string>> pass_through_headers(
 // cid: URLs in the HTML, percent-decoded and lower-cased (RFC 2392).
 std::unordered_set<std::string> cid_references(std::string_view html) {
     std::unordered_set<std::string> out;
-    const std::string lowered = lower(html);
+    const std::string lowered = ascii_lowercase(html);
     for (size_t at = lowered.find("cid:"); at != std::string::npos;
          at = lowered.find("cid:", at + 4)) {
         size_t end = at + 4;
         while (end < lowered.size() && !std::strchr("\"'<> \t\r\n)", lowered[end])) ++end;
         const std::string encoded = lowered.substr(at + 4, end - at - 4);
         GCharPtr decoded(g_uri_unescape_string(encoded.c_str(), nullptr));
-        out.insert(lower(decoded ? decoded.get() : encoded));
+        out.insert(ascii_lowercase(decoded ? decoded.get() : encoded));
     }
     return out;
 }
@@ -524,7 +514,7 @@ class Converter {
             out.html ? cid_references(*out.html) : std::unordered_set<std::string>{};
         std::unordered_set<std::string> used;
         for (Attachment& attachment : out.attachments) {
-            const std::string key = lower(attachment.content_id);
+            const std::string key = ascii_lowercase(attachment.content_id);
             // ACS rejects duplicate content ids: only the first part with an id keeps it.
             const bool inline_part = options_.inline_attachments && !key.empty() &&
                                      referenced.count(key) && used.insert(key).second;

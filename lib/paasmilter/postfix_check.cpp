@@ -52,12 +52,6 @@ std::string_view trim(std::string_view text) {
     return text.substr(first, text.find_last_not_of(kBlanks) - first + 1);
 }
 
-std::string lowercase(std::string_view text) {
-    std::string out(text);
-    for (char& c : out) c = ascii_lower(c);
-    return out;
-}
-
 bool is_blank(char c) {
     return kBlanks.find(c) != std::string_view::npos;
 }
@@ -120,7 +114,7 @@ std::string normal_host(std::string_view host) {
         host = host.substr(1, host.size() - 2);
     }
     if (auto address = parse_ip_address(host)) return address->to_string();
-    return lowercase(host);
+    return ascii_lowercase(host);
 }
 
 // libmilter's syntax, as milter.socket is written: inet:PORT@HOST, inet6:PORT@HOST,
@@ -240,7 +234,7 @@ MilterEntry milter_entry(std::string_view token) {
     for (size_t i = 1; i < parts.size(); ++i) {
         const auto attribute = name_value(parts[i]);
         if (attribute && attribute->first == "default_action") {
-            entry.default_action = lowercase(attribute->second);
+            entry.default_action = ascii_lowercase(attribute->second);
         }
     }
     return entry;
@@ -526,7 +520,7 @@ class WiringChecker {
     }
 
     void check_default_action() {
-        const std::string global = lowercase(trim(facts_.milter_default_action));
+        const std::string global = ascii_lowercase(trim(facts_.milter_default_action));
         // Entries that name the milter count even when a chroot keeps them from reaching
         // it (reported above): once that is fixed, their default action applies.
         bool global_applies = false;
@@ -554,7 +548,7 @@ class WiringChecker {
                     continue;
                 }
                 if (service && service->milter_default_action) {
-                    if (lowercase(trim(*service->milter_default_action)) == "accept") {
+                    if (ascii_lowercase(trim(*service->milter_default_action)) == "accept") {
                         warn(WiringIssue::default_action_accept,
                              fmt::format("master.cf service {} sets -o milter_default_action="
                                          "accept: while paas-milter is down or times out, that "

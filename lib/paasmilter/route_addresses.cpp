@@ -11,13 +11,6 @@ namespace paasmilter {
 
 namespace {
 
-std::string lower(std::string_view text) {
-    std::string out(text);
-    std::transform(out.begin(), out.end(), out.begin(),
-                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    return out;
-}
-
 std::string_view without_angle_brackets(std::string_view address) {
     if (address.size() >= 2 && address.front() == '<' && address.back() == '>') {
         address = address.substr(1, address.size() - 2);
@@ -46,7 +39,7 @@ bool dot_atom(std::string_view local) {
 }  // namespace
 
 std::string route_pseudo_domain(std::string_view route_name) {
-    return fmt::format("{}.{}", lower(route_name), kRoutePseudoDomain);
+    return fmt::format("{}.{}", ascii_lowercase(route_name), kRoutePseudoDomain);
 }
 
 bool valid_route_label(std::string_view name) {
@@ -112,8 +105,9 @@ bool is_route_pseudo_address(std::string_view address) {
             }
         }
     }
-    return lower(without_angle_brackets(parsed)).find(kRoutePseudoDomain) != std::string::npos ||
-           lower(address).find(kRoutePseudoDomain) != std::string::npos;
+    return ascii_lowercase(without_angle_brackets(parsed)).find(kRoutePseudoDomain) !=
+               std::string::npos ||
+           ascii_lowercase(address).find(kRoutePseudoDomain) != std::string::npos;
 }
 
 std::string xtext_encode(std::string_view text) {
@@ -136,7 +130,7 @@ std::string reroute_esmtp_args(std::string_view address, std::string_view rcpt_e
         size_t end = rcpt_esmtp.find(' ', start);
         if (end == std::string_view::npos) end = rcpt_esmtp.size();
         const std::string_view word = rcpt_esmtp.substr(start, end - start);
-        const std::string name = lower(word.substr(0, word.find('=')));
+        const std::string name = ascii_lowercase(word.substr(0, word.find('=')));
         if (name == "notify" && notify.empty()) notify = std::string(word);
         if (name == "orcpt" && orcpt.empty()) orcpt = std::string(word);
         start = end + 1;
@@ -153,7 +147,7 @@ bool InternalRecipients::contains(std::string_view address) const {
     // Unqualified: a local recipient, unless it is a bang path or a percent hack that
     // Postfix turns into a remote address (host!user, user%host).
     if (at == std::string_view::npos) return address.find_first_of("!%") == std::string_view::npos;
-    std::string domain = lower(address.substr(at + 1));
+    std::string domain = ascii_lowercase(address.substr(at + 1));
     while (!domain.empty() && domain.back() == '.') domain.pop_back();
     for (const std::string& entry : domains) {
         if (entry.starts_with('.') ? domain.size() > entry.size() && domain.ends_with(entry)
@@ -179,7 +173,7 @@ bool InternalRecipients::contains(std::string_view address) const {
 }
 
 const std::string* DomainMap::find(std::string_view domain) const {
-    std::string key = lower(domain);
+    std::string key = ascii_lowercase(domain);
     while (!key.empty() && key.back() == '.') key.pop_back();
     for (const auto& [from, to] : entries) {
         if (from == key) return &to;

@@ -1,4 +1,5 @@
 #include "paasmilter/sendmail_config.hpp"
+#include "paasmilter/text.hpp"
 
 #include "paasmilter/generated_text.hpp"
 
@@ -24,12 +25,6 @@ bool digits(std::string_view text) {
            std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c); });
 }
 
-std::string lower(std::string_view text) {
-    std::string out(text);
-    for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return out;
-}
-
 // "contoso.local" -> "contoso . local": a domain as the tokens of a rewriting rule ('.' is one
 // of Sendmail's OperatorChars, '-' and '_' are not).
 std::string domain_tokens(std::string_view domain) {
@@ -46,7 +41,7 @@ std::string domain_tokens(std::string_view domain) {
 
 // One line of sendmail.cf text in m4 quotes: m4 copies it unexpanded (a route named "index"
 // or "eval" is no m4 macro call then). The rules hold no quote characters.
-std::string quoted(std::string_view line) {
+std::string m4_quoted(std::string_view line) {
     return fmt::format("`{}'", line);
 }
 
@@ -83,23 +78,23 @@ std::string sendmail_socket(std::string_view socket, std::string* note) {
 void strip_rules(std::vector<std::string>& out, std::string_view route) {
     const std::string suffix = sendmail_pseudo_domain_tokens(route);
     for (std::string_view dot : {" .", ""}) {
-        out.push_back(
-            quoted(fmt::format("R$* < @ $+ . {}{} > $*\t$: $1 < @ $2{} > $3", suffix, dot, dot)));
+        out.push_back(m4_quoted(
+            fmt::format("R$* < @ $+ . {}{} > $*\t$: $1 < @ $2{} > $3", suffix, dot, dot)));
     }
     for (std::string_view dot : {" .", ""}) {
-        out.push_back(quoted(
+        out.push_back(m4_quoted(
             fmt::format("R$* < @ {}{} > $*\t$: < PaasLiteral > $(dequote $1 $)", suffix, dot)));
     }
-    out.push_back(quoted("R< PaasLiteral > $+ @ $+\t$: $1 < @ $2 >"));
-    out.push_back(quoted("R< PaasLiteral > $*\t$: $1"));
+    out.push_back(m4_quoted("R< PaasLiteral > $+ @ $+\t$: $1 < @ $2 >"));
+    out.push_back(m4_quoted("R< PaasLiteral > $*\t$: $1"));
 }
 
 // One domain map as rules: exact domains (Sendmail compares tokens case-insensitively).
 void map_rules(std::vector<std::string>& out, const DomainMap& map) {
     for (const auto& [from, to] : map.entries) {
         for (std::string_view dot : {" .", ""}) {
-            out.push_back(quoted(fmt::format("R$* < @ {}{} > $*\t$: $1 < @ {}{} > $2",
-                                             domain_tokens(from), dot, domain_tokens(to), dot)));
+            out.push_back(m4_quoted(fmt::format("R$* < @ {}{} > $*\t$: $1 < @ {}{} > $2",
+                                                domain_tokens(from), dot, domain_tokens(to), dot)));
         }
     }
 }
@@ -233,7 +228,7 @@ SendmailWiring sendmail_wiring(const Config& config, const SendmailConfigOptions
     defs.push_back("LOCAL_CONFIG");
     defs.push_back(dnl_comment(
         "pseudo-domains (class P, as .UUCP): no DNS lookup for the rerouted recipients"));
-    defs.push_back(quoted(fmt::format("CP{}", kRoutePseudoDomain)));
+    defs.push_back(m4_quoted(fmt::format("CP{}", kRoutePseudoDomain)));
     defs.push_back("MAILER_DEFINITIONS");
     for (const SendmailRoute& r : wiring.routes) {
         const Route& route = config.routes.find(r.route)->second;
@@ -244,7 +239,7 @@ SendmailWiring sendmail_wiring(const Config& config, const SendmailConfigOptions
         const std::string sender = route.rewrite.sender.empty()
                                        ? std::string("EnvFromSMTP/HdrFromSMTP")
                                        : fmt::format("PaasEnvFrom_{0}/PaasHdrFrom_{0}", r.label);
-        defs.push_back(quoted(fmt::format(
+        defs.push_back(m4_quoted(fmt::format(
             "M{}, P=[IPC], F=mDFMuXa, S={}, R=PaasRcpt_{}, E=\\r\\n, L=990, T=DNS/RFC822/SMTP, "
             "A=TCP $h{}",
             r.mailer, sender, r.label, r.next_hop.port.empty() ? "" : " " + r.next_hop.port)));
@@ -256,24 +251,24 @@ SendmailWiring sendmail_wiring(const Config& config, const SendmailConfigOptions
             fmt::format("route {}: the recipient's own address again{}, then as Sendmail's esmtp "
                         "mailer (EnvToSMTP)",
                         r.route, route.rewrite.recipient.empty() ? "" : ", recipient_rewrite")));
-        defs.push_back(quoted("SPaasRcpt_" + r.label));
+        defs.push_back(m4_quoted("SPaasRcpt_" + r.label));
         strip_rules(defs, r.route);
         map_rules(defs, route.rewrite.recipient);
-        defs.push_back(quoted("R$*\t$: $>EnvToSMTP $1"));
+        defs.push_back(m4_quoted("R$*\t$: $>EnvToSMTP $1"));
         if (route.rewrite.sender.empty()) continue;
         defs.push_back(dnl_comment(fmt::format(
             "route {}: sender_rewrite, envelope (EnvFromSMTP) and header (HdrFromSMTP)", r.route)));
-        defs.push_back(quoted("SPaasSender_" + r.label));
+        defs.push_back(m4_quoted("SPaasSender_" + r.label));
         map_rules(defs, route.rewrite.sender);
         for (std::string_view kind : {"Env", "Hdr"}) {
-            defs.push_back(quoted(fmt::format("SPaas{}From_{}", kind, r.label)));
-            defs.push_back(quoted(fmt::format("R$*\t$: $>PaasSender_{} $1", r.label)));
-            defs.push_back(quoted(fmt::format("R$*\t$: $>{}FromSMTP $1", kind)));
+            defs.push_back(m4_quoted(fmt::format("SPaas{}From_{}", kind, r.label)));
+            defs.push_back(m4_quoted(fmt::format("R$*\t$: $>PaasSender_{} $1", r.label)));
+            defs.push_back(m4_quoted(fmt::format("R$*\t$: $>{}FromSMTP $1", kind)));
         }
     }
 
     for (const SendmailRoute& r : wiring.routes) {
-        const std::string domain = lower(route_pseudo_domain(r.route));
+        const std::string domain = ascii_lowercase(route_pseudo_domain(r.route));
         const std::string value = fmt::format("{}:{}", r.mailer, r.next_hop.host);
         wiring.mailertable.push_back(fmt::format(".{}\t{}", domain, value));
         wiring.mailertable.push_back(fmt::format("{}\t{}", domain, value));

@@ -54,12 +54,6 @@ std::string_view trim(std::string_view text) {
     return text.substr(first, text.find_last_not_of(blanks) - first + 1);
 }
 
-std::string lower(std::string_view text) {
-    std::string out(text);
-    std::transform(out.begin(), out.end(), out.begin(), ascii_lower);
-    return out;
-}
-
 // ---- the header section, field by field ----
 
 constexpr std::string_view kCrlf = "\r\n";
@@ -513,9 +507,9 @@ constexpr size_t kMaxEntities = 1000;
 std::string media_type(GMimeObject* object) {
     GMimeContentType* type = g_mime_object_get_content_type(object);
     const std::string media =
-        lower(or_empty(type ? g_mime_content_type_get_media_type(type) : nullptr));
+        ascii_lowercase(or_empty(type ? g_mime_content_type_get_media_type(type) : nullptr));
     const std::string sub =
-        lower(or_empty(type ? g_mime_content_type_get_media_subtype(type) : nullptr));
+        ascii_lowercase(or_empty(type ? g_mime_content_type_get_media_subtype(type) : nullptr));
     if (media.empty() || sub.empty()) return "application/octet-stream";
     return media + "/" + sub;
 }
