@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "config_fixture.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/delivery/eom_plan.hpp"
 #include "paasmilter/mime_convert.hpp"
@@ -15,13 +16,10 @@
 #include "temp_dir.hpp"
 
 using namespace paasmilter;
+using paasmilter::testing::has;
 using paasmilter::testing::TempDir;
 
 namespace {
-
-bool has(const std::string& text, const std::string& part) {
-    return text.find(part) != std::string::npos;
-}
 
 std::string load_error(const std::string& text) {
     TempDir dir;

@@ -6,11 +6,13 @@
 #include <string>
 #include <vector>
 
+#include "config_fixture.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/postfix_check.hpp"
 #include "temp_dir.hpp"
 
 using namespace paasmilter;
+using paasmilter::testing::load;
 using paasmilter::testing::TempDir;
 
 namespace {
@@ -61,12 +63,6 @@ std::string replaced(std::string text, const std::string& from, const std::strin
     const auto at = text.find(from);
     REQUIRE(at != std::string::npos);
     return text.replace(at, from.size(), to);
-}
-
-std::shared_ptr<const Config> load(TempDir& dir, const std::string& text) {
-    auto config = load_config(dir.write("paas-milter.toml", text));
-    REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
-    return *config;
 }
 
 // A correctly wired Debian Postfix: smtpd chrooted, as Debian ships master.cf.

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "config_fixture.hpp"
 #include "paasmilter/config.hpp"
 #include "paasmilter/delivery/eom_plan.hpp"
 #include "paasmilter/loop_stamp.hpp"
@@ -17,35 +18,13 @@
 #include "temp_dir.hpp"
 
 using namespace paasmilter;
+using paasmilter::testing::block;
+using paasmilter::testing::has;
+using paasmilter::testing::load;
+using paasmilter::testing::load_error;
 using paasmilter::testing::TempDir;
 
 namespace {
-
-bool has(const std::string& text, const std::string& part) {
-    return text.find(part) != std::string::npos;
-}
-
-std::shared_ptr<const Config> load(TempDir& dir, const std::string& text) {
-    auto config = load_config(dir.write("paas-milter.toml", text));
-    REQUIRE_MESSAGE(config.ok(), (config.ok() ? "" : config.error().to_string()));
-    return *config;
-}
-
-std::string load_error(const std::string& text) {
-    TempDir dir;
-    auto config = load_config(dir.write("paas-milter.toml", text));
-    return config ? std::string() : config.error().to_string();
-}
-
-// The block of `output` that starts with "# ==== TARGET ====".
-std::string block(const std::string& output, const std::string& target) {
-    const std::string start = "# ==== " + target + " ====\n";
-    auto at = output.find(start);
-    if (at == std::string::npos) return {};
-    at += start.size();
-    auto end = output.find("\n# ==== ", at);
-    return output.substr(at, end == std::string::npos ? std::string::npos : end - at);
-}
 
 const std::string kConfig = R"(
 [milter]
