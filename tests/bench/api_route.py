@@ -117,6 +117,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
 
 import harness  # noqa: E402  (tests/integration/harness.py)
+from bench_common import (BenchError, load_average_warned,  # noqa: E402
+                          run_bench)
 import mock_acs  # noqa: E402  (tests/integration/mock_acs.py)
 
 sys.path.insert(0, HERE)
@@ -148,22 +150,6 @@ route = "acs-api"
 API_DECISION_RE = re.compile(r"rule=bench-api, route=acs-api, action=api\b.*\bapi=(\S+?),"
                              r" requests=(\d+), status_checks=(\d+)")
 NONE_DECISION_RE = re.compile(r"rule=\(none\), route=\(none\), action=none")
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT/SIGHUP: unwind through every finally block, then exit."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _on_signal(signum, _frame):
-    raise Interrupted(signum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1161,17 +1147,10 @@ def main(argv: list[str]) -> int:
         print(f"api_route: no paas-milter at {args.binary} (build it, or --binary PATH)",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     sys.setswitchinterval(0.0005)  # client threads take their timestamps promptly
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5 * os.cpu_count():
-        print(f"api_route: warning: load average {load_before[0]:.2f} on {os.cpu_count()} CPUs "
-              f"before the start: the figures will be noisy", file=sys.stderr)
-    bench = None
-    try:
-        bench = Bench(args)
+    load_before = load_average_warned("api_route")
+
+    def body(bench: Bench) -> int:
         print(f"api_route: temp dir {bench.workdir}; milter {args.binary}", file=sys.stderr,
               flush=True)
         bench.setup()
@@ -1184,21 +1163,8 @@ def main(argv: list[str]) -> int:
             for w in bench.warnings[:10]:
                 print("  " + w[:300], file=sys.stderr)
         return 0
-    except BenchError as exc:
-        print(f"api_route: FAILED: {exc}", file=sys.stderr)
-        return 1
-    except harness.HarnessError as exc:
-        print(f"api_route: FAILED (setup): {exc}", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"api_route: interrupted ({exc}), cleaning up", file=sys.stderr)
-        return 128 + exc.signum
-    finally:
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        if bench:
-            bench.teardown()
 
+    return run_bench("api_route", lambda: Bench(args), body)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

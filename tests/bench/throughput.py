@@ -68,6 +68,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
 
 import harness  # noqa: E402  (tests/integration/harness.py)
+from bench_common import (BenchError, load_average_warned,  # noqa: E402
+                          run_bench)
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = harness.SMTP_SINK
@@ -95,26 +97,6 @@ CONFIGS = {
                  rf"header={harness.ROUTING_HEADER}: {RELAY_VALUE}.*devices\.cidr:"),
 }
 
-
-class BenchError(RuntimeError):
-    pass
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT: unwind through every finally block, then exit."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _on_signal(signum, _frame):
-    raise Interrupted(signum)
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------
 
 def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
     """(comm, ppid, utime+stime, cutime+cstime) in clock ticks, or None if gone."""
@@ -994,16 +976,9 @@ def main(argv: list[str]) -> int:
         print(f"throughput: no floor filter at {args.floor_binary} (build it, or --floor-binary)",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5 * os.cpu_count():
-        print(f"throughput: warning: load average {load_before[0]:.2f} on {os.cpu_count()} CPUs "
-              f"before the start: the figures will be noisy", file=sys.stderr)
-    bench = None
-    try:
-        bench = Bench(args)
+    load_before = load_average_warned("throughput")
+
+    def body(bench: Bench) -> int:
         workdir_fs = fs_type(bench.workdir)
         print(f"throughput: temp dir {bench.workdir} ({workdir_fs}); "
               f"configs {', '.join(args.configs)}", file=sys.stderr, flush=True)
@@ -1015,22 +990,8 @@ def main(argv: list[str]) -> int:
             for w in bench.warnings[:10]:
                 print("  " + w)
         return 0
-    except BenchError as exc:
-        print(f"throughput: FAILED: {exc}", file=sys.stderr)
-        return 1
-    except harness.HarnessError as exc:
-        print(f"throughput: FAILED (setup): {exc}", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"throughput: interrupted ({exc}), cleaning up", file=sys.stderr)
-        return 128 + exc.signum
-    finally:
-        # no second signal may cut the cleanup short
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        if bench:
-            bench.teardown()
 
+    return run_bench("throughput", lambda: Bench(args), body)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
