@@ -595,26 +595,7 @@ class Loader : private ConfigReader {
             route.header_value = *value;
             auto transport = get_string(table, "transport", context, false);
             if (!transport) return transport.error();
-            // It goes into generated Postfix and Sendmail configuration (postfix-config,
-            // sendmail-config): only what a transport name and a next hop are made of.
-            const size_t colon = transport->find(':');
-            const std::string_view name = std::string_view(*transport).substr(0, colon);
-            const std::string_view hop = colon == std::string::npos
-                                             ? std::string_view()
-                                             : std::string_view(*transport).substr(colon + 1);
-            // The next hop as transport(5) allows it (a list separated by commas or spaces,
-            // lmtp:unix:/path, a scoped IPv6 address), but no line break, quote, '#' or '\\'
-            // that could end a generated line or comment.
-            const bool name_ok = std::all_of(name.begin(), name.end(), [](char c) {
-                return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' ||
-                       c == '-';
-            });
-            const bool hop_ok = std::all_of(hop.begin(), hop.end(), [](char c) {
-                const auto u = static_cast<unsigned char>(c);
-                return u >= 0x20 && u < 0x7f &&
-                       std::string_view("\"'`#\\").find(c) == std::string_view::npos;
-            });
-            if (!name_ok || !hop_ok) {
+            if (!transport_is_well_formed(*transport)) {
                 return error_at(*table.get("transport"),
                                 fmt::format("{}.transport: \"{}\" is not \"transport:nexthop\" "
                                             "(a transport name of letters, digits, '_', '.', '-'; "

@@ -126,6 +126,21 @@ Result<void> load_milter_routing(ConfigReader& reader, const toml::table& milter
     return {};
 }
 
+bool transport_is_well_formed(std::string_view transport) {
+    const size_t colon = transport.find(':');
+    const std::string_view name = transport.substr(0, colon);
+    const std::string_view hop =
+        colon == std::string_view::npos ? std::string_view() : transport.substr(colon + 1);
+    const bool name_ok = std::all_of(name.begin(), name.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-';
+    });
+    return name_ok && std::all_of(hop.begin(), hop.end(), [](char c) {
+               const auto u = static_cast<unsigned char>(c);
+               return u >= 0x20 && u < 0x7f &&
+                      std::string_view("\"'`#\\").find(c) == std::string_view::npos;
+           });
+}
+
 Result<void> load_route_routing(ConfigReader& reader, const toml::table& table,
                                 const std::string& context, const Config& config, Route& route) {
     const bool relay = route.action == Action::relay;
